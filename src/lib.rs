@@ -1,0 +1,18 @@
+//! # eventlog
+//!
+//! An embedded, durable event store. This crate is built in layers, each usable and
+//! testable on its own:
+//!
+//! - [`storage`]: the seam all file I/O goes through (real files and memory maps, or a
+//!   simulated disk in tests);
+//! - [`log`]: the append-only segment log of checksummed records, with group commit and
+//!   crash recovery.
+//!
+//! What it is not (yet): a networked database. Everything runs in the embedding process.
+//!
+//! Hard limits: a record's payload is at most 1 GiB (16 MiB by default); a segment is at
+//! most 4 GiB - 1 (128 MiB by default); one append fits in one segment.
+#![warn(missing_docs)]
+
+pub mod log;
+pub mod storage;

@@ -1,0 +1,1068 @@
+//! The durable segment log: an append-only sequence of checksummed records.
+//!
+//! # Safety properties and how they are kept
+//! - **An acknowledged append survives a crash** (under [`Durability::Sync`]): an append
+//!   returns only after its bytes were written and `fdatasync`ed. Group commit lets many
+//!   concurrent appenders share one `fdatasync`.
+//! - **One append is atomic**: its last record carries the `BATCH_END` flag and recovery
+//!   keeps records only up to the last such flag. An append never spans two segments.
+//! - **No corrupt record is ever returned**: every read verifies the record's crc32 and its
+//!   seq; a mismatch is a typed [`ReadError::Corrupt`] naming the segment and byte.
+//! - **Readers never fault**: segments are memory-mapped once; readers read only below the
+//!   segment's published end. Files are truncated only during recovery, before any reader
+//!   exists, or past the published end.
+//! - **A failed fsync is never retried and forgotten**: the log stops accepting writes
+//!   ([`AppendError::Poisoned`]) until it is reopened and recovered.
+//! - **Seqs are dense**: seq `n` is the `n`-th record (0-based), across segments.
+//!
+//! See `docs/FORMAT.md` for the bytes on disk and the recovery rules.
+
+mod error;
+pub mod record;
+mod recovery;
+pub mod segment;
+
+pub use error::{AppendError, CorruptionSite, OpenError, ReadError, SyncError};
+pub use recovery::{Quarantined, RecoveryReport, QUARANTINE_DIR, RECOVERY_POINT_FILE};
+
+use crate::storage::{FsStorage, LockGuard, Storage};
+use error::is_disk_full;
+use parking_lot::{Condvar, Mutex, RwLock};
+use record::{Decoded, RECORD_HEADER_SIZE_BYTES, RECORD_PAYLOAD_SIZE_BYTES_LIMIT};
+use recovery::RecoveryPoint;
+use segment::{Segment, SEGMENT_HEADER_SIZE_BYTES};
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Name of the log's subdirectory inside a store directory.
+pub const LOG_DIR_NAME: &str = "log";
+/// Name of the lock file inside the log directory.
+pub const LOCK_FILE: &str = "LOCK";
+/// Default segment size: 128 MiB.
+pub const SEGMENT_SIZE_BYTES_DEFAULT: u64 = 128 << 20;
+/// Smallest allowed segment size: 4 KiB.
+pub const SEGMENT_SIZE_BYTES_MIN: u64 = 4 << 10;
+/// Largest allowed segment size: 4 GiB - 1 (offsets within a segment are u32).
+pub const SEGMENT_SIZE_BYTES_MAX: u64 = u32::MAX as u64;
+/// Default maximum record payload: 16 MiB.
+pub const RECORD_SIZE_BYTES_MAX_DEFAULT: u32 = 16 << 20;
+/// Default maximum records in one append: 100,000.
+pub const BATCH_RECORDS_MAX_DEFAULT: usize = 100_000;
+/// Default preallocation step: 8 MiB.
+pub const PREALLOCATE_CHUNK_BYTES_DEFAULT: u64 = 8 << 20;
+/// How long an appender waits for its group commit before checking again that the leader
+/// is alive. Waits loop on this, so no wait is unbounded and none spins.
+const COMMIT_WAIT_SLICE: Duration = Duration::from_millis(100);
+/// How many past write failures are remembered to tell waiters why their append failed.
+const FAILURES_REMEMBERED_MAX: usize = 64;
+const _: () =
+    assert!(SEGMENT_SIZE_BYTES_MIN > (SEGMENT_HEADER_SIZE_BYTES + RECORD_HEADER_SIZE_BYTES) as u64);
+
+/// When an append's bytes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// An append returns only after its records are written and `fdatasync`ed: they
+    /// survive a process crash and a power loss. Concurrent appends share one `fdatasync`
+    /// (group commit). Readers see a record only once it is durable.
+    #[default]
+    Sync,
+    /// An append returns once its records are written to the OS; a background thread
+    /// `fdatasync`s every given number of milliseconds. A process crash loses nothing; a
+    /// power loss loses at most the last interval. Readers see records once written.
+    Interval {
+        /// Milliseconds between background syncs (at least 1).
+        sync_interval_ms: u64,
+    },
+    /// An append returns once written to the OS; syncing is left to the OS (and to segment
+    /// rolls and [`Log::sync`]). A process crash loses nothing; a power loss may lose
+    /// anything not yet synced.
+    None,
+}
+
+/// Options for [`Log::open`]. Start from `LogOptions::default()`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LogOptions {
+    /// Roll to a new segment when the next append would make the current one larger than
+    /// this. Default 128 MiB; 4 KiB ..= 4 GiB - 1.
+    pub segment_size_bytes: u64,
+    /// Largest record payload accepted. Default 16 MiB. With the headers it must fit in a
+    /// segment.
+    pub record_size_bytes_max: u32,
+    /// Most records in one append. Default 100,000.
+    pub batch_records_max: usize,
+    /// When appends become durable. Default [`Durability::Sync`].
+    pub durability: Durability,
+    /// Disk space is reserved (fallocate) this far ahead of the writer, so a full disk
+    /// shows up before a record is written and `fdatasync` rarely has to grow the file.
+    /// Default 8 MiB; 0 turns preallocation off.
+    pub preallocate_chunk_bytes: u64,
+    /// On open, quarantine damaged parts of the log instead of refusing to open. Records
+    /// from the damage on are lost; [`Log::recovery_report`] says which. Default false.
+    pub repair: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_size_bytes: SEGMENT_SIZE_BYTES_DEFAULT,
+            record_size_bytes_max: RECORD_SIZE_BYTES_MAX_DEFAULT,
+            batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
+            durability: Durability::Sync,
+            preallocate_chunk_bytes: PREALLOCATE_CHUNK_BYTES_DEFAULT,
+            repair: false,
+        }
+    }
+}
+
+impl LogOptions {
+    /// Checks that the options fit together.
+    ///
+    /// # Errors
+    /// [`OpenError::InvalidOptions`] naming the offending option.
+    pub fn validate(&self) -> Result<(), OpenError> {
+        let bad = |m: String| Err(OpenError::InvalidOptions(m));
+        if !(SEGMENT_SIZE_BYTES_MIN..=SEGMENT_SIZE_BYTES_MAX).contains(&self.segment_size_bytes) {
+            return bad(format!(
+                "segment_size_bytes is {}, must be {SEGMENT_SIZE_BYTES_MIN}..={SEGMENT_SIZE_BYTES_MAX}",
+                self.segment_size_bytes
+            ));
+        }
+        if self.record_size_bytes_max > RECORD_PAYLOAD_SIZE_BYTES_LIMIT {
+            return bad(format!(
+                "record_size_bytes_max is {}, must be at most {RECORD_PAYLOAD_SIZE_BYTES_LIMIT}",
+                self.record_size_bytes_max
+            ));
+        }
+        if self.segment_capacity_bytes()
+            < record::framed_len(self.record_size_bytes_max as usize) as u64
+        {
+            return bad(format!(
+                "a record of record_size_bytes_max ({}) plus headers does not fit in segment_size_bytes ({})",
+                self.record_size_bytes_max, self.segment_size_bytes
+            ));
+        }
+        if self.batch_records_max == 0 {
+            return bad("batch_records_max must be at least 1".into());
+        }
+        if let Durability::Interval {
+            sync_interval_ms: 0,
+        } = self.durability
+        {
+            return bad("Durability::Interval needs sync_interval_ms of at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn segment_capacity_bytes(&self) -> u64 {
+        self.segment_size_bytes - SEGMENT_HEADER_SIZE_BYTES as u64
+    }
+}
+
+/// A record read from the log. Holds its segment's map alive; the payload is not copied.
+#[derive(Debug, Clone)]
+pub struct Record {
+    seq: u64,
+    segment: Arc<Segment>,
+    payload: Range<usize>,
+}
+
+impl Record {
+    /// The record's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The payload bytes, straight from the memory map.
+    pub fn payload(&self) -> &[u8] {
+        &self.segment.map.bytes()[self.payload.clone()]
+    }
+}
+
+/// Counts and sizes of the log, from [`Log::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogStats {
+    /// The next seq to be written: also the number of readable records.
+    pub next_seq: u64,
+    /// Number of segment files.
+    pub segment_count: u64,
+    /// Bytes of headers and records in all segments (not counting preallocated space).
+    pub log_bytes: u64,
+    /// Number of `fdatasync` calls made for appends since open.
+    pub fsync_count: u64,
+    /// Number of group commits (writes) since open.
+    pub commit_count: u64,
+    /// Records written since open.
+    pub records_written: u64,
+}
+
+#[derive(Debug, Clone)]
+enum FailKind {
+    DiskFull(PathBuf),
+    Io(PathBuf, &'static str, String),
+    Poisoned(String),
+}
+
+impl FailKind {
+    fn to_error(&self) -> AppendError {
+        match self {
+            FailKind::DiskFull(path) => AppendError::DiskFull { path: path.clone() },
+            FailKind::Io(path, action, msg) => AppendError::Io {
+                path: path.clone(),
+                action,
+                source: std::io::Error::other(msg.clone()),
+            },
+            FailKind::Poisoned(cause) => AppendError::Poisoned {
+                cause: cause.clone(),
+            },
+        }
+    }
+}
+
+/// Appends waiting to be written, and the bookkeeping of group commit.
+#[derive(Debug)]
+struct WriterState {
+    /// The next seq to hand out.
+    next_seq: u64,
+    /// Framed records not yet handed to a leader, seqs from `pending_first_seq`.
+    pending: Vec<u8>,
+    pending_first_seq: u64,
+    /// Framed length of each pending record.
+    pending_lens: Vec<u32>,
+    /// For each pending append: its record count and byte size.
+    pending_batches: Vec<(usize, u64)>,
+    /// Whether a leader is writing.
+    leader_active: bool,
+    /// Seqs below this are acknowledged (durable under `Sync`, written otherwise).
+    acked_next: u64,
+    /// Bumped whenever a write fails: every append not yet acknowledged then fails too.
+    epoch: u64,
+    failures: VecDeque<(u64, FailKind)>,
+    poisoned: Option<String>,
+    closed: bool,
+}
+
+/// The active segment, owned by whichever thread is leader (or the sync thread).
+#[derive(Debug)]
+struct ActiveSegment {
+    segment: Arc<Segment>,
+    write_offset_bytes: u64,
+    allocated_bytes: u64,
+    /// Seqs below this are fdatasync'ed.
+    synced_next: u64,
+    written_next: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    storage: Arc<dyn Storage>,
+    log_dir: PathBuf,
+    options: LogOptions,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Seqs below this are readable.
+    visible_next: AtomicU64,
+    visible_lock: Mutex<()>,
+    visible_cv: Condvar,
+    writer: Mutex<WriterState>,
+    writer_cv: Condvar,
+    active: Mutex<ActiveSegment>,
+    report: RecoveryReport,
+    fsync_count: AtomicU64,
+    commit_count: AtomicU64,
+    records_written: AtomicU64,
+    sync_thread_stop: Mutex<bool>,
+    sync_thread_cv: Condvar,
+    _lock: Box<dyn LockGuard>,
+}
+
+/// The durable segment log.
+///
+/// # Examples
+/// ```
+/// use eventlog::log::{Log, LogOptions};
+/// let dir = tempfile::tempdir()?;
+/// let log = Log::open(dir.path(), LogOptions::default())?;
+/// let seqs = log.append(&[b"first".as_slice(), b"second".as_slice()])?;
+/// assert_eq!(seqs, 0..2);
+/// assert_eq!(log.read(1)?.payload(), b"second");
+/// drop(log);
+/// let log = Log::open(dir.path(), LogOptions::default())?;
+/// assert_eq!(log.next_seq(), 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Log {
+    inner: Arc<Inner>,
+    sync_thread: Option<JoinHandle<()>>,
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `<dir>/log/` on the real file system, and
+    /// recovers it after a crash.
+    ///
+    /// # Errors
+    /// [`OpenError::Locked`] if another process or open log holds the directory;
+    /// [`OpenError::Corrupt`] for damage that is not a torn tail (unless `options.repair`);
+    /// [`OpenError::Io`] for file system failures; [`OpenError::InvalidOptions`].
+    pub fn open(dir: &Path, options: LogOptions) -> Result<Log, OpenError> {
+        Self::open_with_storage(Arc::new(FsStorage::new()), dir, options)
+    }
+
+    /// Like [`Log::open`], through the given [`Storage`].
+    ///
+    /// # Errors
+    /// As [`Log::open`].
+    pub fn open_with_storage(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        options: LogOptions,
+    ) -> Result<Log, OpenError> {
+        options.validate()?;
+        let log_dir = dir.join(LOG_DIR_NAME);
+        storage
+            .create_dir_all(&log_dir)
+            .map_err(|source| OpenError::Io {
+                path: log_dir.clone(),
+                action: "creating the log directory",
+                source,
+            })?;
+        let lock_path = log_dir.join(LOCK_FILE);
+        let lock = storage
+            .try_lock(&lock_path)
+            .map_err(|source| OpenError::Io {
+                path: lock_path.clone(),
+                action: "taking the lock",
+                source,
+            })?
+            .ok_or_else(|| OpenError::Locked {
+                dir: dir.to_path_buf(),
+            })?;
+        let recovered = recovery::recover(storage.as_ref(), &log_dir, &options)?;
+        let last = Arc::clone(
+            recovered
+                .segments
+                .last()
+                .expect("recovery yields at least one segment"),
+        );
+        let allocated_bytes = last.file.len_bytes().map_err(|source| OpenError::Io {
+            path: last.path.clone(),
+            action: "reading a segment's length",
+            source,
+        })?;
+        let next_seq = recovered.next_seq;
+        let inner = Arc::new(Inner {
+            storage,
+            log_dir,
+            segments: RwLock::new(recovered.segments),
+            visible_next: AtomicU64::new(next_seq),
+            visible_lock: Mutex::new(()),
+            visible_cv: Condvar::new(),
+            writer: Mutex::new(WriterState {
+                next_seq,
+                pending: Vec::new(),
+                pending_first_seq: next_seq,
+                pending_lens: Vec::new(),
+                pending_batches: Vec::new(),
+                leader_active: false,
+                acked_next: next_seq,
+                epoch: 0,
+                failures: VecDeque::new(),
+                poisoned: None,
+                closed: false,
+            }),
+            writer_cv: Condvar::new(),
+            active: Mutex::new(ActiveSegment {
+                segment: last,
+                write_offset_bytes: recovered.write_offset_bytes,
+                allocated_bytes,
+                synced_next: next_seq,
+                written_next: next_seq,
+            }),
+            report: recovered.report,
+            fsync_count: AtomicU64::new(0),
+            commit_count: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
+            sync_thread_stop: Mutex::new(false),
+            sync_thread_cv: Condvar::new(),
+            _lock: lock,
+            options,
+        });
+        let sync_thread = match inner.options.durability {
+            Durability::Interval { sync_interval_ms } => {
+                let inner = Arc::clone(&inner);
+                let spawned = std::thread::Builder::new()
+                    .name("eventlog-sync".into())
+                    .spawn(move || {
+                        inner.interval_sync_loop(Duration::from_millis(sync_interval_ms))
+                    });
+                Some(spawned.map_err(|source| OpenError::Io {
+                    path: PathBuf::new(),
+                    action: "starting the background sync thread",
+                    source,
+                })?)
+            }
+            _ => None,
+        };
+        Ok(Log { inner, sync_thread })
+    }
+
+    /// Appends `payloads` as consecutive records, atomically: after any crash either all
+    /// of them are in the log or none. Returns their seqs. When it returns, the records are
+    /// durable as the log's [`Durability`] promises.
+    ///
+    /// # Errors
+    /// [`AppendError::RecordTooLarge`] or [`AppendError::BadBatchSize`] (nothing written);
+    /// [`AppendError::DiskFull`] (nothing stored; retry after freeing space);
+    /// [`AppendError::Poisoned`] after an earlier fsync or write failure; [`AppendError::Io`].
+    pub fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
+        self.inner.append(payloads)
+    }
+
+    /// Reads the record with sequence number `seq`, verifying its checksum.
+    ///
+    /// # Errors
+    /// [`ReadError::NotFound`] if `seq` is not (yet) readable; [`ReadError::Corrupt`] if
+    /// the record's bytes are damaged.
+    pub fn read(&self, seq: u64) -> Result<Record, ReadError> {
+        self.inner.read(seq)
+    }
+
+    /// Iterates over records from `from_seq` up to the last readable record at the time
+    /// each item is produced. Stops at the first error (after yielding it).
+    pub fn iter_from(&self, from_seq: u64) -> LogIter {
+        LogIter {
+            inner: Arc::clone(&self.inner),
+            next_seq: from_seq,
+            cursor: None,
+            failed: false,
+        }
+    }
+
+    /// The next seq to be written, which is also the number of readable records.
+    pub fn next_seq(&self) -> u64 {
+        self.inner.visible_next.load(Ordering::Acquire)
+    }
+
+    /// Waits until seq `seq` is readable, or `timeout` passes. Returns whether it is.
+    /// Woken by commits, not by polling.
+    pub fn wait_for(&self, seq: u64, timeout: Duration) -> bool {
+        self.inner.wait_visible(seq, timeout)
+    }
+
+    /// Makes everything appended so far durable (useful under `Interval` or `None`).
+    ///
+    /// # Errors
+    /// [`SyncError::Poisoned`] if this or an earlier sync failed.
+    pub fn sync(&self) -> Result<(), SyncError> {
+        self.inner.sync_active()
+    }
+
+    /// What opening the log found and did (tail truncation, rebuilt indexes, quarantine).
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// Counts and sizes.
+    pub fn stats(&self) -> LogStats {
+        let segments = self.inner.segments.read();
+        LogStats {
+            next_seq: self.next_seq(),
+            segment_count: segments.len() as u64,
+            log_bytes: segments
+                .iter()
+                .map(|s| s.end_bytes.load(Ordering::Acquire))
+                .sum(),
+            fsync_count: self.inner.fsync_count.load(Ordering::Relaxed),
+            commit_count: self.inner.commit_count.load(Ordering::Relaxed),
+            records_written: self.inner.records_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The log directory (`<dir>/log`).
+    pub fn log_dir(&self) -> &Path {
+        &self.inner.log_dir
+    }
+
+    /// Syncs, records a recovery point at the end of the log (so the next open verifies
+    /// nothing), and closes. Dropping the log does the same, ignoring errors.
+    ///
+    /// # Errors
+    /// [`SyncError::Poisoned`] if the final sync failed or the log was already poisoned.
+    pub fn close(mut self) -> Result<(), SyncError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), SyncError> {
+        {
+            let mut w = self.inner.writer.lock();
+            if w.closed {
+                return Ok(());
+            }
+            w.closed = true;
+            // Let an in-flight leader finish; bounded, since a leader never waits on us.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while w.leader_active && Instant::now() < deadline {
+                self.inner.writer_cv.wait_for(&mut w, COMMIT_WAIT_SLICE);
+            }
+        }
+        {
+            *self.inner.sync_thread_stop.lock() = true;
+            self.inner.sync_thread_cv.notify_all();
+        }
+        if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+        self.inner.sync_active()?;
+        let active = self.inner.active.lock();
+        let rp = RecoveryPoint {
+            base_seq: active.segment.base_seq,
+            offset_bytes: active.write_offset_bytes,
+        };
+        rp.write(self.inner.storage.as_ref(), &self.inner.log_dir)
+            .map_err(|e| SyncError::Poisoned {
+                cause: format!("writing the recovery point: {e}"),
+            })
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Inner {
+    fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
+        let count = payloads.len();
+        if count == 0 || count > self.options.batch_records_max {
+            return Err(AppendError::BadBatchSize {
+                count,
+                max: self.options.batch_records_max,
+            });
+        }
+        let mut batch_bytes = 0u64;
+        for p in payloads {
+            let len = p.as_ref().len();
+            if len > self.options.record_size_bytes_max as usize {
+                return Err(AppendError::RecordTooLarge {
+                    size_bytes: len as u64,
+                    limit_bytes: u64::from(self.options.record_size_bytes_max),
+                });
+            }
+            batch_bytes += record::framed_len(len) as u64;
+        }
+        if batch_bytes > self.options.segment_capacity_bytes() {
+            return Err(AppendError::RecordTooLarge {
+                size_bytes: batch_bytes,
+                limit_bytes: self.options.segment_capacity_bytes(),
+            });
+        }
+
+        let mut w = self.writer.lock();
+        if let Some(cause) = &w.poisoned {
+            return Err(AppendError::Poisoned {
+                cause: cause.clone(),
+            });
+        }
+        if w.closed {
+            return Err(AppendError::Closed);
+        }
+        let first = w.next_seq;
+        if w.pending.is_empty() {
+            w.pending_first_seq = first;
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            let flags = if i + 1 == count {
+                record::FLAG_BATCH_END
+            } else {
+                0
+            };
+            let before = w.pending.len();
+            record::encode_into(&mut w.pending, first + i as u64, flags, p.as_ref());
+            let framed = (w.pending.len() - before) as u32;
+            w.pending_lens.push(framed);
+        }
+        w.pending_batches.push((count, batch_bytes));
+        w.next_seq = first + count as u64;
+        let ticket = w.next_seq;
+        let epoch = w.epoch;
+
+        loop {
+            if w.epoch != epoch {
+                return Err(failure_for(&w, epoch));
+            }
+            if w.acked_next >= ticket {
+                return Ok(first..ticket);
+            }
+            if !w.leader_active {
+                w.leader_active = true;
+                self.lead(&mut w);
+                w.leader_active = false;
+                self.writer_cv.notify_all();
+                continue;
+            }
+            self.writer_cv.wait_for(&mut w, COMMIT_WAIT_SLICE);
+        }
+    }
+
+    /// Writes everything pending (one group commit), releasing the writer lock during I/O.
+    fn lead(&self, w: &mut parking_lot::MutexGuard<'_, WriterState>) {
+        let bytes = std::mem::take(&mut w.pending);
+        let lens = std::mem::take(&mut w.pending_lens);
+        let batches = std::mem::take(&mut w.pending_batches);
+        let first_seq = w.pending_first_seq;
+        let outcome = parking_lot::MutexGuard::unlocked(w, || {
+            let mut active = self.active.lock();
+            self.write_group(&mut active, &bytes, &lens, &batches, first_seq)
+        });
+        w.acked_next = w.acked_next.max(outcome.acked_next);
+        if let Some(kind) = outcome.failure {
+            // Everything not acknowledged fails: the seqs handed out after `acked_next`
+            // are taken back, so the log stays dense.
+            if let FailKind::Poisoned(cause) = &kind {
+                w.poisoned = Some(cause.clone());
+            }
+            w.epoch += 1;
+            let epoch = w.epoch;
+            w.failures.push_back((epoch, kind));
+            if w.failures.len() > FAILURES_REMEMBERED_MAX {
+                w.failures.pop_front();
+            }
+            w.next_seq = w.acked_next;
+            w.pending.clear();
+            w.pending_lens.clear();
+            w.pending_batches.clear();
+            w.pending_first_seq = w.acked_next;
+        }
+        // Reuse the buffer's allocation for the next group.
+        if w.pending.is_empty() {
+            let mut bytes = bytes;
+            bytes.clear();
+            w.pending = bytes;
+            w.pending_first_seq = w.next_seq;
+        }
+    }
+
+    /// Writes one group of appends into the active segment (rolling as needed), syncs per
+    /// the durability mode, and publishes what was written to readers.
+    fn write_group(
+        &self,
+        active: &mut ActiveSegment,
+        bytes: &[u8],
+        lens: &[u32],
+        batches: &[(usize, u64)],
+        first_seq: u64,
+    ) -> GroupOutcome {
+        let sync = self.options.durability == Durability::Sync;
+        let mut acked_next = if sync {
+            active.synced_next
+        } else {
+            active.written_next
+        };
+        debug_assert_eq!(
+            active.written_next, first_seq,
+            "group must start where the log ends"
+        );
+        let mut byte_pos = 0usize;
+        let mut rec_pos = 0usize;
+        let mut seq = first_seq;
+        let mut batch_iter = batches.iter().peekable();
+        while batch_iter.peek().is_some() {
+            // Gather the appends that fit in the active segment (at least one).
+            let chunk_start_bytes = byte_pos;
+            let chunk_first_rec = rec_pos;
+            let mut chunk_bytes = 0u64;
+            let mut chunk_records = 0usize;
+            while let Some(&&(n, b)) = batch_iter.peek() {
+                let fits =
+                    active.write_offset_bytes + chunk_bytes + b <= self.options.segment_size_bytes;
+                let segment_empty = active.write_offset_bytes == SEGMENT_HEADER_SIZE_BYTES as u64;
+                if !fits && !(chunk_records == 0 && segment_empty) {
+                    break;
+                }
+                chunk_bytes += b;
+                chunk_records += n;
+                batch_iter.next();
+            }
+            if chunk_records == 0 {
+                if let Err(kind) = self.roll(active) {
+                    return GroupOutcome {
+                        acked_next,
+                        failure: Some(kind),
+                    };
+                }
+                continue;
+            }
+            let chunk = &bytes[chunk_start_bytes..chunk_start_bytes + chunk_bytes as usize];
+            let file_offset = active.write_offset_bytes;
+            if let Err(kind) = self.ensure_allocated(active, file_offset + chunk_bytes) {
+                return GroupOutcome {
+                    acked_next,
+                    failure: Some(kind),
+                };
+            }
+            if let Err(e) = active.segment.file.write_at(chunk, file_offset) {
+                let kind = self.undo_failed_write(active, file_offset, chunk.len(), e);
+                return GroupOutcome {
+                    acked_next,
+                    failure: Some(kind),
+                };
+            }
+            let mut offsets = Vec::with_capacity(chunk_records);
+            let mut off = file_offset;
+            for &len in &lens[chunk_first_rec..chunk_first_rec + chunk_records] {
+                offsets.push(off as u32);
+                off += u64::from(len);
+            }
+            debug_assert_eq!(off, file_offset + chunk_bytes);
+            active.write_offset_bytes = off;
+            seq += chunk_records as u64;
+            active.written_next = seq;
+            byte_pos += chunk_bytes as usize;
+            rec_pos += chunk_records;
+            self.commit_count.fetch_add(1, Ordering::Relaxed);
+            self.records_written
+                .fetch_add(chunk_records as u64, Ordering::Relaxed);
+            if sync {
+                if let Err(kind) = self.fsync(active) {
+                    return GroupOutcome {
+                        acked_next,
+                        failure: Some(kind),
+                    };
+                }
+            }
+            self.publish(&active.segment, offsets, off, seq);
+            acked_next = seq;
+        }
+        GroupOutcome {
+            acked_next,
+            failure: None,
+        }
+    }
+
+    fn fsync(&self, active: &mut ActiveSegment) -> Result<(), FailKind> {
+        self.fsync_count.fetch_add(1, Ordering::Relaxed);
+        match active.segment.file.sync_data() {
+            Ok(()) => {
+                active.synced_next = active.written_next;
+                Ok(())
+            }
+            // Never retried: after a failed fsync the kernel may have dropped the dirty
+            // pages, so a retry could "succeed" without the data (fsyncgate).
+            Err(e) => Err(FailKind::Poisoned(format!(
+                "fdatasync of {} failed: {e}",
+                active.segment.path.display()
+            ))),
+        }
+    }
+
+    /// Makes written records readable.
+    fn publish(&self, segment: &Segment, offsets: Vec<u32>, end_bytes: u64, next_seq: u64) {
+        segment.offsets.write().extend_from_slice(&offsets);
+        segment.end_bytes.store(end_bytes, Ordering::Release);
+        self.visible_next.store(next_seq, Ordering::Release);
+        let _g = self.visible_lock.lock();
+        self.visible_cv.notify_all();
+    }
+
+    fn ensure_allocated(
+        &self,
+        active: &mut ActiveSegment,
+        needed_bytes: u64,
+    ) -> Result<(), FailKind> {
+        if needed_bytes <= active.allocated_bytes || self.options.preallocate_chunk_bytes == 0 {
+            return Ok(());
+        }
+        let target = (needed_bytes + self.options.preallocate_chunk_bytes)
+            .min(self.options.segment_size_bytes)
+            .max(needed_bytes);
+        match active.segment.file.allocate(target) {
+            Ok(()) => {
+                active.allocated_bytes = target;
+                Ok(())
+            }
+            Err(e) if is_disk_full(&e) => Err(FailKind::DiskFull(active.segment.path.clone())),
+            Err(e) => Err(FailKind::Io(
+                active.segment.path.clone(),
+                "preallocating space",
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// After a failed write, zero what may have landed so that no record of a failed append
+    /// can resurface after a crash. If that fails too, the log is poisoned.
+    fn undo_failed_write(
+        &self,
+        active: &mut ActiveSegment,
+        offset: u64,
+        len: usize,
+        e: std::io::Error,
+    ) -> FailKind {
+        let path = active.segment.path.clone();
+        let zeros = vec![0u8; len];
+        let undone = active.segment.file.write_at(&zeros, offset).is_ok();
+        match (undone, is_disk_full(&e)) {
+            (true, true) => FailKind::DiskFull(path),
+            (true, false) => FailKind::Io(path, "writing records", e.to_string()),
+            (false, _) => FailKind::Poisoned(format!(
+                "write to {} failed ({e}) and its partial bytes could not be cleared",
+                path.display()
+            )),
+        }
+    }
+
+    /// Seals the active segment (synced, offset index written) and starts the next one.
+    fn roll(&self, active: &mut ActiveSegment) -> Result<(), FailKind> {
+        // The sealed segment is synced before the next exists: recovery relies on every
+        // segment but the last being complete and durable.
+        self.fsync(active)?;
+        let base = active.written_next;
+        let new =
+            recovery::create_segment(self.storage.as_ref(), &self.log_dir, base, &self.options)
+                .map_err(|e| match e {
+                    OpenError::Io { source, path, .. } if is_disk_full(&source) => {
+                        FailKind::DiskFull(path)
+                    }
+                    other => FailKind::Io(
+                        self.log_dir.clone(),
+                        "creating a segment",
+                        other.to_string(),
+                    ),
+                })?;
+        let old = Arc::clone(&active.segment);
+        let index =
+            segment::encode_index(old.base_seq, active.write_offset_bytes, &old.offsets.read());
+        if let Err(e) = segment::write_file_atomically(
+            self.storage.as_ref(),
+            &self.log_dir,
+            &segment::index_file_name(old.base_seq),
+            &index,
+        ) {
+            // Not fatal: a missing index is rebuilt at the next open.
+            let _ = e;
+        }
+        let allocated = new
+            .file
+            .len_bytes()
+            .unwrap_or(SEGMENT_HEADER_SIZE_BYTES as u64);
+        self.segments.write().push(Arc::clone(&new));
+        active.segment = new;
+        active.write_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;
+        active.allocated_bytes = allocated;
+        let rp = RecoveryPoint {
+            base_seq: base,
+            offset_bytes: SEGMENT_HEADER_SIZE_BYTES as u64,
+        };
+        rp.write(self.storage.as_ref(), &self.log_dir)
+            .map_err(|e| FailKind::Poisoned(format!("writing the recovery point failed: {e}")))
+    }
+
+    fn sync_active(&self) -> Result<(), SyncError> {
+        if let Some(cause) = &self.writer.lock().poisoned {
+            return Err(SyncError::Poisoned {
+                cause: cause.clone(),
+            });
+        }
+        let mut active = self.active.lock();
+        if active.synced_next == active.written_next {
+            return Ok(());
+        }
+        match self.fsync(&mut active) {
+            Ok(()) => Ok(()),
+            Err(kind) => {
+                let cause = match &kind {
+                    FailKind::Poisoned(c) => c.clone(),
+                    other => format!("{other:?}"),
+                };
+                let mut w = self.writer.lock();
+                w.poisoned = Some(cause.clone());
+                Err(SyncError::Poisoned { cause })
+            }
+        }
+    }
+
+    fn interval_sync_loop(&self, interval: Duration) {
+        let mut stop = self.sync_thread_stop.lock();
+        while !*stop {
+            self.sync_thread_cv.wait_for(&mut stop, interval);
+            if *stop {
+                break;
+            }
+            parking_lot::MutexGuard::unlocked(&mut stop, || {
+                // A failure poisons the log; appends then report it.
+                let _ = self.sync_active();
+            });
+        }
+    }
+
+    fn wait_visible(&self, seq: u64, timeout: Duration) -> bool {
+        if self.visible_next.load(Ordering::Acquire) > seq {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut g = self.visible_lock.lock();
+        while self.visible_next.load(Ordering::Acquire) <= seq {
+            if self.visible_cv.wait_until(&mut g, deadline).timed_out() {
+                return self.visible_next.load(Ordering::Acquire) > seq;
+            }
+        }
+        true
+    }
+
+    fn segment_for(&self, seq: u64) -> Option<Arc<Segment>> {
+        let segments = self.segments.read();
+        let i = segments.partition_point(|s| s.base_seq <= seq);
+        i.checked_sub(1).map(|i| Arc::clone(&segments[i]))
+    }
+
+    fn read(&self, seq: u64) -> Result<Record, ReadError> {
+        let next_seq = self.visible_next.load(Ordering::Acquire);
+        if seq >= next_seq {
+            return Err(ReadError::NotFound { seq, next_seq });
+        }
+        let segment = self
+            .segment_for(seq)
+            .ok_or(ReadError::NotFound { seq, next_seq })?;
+        let offset = segment
+            .offsets
+            .read()
+            .get((seq - segment.base_seq) as usize)
+            .copied();
+        let offset = offset.ok_or(ReadError::NotFound { seq, next_seq })? as usize;
+        self.record_at(segment, offset, seq).map(|(r, _)| r)
+    }
+
+    /// Decodes and verifies the record at `offset` of `segment`, which must be `seq`.
+    /// Returns it and the offset of the next record.
+    fn record_at(
+        &self,
+        segment: Arc<Segment>,
+        offset: usize,
+        seq: u64,
+    ) -> Result<(Record, usize), ReadError> {
+        let readable = segment.readable();
+        let corrupt = |reason: String| ReadError::Corrupt {
+            seq,
+            site: CorruptionSite {
+                segment: segment.path.clone(),
+                offset_bytes: offset as u64,
+                reason,
+            },
+        };
+        let Some(bytes) = readable.get(offset..) else {
+            return Err(corrupt(format!(
+                "offset past the readable end {}",
+                readable.len()
+            )));
+        };
+        match record::decode(bytes, self.options.record_size_bytes_max) {
+            Decoded::Record(h) if h.seq == seq => {
+                let start = offset + RECORD_HEADER_SIZE_BYTES;
+                let end = start + h.payload_len as usize;
+                Ok((
+                    Record {
+                        seq,
+                        segment: Arc::clone(&segment),
+                        payload: start..end,
+                    },
+                    end,
+                ))
+            }
+            Decoded::Record(h) => Err(corrupt(format!("found seq {}", h.seq))),
+            Decoded::End => Err(corrupt("zeroed bytes where a record should be".into())),
+            Decoded::Truncated => Err(corrupt("record cut short".into())),
+            Decoded::Invalid(reason) => Err(corrupt(reason.to_string())),
+        }
+    }
+}
+
+struct GroupOutcome {
+    acked_next: u64,
+    failure: Option<FailKind>,
+}
+
+fn failure_for(w: &WriterState, epoch: u64) -> AppendError {
+    // The failure that ended `epoch` is the first one recorded after it.
+    w.failures
+        .iter()
+        .find(|(e, _)| *e > epoch)
+        .map(|(_, kind)| kind.to_error())
+        .unwrap_or_else(|| AppendError::Poisoned {
+            cause: "an earlier write failed".into(),
+        })
+}
+
+/// Iterator over records from a seq on; see [`Log::iter_from`].
+#[derive(Debug)]
+pub struct LogIter {
+    inner: Arc<Inner>,
+    next_seq: u64,
+    /// The segment being walked and the offset of `next_seq` in it.
+    cursor: Option<(Arc<Segment>, usize)>,
+    failed: bool,
+}
+
+impl LogIter {
+    /// The seq the next item will have.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+impl Iterator for LogIter {
+    type Item = Result<Record, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.next_seq >= self.inner.visible_next.load(Ordering::Acquire) {
+            return None;
+        }
+        let seq = self.next_seq;
+        let (segment, offset) = match self.cursor.take() {
+            Some((segment, offset)) if seq < segment.base_seq + segment.record_count() => {
+                (segment, offset)
+            }
+            _ => {
+                let Some(segment) = self.inner.segment_for(seq) else {
+                    self.failed = true;
+                    return Some(Err(ReadError::NotFound {
+                        seq,
+                        next_seq: self.inner.visible_next.load(Ordering::Acquire),
+                    }));
+                };
+                let offset = segment
+                    .offsets
+                    .read()
+                    .get((seq - segment.base_seq) as usize)
+                    .copied();
+                match offset {
+                    Some(o) => (segment, o as usize),
+                    None => {
+                        self.failed = true;
+                        return Some(Err(ReadError::NotFound {
+                            seq,
+                            next_seq: self.inner.visible_next.load(Ordering::Acquire),
+                        }));
+                    }
+                }
+            }
+        };
+        match self.inner.record_at(Arc::clone(&segment), offset, seq) {
+            Ok((record, next_offset)) => {
+                self.next_seq += 1;
+                self.cursor = Some((segment, next_offset));
+                Some(Ok(record))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}

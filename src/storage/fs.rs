@@ -1,0 +1,201 @@
+//! [`FsStorage`]: the real file system, through `std::fs`, `libc` and memmap2.
+
+use super::{LockGuard, MappedRegion, Storage, StorageFile};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The real file system. Cheap to create; holds no state.
+///
+/// # Examples
+/// ```
+/// use eventlog::storage::{FsStorage, Storage};
+/// let dir = tempfile::tempdir()?;
+/// let storage = FsStorage::new();
+/// let file = storage.open_file(&dir.path().join("a"), true)?;
+/// file.write_at(b"hello", 0)?;
+/// file.sync_data()?;
+/// assert_eq!(file.len_bytes()?, 5);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+impl FsStorage {
+    /// The real file system.
+    pub fn new() -> Self {
+        FsStorage
+    }
+}
+
+#[derive(Debug)]
+struct FsFile {
+    file: File,
+}
+
+#[derive(Debug)]
+struct FsLock {
+    _file: File,
+}
+
+impl LockGuard for FsLock {}
+
+#[derive(Debug)]
+struct FsMap {
+    map: memmap2::Mmap,
+}
+
+impl MappedRegion for FsMap {
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Storage for FsStorage {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir_all(path)
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn open_file(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        Ok(Arc::new(FsFile { file }))
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        // flock locks belong to the open file description, so a second open in the same
+        // process conflicts too, unlike fcntl locks.
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Box::new(FsLock { _file: file }))),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+impl StorageFile for FsFile {
+    fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        self.file.set_len(len_bytes)
+    }
+
+    fn allocate(&self, len_bytes: u64) -> io::Result<()> {
+        let len = libc::off_t::try_from(len_bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "allocation too large"))?;
+        // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, len) };
+        match rc {
+            0 => Ok(()),
+            // File systems without fallocate (tmpfs on old kernels, some FUSE): extend with
+            // zeros instead; a full disk then shows up at the first write past the end.
+            libc::EOPNOTSUPP | libc::EINVAL => {
+                if self.len_bytes()? < len_bytes {
+                    self.file.set_len(len_bytes)?;
+                }
+                Ok(())
+            }
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
+    fn map(&self, len_bytes: u64) -> io::Result<Arc<dyn MappedRegion>> {
+        let len = usize::try_from(len_bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mapping too large"))?;
+        // SAFETY: the mapping is read-only. The log only reads bytes below the length it
+        // has written and never truncates a file below a byte a reader may still read
+        // (see the log's module docs), so no access faults.
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&self.file)? };
+        #[cfg(unix)]
+        {
+            let _ = map.advise(memmap2::Advice::Sequential);
+        }
+        Ok(Arc::new(FsMap { map }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_on_same_path_is_refused_until_first_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("LOCK");
+        let storage = FsStorage::new();
+        let first = storage
+            .try_lock(&path)
+            .expect("lock")
+            .expect("first lock is free");
+        assert!(storage.try_lock(&path).expect("lock").is_none());
+        drop(first);
+        assert!(storage.try_lock(&path).expect("lock").is_some());
+    }
+
+    #[test]
+    fn map_sees_writes_made_after_mapping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FsStorage::new();
+        let file = storage
+            .open_file(&dir.path().join("f"), true)
+            .expect("open");
+        file.allocate(8192).expect("allocate");
+        let map = file.map(1 << 20).expect("map");
+        file.write_at(b"abc", 4096).expect("write");
+        assert_eq!(&map.bytes()[4096..4099], b"abc");
+    }
+}

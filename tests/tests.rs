@@ -1,0 +1,4 @@
+//! Integration tests, one binary: each module covers one layer or concern.
+
+mod common;
+mod log;
