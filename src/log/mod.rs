@@ -806,8 +806,15 @@ impl Inner {
         e: std::io::Error,
     ) -> FailKind {
         let path = active.segment.path.clone();
-        let zeros = vec![0u8; len];
-        let undone = active.segment.file.write_at(&zeros, offset).is_ok();
+        // Only bytes inside the file can have landed; overwriting them needs no new space.
+        let undone = active.segment.file.len_bytes().and_then(|file_len| {
+            let end = (offset + len as u64).min(file_len);
+            if end > offset {
+                active.segment.file.write_at(&vec![0u8; (end - offset) as usize], offset)?;
+            }
+            Ok(())
+        });
+        let undone = undone.is_ok();
         match (undone, is_disk_full(&e)) {
             (true, true) => FailKind::DiskFull(path),
             (true, false) => FailKind::Io(path, "writing records", e.to_string()),

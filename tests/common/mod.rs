@@ -32,3 +32,41 @@ pub fn open(dir: &Path, options: LogOptions) -> Log {
         Err(e) => panic!("open failed: {e}"),
     }
 }
+
+/// Copies every file of `from` into `to` (one level of subdirectories): a crash image of a
+/// log directory taken while the log is open, since everything written is in the files.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The segment files of a log directory, sorted.
+pub fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// All payloads of the log, in seq order, panicking on any read error.
+pub fn all_payloads(log: &Log) -> Vec<Vec<u8>> {
+    log.iter_from(0)
+        .enumerate()
+        .map(|(i, r)| {
+            let r = r.unwrap_or_else(|e| panic!("read of seq {i} failed: {e}"));
+            assert_eq!(r.seq(), i as u64);
+            r.payload().to_vec()
+        })
+        .collect()
+}

@@ -1,1 +1,3 @@
 mod basics;
+mod disk_full;
+mod recovery;

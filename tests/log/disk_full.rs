@@ -1,0 +1,211 @@
+//! A full disk fails the append with a clear error, stores nothing of it, damages nothing,
+//! and appends work again once space is freed.
+
+use crate::common::{all_payloads, copy_dir, payload_for, small_options};
+use eventlog::log::{AppendError, Log, LogOptions};
+use eventlog::storage::{FsStorage, LockGuard, MappedRegion, Storage, StorageFile};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The real file system, except that while `full` is set, growing a file fails with ENOSPC
+/// (a write that would grow it lands only its first half, as a real short write can).
+#[derive(Debug, Default)]
+struct FullDisk {
+    full: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct FullDiskFile {
+    file: Arc<dyn StorageFile>,
+    full: Arc<AtomicBool>,
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc_enospc())
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+impl Storage for FullDisk {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        FsStorage.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        FsStorage.list_dir(path)
+    }
+    fn open_file(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        if create && self.full.load(Ordering::SeqCst) && !path.exists() {
+            return Err(enospc());
+        }
+        let file = FsStorage.open_file(path, create)?;
+        Ok(Arc::new(FullDiskFile { file, full: self.full.clone() }))
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        FsStorage.exists(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        FsStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        FsStorage.rename(from, to)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        FsStorage.sync_dir(path)
+    }
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
+        FsStorage.try_lock(path)
+    }
+}
+
+impl StorageFile for FullDiskFile {
+    fn len_bytes(&self) -> io::Result<u64> {
+        self.file.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let len = self.file.len_bytes()?;
+        if self.full.load(Ordering::SeqCst) && offset + buf.len() as u64 > len {
+            let half = buf.len() / 2;
+            self.file.write_at(&buf[..half], offset)?;
+            return Err(enospc());
+        }
+        self.file.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        self.file.set_len(len_bytes)
+    }
+    fn allocate(&self, len_bytes: u64) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) && len_bytes > self.file.len_bytes()? {
+            return Err(enospc());
+        }
+        self.file.allocate(len_bytes)
+    }
+    fn map(&self, len_bytes: u64) -> io::Result<Arc<dyn MappedRegion>> {
+        self.file.map(len_bytes)
+    }
+}
+
+fn disk_full_cycle(options: LogOptions) {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(FullDisk::default());
+    let full = storage.full.clone();
+    let log = Log::open_with_storage(storage, dir.path(), options.clone()).unwrap();
+    let mut stored = Vec::new();
+    for seq in 0..10 {
+        let p = payload_for(seq, 300);
+        log.append(&[&p]).unwrap();
+        stored.push(p);
+    }
+    full.store(true, Ordering::SeqCst);
+    let mut failures = 0;
+    let mut message = String::new();
+    // Keep appending until the disk is "full" (with preallocation the first chunk has room).
+    for i in 0..2000u64 {
+        let p = payload_for(1_000_000 + i, 300);
+        match log.append(&[p.as_slice(), p.as_slice()]) {
+            Ok(_) => {
+                stored.push(p.clone());
+                stored.push(p);
+            }
+            Err(e @ AppendError::DiskFull { .. }) => {
+                message = e.to_string();
+                let AppendError::DiskFull { path } = e else { unreachable!() };
+                assert!(path.to_string_lossy().ends_with(".seg"), "{path:?}");
+                failures += 1;
+                assert_eq!(log.next_seq(), stored.len() as u64, "nothing of the failed append is counted");
+                if failures == 3 {
+                    break;
+                }
+            }
+            Err(other) => panic!("expected DiskFull, got {other}"),
+        }
+    }
+    assert_eq!(failures, 3, "the disk never filled up");
+    assert!(message.contains("disk full") && message.contains("free space"), "{message}");
+    assert_eq!(all_payloads(&log), stored, "nothing stored before was damaged");
+
+    full.store(false, Ordering::SeqCst);
+    let p = payload_for(42, 300);
+    let seqs = log.append(&[&p]).unwrap();
+    assert_eq!(seqs.start, stored.len() as u64, "appends resume with the next seq");
+    stored.push(p);
+
+    // A crash image now holds exactly the acknowledged records.
+    let image = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), image.path());
+    drop(log);
+    let log = Log::open(image.path(), options).unwrap();
+    assert_eq!(all_payloads(&log), stored);
+}
+
+#[test]
+fn disk_full_during_write_fails_the_append_and_damages_nothing() {
+    disk_full_cycle(small_options());
+}
+
+#[test]
+fn disk_full_at_preallocation_fails_the_append_and_damages_nothing() {
+    let mut options = small_options();
+    options.preallocate_chunk_bytes = 4096;
+    disk_full_cycle(options);
+}
+
+/// The same on a real, tiny tmpfs (needs root to mount; CI runs as root).
+#[test]
+fn disk_full_on_a_real_small_filesystem() {
+    let mount = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mount.path())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("NOTE: disk_full_on_a_real_small_filesystem could not mount a tmpfs (needs root); only the injected-ENOSPC tests ran");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.path());
+    let dir = mount.path().join("store");
+    let filler = mount.path().join("filler");
+    std::fs::write(&filler, vec![1u8; 600 << 10]).unwrap();
+    let mut options = LogOptions::default();
+    options.segment_size_bytes = 128 << 10;
+    options.record_size_bytes_max = 4096;
+    options.preallocate_chunk_bytes = 32 << 10;
+    let log = Log::open(&dir, options.clone()).unwrap();
+    let mut stored = Vec::new();
+    let mut full_seen = false;
+    for seq in 0..10_000u64 {
+        let p = payload_for(seq, 1000);
+        match log.append(&[&p]) {
+            Ok(_) => stored.push(p),
+            Err(AppendError::DiskFull { .. }) => {
+                full_seen = true;
+                break;
+            }
+            Err(e) => panic!("expected DiskFull, got {e}"),
+        }
+    }
+    assert!(full_seen, "a 1 MiB filesystem cannot hold 10 MB");
+    assert_eq!(all_payloads(&log), stored);
+    std::fs::remove_file(&filler).unwrap();
+    let p = payload_for(7, 1000);
+    assert_eq!(log.append(&[&p]).unwrap().start, stored.len() as u64);
+    stored.push(p);
+    drop(log);
+    let log = Log::open(&dir, options).unwrap();
+    assert_eq!(all_payloads(&log), stored);
+}
