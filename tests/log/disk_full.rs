@@ -14,12 +14,15 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 struct FullDisk {
     full: Arc<AtomicBool>,
+    /// While set, every fdatasync fails with EIO.
+    fsync_fails: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
 struct FullDiskFile {
     file: Arc<dyn StorageFile>,
     full: Arc<AtomicBool>,
+    fsync_fails: Arc<AtomicBool>,
 }
 
 fn enospc() -> io::Error {
@@ -42,7 +45,11 @@ impl Storage for FullDisk {
             return Err(enospc());
         }
         let file = FsStorage.open_file(path, create)?;
-        Ok(Arc::new(FullDiskFile { file, full: self.full.clone() }))
+        Ok(Arc::new(FullDiskFile {
+            file,
+            full: self.full.clone(),
+            fsync_fails: self.fsync_fails.clone(),
+        }))
     }
     fn exists(&self, path: &Path) -> io::Result<bool> {
         FsStorage.exists(path)
@@ -78,6 +85,9 @@ impl StorageFile for FullDiskFile {
         self.file.write_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
+        if self.fsync_fails.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
         self.file.sync_data()
     }
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
@@ -157,6 +167,35 @@ fn disk_full_at_preallocation_fails_the_append_and_damages_nothing() {
     let mut options = small_options();
     options.preallocate_chunk_bytes = 4096;
     disk_full_cycle(options);
+}
+
+#[test]
+fn failed_fsync_stops_writes_until_reopen_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(FullDisk::default());
+    let fsync_fails = storage.fsync_fails.clone();
+    let log = Log::open_with_storage(storage, dir.path(), small_options()).unwrap();
+    let stored: Vec<Vec<u8>> = (0..20).map(|s| payload_for(s, 200)).collect();
+    for p in &stored {
+        log.append(&[p]).unwrap();
+    }
+    fsync_fails.store(true, Ordering::SeqCst);
+    match log.append(&[b"never acknowledged"]) {
+        Err(AppendError::Poisoned { cause }) => assert!(cause.contains("fdatasync"), "{cause}"),
+        other => panic!("expected Poisoned, got {other:?}"),
+    }
+    // Not retried and forgotten: even with fsync working again, writes stay refused.
+    fsync_fails.store(false, Ordering::SeqCst);
+    assert!(matches!(log.append(&[b"later"]), Err(AppendError::Poisoned { .. })));
+    assert!(log.sync().is_err());
+    assert_eq!(all_payloads(&log), stored, "reads of acknowledged records still work");
+    drop(log);
+    let log = Log::open(dir.path(), small_options()).unwrap();
+    let after = all_payloads(&log);
+    // The unacknowledged record may or may not have reached the disk; nothing else differs.
+    assert_eq!(after[..20], stored[..]);
+    assert!(after.len() <= 21);
+    log.append(&[b"resumed"]).unwrap();
 }
 
 /// The same on a real, tiny tmpfs (needs root to mount; CI runs as root).
