@@ -6,7 +6,10 @@
 //! - [`storage`]: the seam all file I/O goes through (real files and memory maps, or a
 //!   simulated disk in tests);
 //! - [`log`]: the append-only segment log of checksummed records, with group commit and
-//!   crash recovery.
+//!   crash recovery;
+//! - [`index`]: secondary indexes in sled (aggregate, type), derived from the log;
+//! - [`store`]: the event store API: typed events, optimistic concurrency, reads, live
+//!   follow.
 //!
 //! What it is not (yet): a networked database. Everything runs in the embedding process.
 //!
@@ -14,5 +17,10 @@
 //! most 4 GiB - 1 (128 MiB by default); one append fits in one segment.
 #![warn(missing_docs)]
 
+/// Bodies of the cargo-fuzz targets in `fuzz/`, shared with the corpus replay test.
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod index;
 pub mod log;
 pub mod storage;
+pub mod store;

@@ -184,6 +184,17 @@ impl Record {
     }
 }
 
+/// Told about every group of records as it becomes readable, in seq order, before the
+/// appenders of those records are acknowledged. Higher layers use it to keep derived
+/// state (indexes, subscriptions) in step with the log without re-reading it.
+///
+/// It runs on the committing thread while the log's writer is busy, so it must be quick
+/// and must not call back into the log's append path.
+pub trait CommitObserver: Send + Sync + std::fmt::Debug {
+    /// Records `first_seq ..` with these payloads were committed.
+    fn committed(&self, first_seq: u64, payloads: &[&[u8]]);
+}
+
 /// Counts and sizes of the log, from [`Log::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -278,6 +289,7 @@ struct Inner {
     records_written: AtomicU64,
     sync_thread_stop: Mutex<bool>,
     sync_thread_cv: Condvar,
+    observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -390,6 +402,7 @@ impl Log {
             records_written: AtomicU64::new(0),
             sync_thread_stop: Mutex::new(false),
             sync_thread_cv: Condvar::new(),
+            observer: std::sync::OnceLock::new(),
             _lock: lock,
             options,
         });
@@ -422,6 +435,14 @@ impl Log {
     /// [`AppendError::Poisoned`] after an earlier fsync or write failure; [`AppendError::Io`].
     pub fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
         self.inner.append(payloads)
+    }
+
+    /// Registers the [`CommitObserver`] told about every later commit. At most one per log.
+    ///
+    /// # Errors
+    /// Returns the observer back if one is already registered.
+    pub fn set_commit_observer(&self, observer: Arc<dyn CommitObserver>) -> Result<(), Arc<dyn CommitObserver>> {
+        self.inner.observer.set(observer)
     }
 
     /// Reads the record with sequence number `seq`, verifying its checksum.
@@ -737,7 +758,18 @@ impl Inner {
                     };
                 }
             }
-            self.publish(&active.segment, offsets, off, seq);
+            self.publish(&active.segment, &offsets, off, seq);
+            if let Some(observer) = self.observer.get() {
+                let payloads: Vec<&[u8]> = offsets
+                    .iter()
+                    .zip(&lens[chunk_first_rec..chunk_first_rec + chunk_records])
+                    .map(|(&o, &len)| {
+                        let start = (u64::from(o) - file_offset) as usize + RECORD_HEADER_SIZE_BYTES;
+                        &chunk[start..start + len as usize - RECORD_HEADER_SIZE_BYTES]
+                    })
+                    .collect();
+                observer.committed(seq - chunk_records as u64, &payloads);
+            }
             acked_next = seq;
         }
         GroupOutcome {
@@ -763,8 +795,8 @@ impl Inner {
     }
 
     /// Makes written records readable.
-    fn publish(&self, segment: &Segment, offsets: Vec<u32>, end_bytes: u64, next_seq: u64) {
-        segment.offsets.write().extend_from_slice(&offsets);
+    fn publish(&self, segment: &Segment, offsets: &[u32], end_bytes: u64, next_seq: u64) {
+        segment.offsets.write().extend_from_slice(offsets);
         segment.end_bytes.store(end_bytes, Ordering::Release);
         self.visible_next.store(next_seq, Ordering::Release);
         let _g = self.visible_lock.lock();

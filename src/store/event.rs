@@ -1,0 +1,420 @@
+//! Events: what an application appends ([`NewEvent`]) and what it reads back
+//! ([`RecordedEvent`], or the zero-copy [`EventRef`]), and their encoding in log records.
+//!
+//! A log record's payload is one byte of event format version ([`EVENT_FORMAT_VERSION`])
+//! followed by the bincode encoding (varint integers) of the event. See `docs/FORMAT.md`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use uuid::Uuid;
+
+/// The event encoding version written as the first byte of every event record.
+pub const EVENT_FORMAT_VERSION: u8 = 1;
+/// Longest aggregate id or event type, in bytes of UTF-8.
+pub const NAME_LEN_BYTES_MAX: usize = 255;
+
+/// How the payload bytes are to be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ContentType {
+    /// UTF-8 JSON.
+    Json,
+    /// Opaque bytes (bincode, protobuf, anything).
+    Binary,
+}
+
+impl ContentType {
+    fn to_byte(self) -> u8 {
+        match self {
+            ContentType::Json => 1,
+            ContentType::Binary => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(ContentType::Json),
+            2 => Some(ContentType::Binary),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata carried with an event: correlation and causation ids, and free key/values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// Ties together everything done for one request or workflow.
+    pub correlation_id: Option<String>,
+    /// The id of the event or command that caused this event.
+    pub causation_id: Option<String>,
+    /// Anything else, as string keys and values.
+    pub extra: BTreeMap<String, String>,
+}
+
+/// An event to append.
+///
+/// # Examples
+/// ```
+/// use eventlog::store::NewEvent;
+/// let e = NewEvent::json("OrderPlaced", &serde_json::json!({"total": 12}))?
+///     .with_correlation_id("req-17");
+/// assert_eq!(e.event_type, "OrderPlaced");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The event type, 1..=255 bytes of UTF-8 without control characters.
+    pub event_type: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// How to read the payload.
+    pub content_type: ContentType,
+    /// A unique id; generated (UUID v4) when `None`. Retrying an append with the same ids
+    /// is idempotent.
+    pub event_id: Option<Uuid>,
+    /// Event time in microseconds since the Unix epoch; the append time when `None`.
+    pub timestamp_us: Option<i64>,
+    /// Metadata.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// An event with a JSON payload serialized from `data`.
+    ///
+    /// # Errors
+    /// If `data` cannot be serialized to JSON.
+    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> Result<Self, serde_json::Error> {
+        Ok(Self::with_payload(event_type, serde_json::to_vec(data)?, ContentType::Json))
+    }
+
+    /// An event with a JSON payload given as text (not checked to be JSON).
+    pub fn json_text(event_type: impl Into<String>, json: impl Into<Vec<u8>>) -> Self {
+        Self::with_payload(event_type, json.into(), ContentType::Json)
+    }
+
+    /// An event with an opaque binary payload.
+    pub fn binary(event_type: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Self::with_payload(event_type, payload.into(), ContentType::Binary)
+    }
+
+    fn with_payload(event_type: impl Into<String>, payload: Vec<u8>, content_type: ContentType) -> Self {
+        NewEvent {
+            event_type: event_type.into(),
+            payload,
+            content_type,
+            event_id: None,
+            timestamp_us: None,
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Sets the event id (for idempotent retries).
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.event_id = Some(id);
+        self
+    }
+
+    /// Sets the event time.
+    pub fn with_timestamp_us(mut self, timestamp_us: i64) -> Self {
+        self.timestamp_us = Some(timestamp_us);
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.metadata.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.metadata.causation_id = Some(id.into());
+        self
+    }
+
+    /// Adds a free metadata key/value.
+    pub fn with_meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.extra.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// A stored event, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    /// Global sequence number, 0-based.
+    pub seq: u64,
+    /// The aggregate (stream) it belongs to.
+    pub aggregate_id: String,
+    /// Position within its aggregate, 1-based.
+    pub version: u64,
+    /// The event type.
+    pub event_type: String,
+    /// The event's unique id.
+    pub event_id: Uuid,
+    /// Event time, microseconds since the Unix epoch.
+    pub timestamp_us: i64,
+    /// Metadata.
+    pub metadata: Metadata,
+    /// How to read the payload.
+    pub content_type: ContentType,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// A stored event borrowed from the log's memory map: nothing is copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    /// Global sequence number, 0-based.
+    pub seq: u64,
+    /// The aggregate (stream) it belongs to.
+    pub aggregate_id: &'a str,
+    /// Position within its aggregate, 1-based.
+    pub version: u64,
+    /// The event type.
+    pub event_type: &'a str,
+    /// The event's unique id.
+    pub event_id: Uuid,
+    /// Event time, microseconds since the Unix epoch.
+    pub timestamp_us: i64,
+    /// The correlation id, if any.
+    pub correlation_id: Option<&'a str>,
+    /// The causation id, if any.
+    pub causation_id: Option<&'a str>,
+    /// Free metadata key/values.
+    pub extra: Vec<(&'a str, &'a str)>,
+    /// How to read the payload.
+    pub content_type: ContentType,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+impl EventRef<'_> {
+    /// Copies into an owned [`RecordedEvent`].
+    pub fn to_owned_event(&self) -> RecordedEvent {
+        RecordedEvent {
+            seq: self.seq,
+            aggregate_id: self.aggregate_id.to_owned(),
+            version: self.version,
+            event_type: self.event_type.to_owned(),
+            event_id: self.event_id,
+            timestamp_us: self.timestamp_us,
+            metadata: Metadata {
+                correlation_id: self.correlation_id.map(str::to_owned),
+                causation_id: self.causation_id.map(str::to_owned),
+                extra: self.extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            },
+            content_type: self.content_type,
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+/// The encoded form. Aggregate id and type come first so indexing can read just them.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    aggregate_id: &'a str,
+    #[serde(borrow)]
+    event_type: &'a str,
+    version: u64,
+    event_id: [u8; 16],
+    timestamp_us: i64,
+    content_type: u8,
+    #[serde(borrow)]
+    correlation_id: Option<&'a str>,
+    #[serde(borrow)]
+    causation_id: Option<&'a str>,
+    #[serde(borrow)]
+    extra: Vec<(&'a str, &'a str)>,
+    #[serde(with = "serde_bytes", borrow)]
+    payload: &'a [u8],
+}
+
+/// Just the indexed fields, decoded without touching the rest.
+#[derive(Deserialize)]
+struct WireHead<'a> {
+    #[serde(borrow)]
+    aggregate_id: &'a str,
+    #[serde(borrow)]
+    event_type: &'a str,
+    version: u64,
+    event_id: [u8; 16],
+}
+
+/// Why stored bytes are not a valid event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EventDecodeError(pub String);
+
+fn options() -> impl bincode::Options + Copy {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().reject_trailing_bytes()
+}
+
+/// The fields of a [`NewEvent`] once id and time are settled, ready to encode.
+pub(crate) struct ResolvedEvent<'a> {
+    pub aggregate_id: &'a str,
+    pub version: u64,
+    pub event_id: Uuid,
+    pub timestamp_us: i64,
+    pub event: &'a NewEvent,
+}
+
+/// Encodes an event into a log record payload.
+pub(crate) fn encode(e: &ResolvedEvent<'_>) -> Vec<u8> {
+    use bincode::Options;
+    let wire = Wire {
+        aggregate_id: e.aggregate_id,
+        event_type: &e.event.event_type,
+        version: e.version,
+        event_id: *e.event_id.as_bytes(),
+        timestamp_us: e.timestamp_us,
+        content_type: e.event.content_type.to_byte(),
+        correlation_id: e.event.metadata.correlation_id.as_deref(),
+        causation_id: e.event.metadata.causation_id.as_deref(),
+        extra: e.event.metadata.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        payload: &e.event.payload,
+    };
+    let mut out = Vec::with_capacity(1 + 64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len());
+    out.push(EVENT_FORMAT_VERSION);
+    // Writing to a Vec cannot fail, and every field type serializes.
+    if let Err(err) = options().serialize_into(&mut out, &wire) {
+        unreachable!("encoding an event into memory failed: {err}");
+    }
+    out
+}
+
+fn body(bytes: &[u8]) -> Result<&[u8], EventDecodeError> {
+    match bytes.split_first() {
+        Some((&EVENT_FORMAT_VERSION, rest)) => Ok(rest),
+        Some((v, _)) => Err(EventDecodeError(format!(
+            "event format version {v}, this build reads {EVENT_FORMAT_VERSION}"
+        ))),
+        None => Err(EventDecodeError("empty event record".into())),
+    }
+}
+
+/// Decodes a whole event from a log record payload, borrowing from it. Never panics.
+///
+/// # Errors
+/// If the bytes are not an event of a known format version.
+pub fn decode(seq: u64, bytes: &[u8]) -> Result<EventRef<'_>, EventDecodeError> {
+    use bincode::Options;
+    let w: Wire<'_> = options().deserialize(body(bytes)?).map_err(|e| EventDecodeError(e.to_string()))?;
+    let content_type = ContentType::from_byte(w.content_type)
+        .ok_or_else(|| EventDecodeError(format!("unknown content type {}", w.content_type)))?;
+    Ok(EventRef {
+        seq,
+        aggregate_id: w.aggregate_id,
+        version: w.version,
+        event_type: w.event_type,
+        event_id: Uuid::from_bytes(w.event_id),
+        timestamp_us: w.timestamp_us,
+        correlation_id: w.correlation_id,
+        causation_id: w.causation_id,
+        extra: w.extra,
+        content_type,
+        payload: w.payload,
+    })
+}
+
+/// The indexed fields of an event: aggregate, type, version and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EventHead<'a> {
+    pub aggregate_id: &'a str,
+    pub event_type: &'a str,
+    pub version: u64,
+    pub event_id: Uuid,
+}
+
+/// Decodes only the indexed fields (the rest is not read).
+pub(crate) fn decode_head(bytes: &[u8]) -> Result<EventHead<'_>, EventDecodeError> {
+    use bincode::Options;
+    // The head is a prefix of the whole encoding, so trailing bytes are expected here.
+    let opts = bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().allow_trailing_bytes();
+    let h: WireHead<'_> = opts.deserialize(body(bytes)?).map_err(|e| EventDecodeError(e.to_string()))?;
+    Ok(EventHead {
+        aggregate_id: h.aggregate_id,
+        event_type: h.event_type,
+        version: h.version,
+        event_id: Uuid::from_bytes(h.event_id),
+    })
+}
+
+/// Checks an aggregate id or event type: 1..=255 bytes, no control characters.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > NAME_LEN_BYTES_MAX {
+        return Err(format!("is {} bytes, must be 1..={NAME_LEN_BYTES_MAX}", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("contains the control character {:?}", c));
+    }
+    Ok(())
+}
+
+impl fmt::Display for ContentType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContentType::Json => "json",
+            ContentType::Binary => "binary",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NewEvent {
+        NewEvent::json_text("OrderPlaced", r#"{"a":1}"#)
+            .with_correlation_id("c-1")
+            .with_meta("k", "v")
+            .with_meta("z", "")
+    }
+
+    #[test]
+    fn event_round_trips_through_encoding() {
+        let e = sample();
+        let id = Uuid::from_u128(7);
+        let bytes = encode(&ResolvedEvent {
+            aggregate_id: "order-1",
+            version: 3,
+            event_id: id,
+            timestamp_us: 1_700_000_000_000_000,
+            event: &e,
+        });
+        assert_eq!(bytes[0], EVENT_FORMAT_VERSION);
+        let r = decode(9, &bytes).unwrap().to_owned_event();
+        assert_eq!(r.seq, 9);
+        assert_eq!(r.aggregate_id, "order-1");
+        assert_eq!(r.version, 3);
+        assert_eq!(r.event_type, "OrderPlaced");
+        assert_eq!(r.event_id, id);
+        assert_eq!(r.timestamp_us, 1_700_000_000_000_000);
+        assert_eq!(r.metadata, e.metadata);
+        assert_eq!(r.content_type, ContentType::Json);
+        assert_eq!(r.payload, e.payload);
+        let head = decode_head(&bytes).unwrap();
+        assert_eq!((head.aggregate_id, head.event_type, head.version, head.event_id), ("order-1", "OrderPlaced", 3, id));
+    }
+
+    #[test]
+    fn unknown_format_version_and_garbage_are_errors_not_panics() {
+        assert!(decode(0, &[]).is_err());
+        assert!(decode(0, &[2, 0, 0]).unwrap_err().0.contains("version 2"));
+        assert!(decode(0, &[1, 0xff, 0xff, 0xff]).is_err());
+        let mut bytes = encode(&ResolvedEvent { aggregate_id: "a", version: 1, event_id: Uuid::nil(), timestamp_us: 0, event: &sample() });
+        bytes.push(0);
+        assert!(decode(0, &bytes).is_err(), "trailing bytes are rejected");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("order-1").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name(&"x".repeat(256)).is_err());
+        assert!(check_name(&"é".repeat(127)).is_ok());
+        assert!(check_name("a\nb").is_err());
+    }
+}

@@ -1,0 +1,741 @@
+//! The event store: what an application embeds.
+//!
+//! A [`Store`] is a [`Log`] of events plus an [`Index`] derived from it. Appends check the
+//! aggregate's expected version, encode the events (one log record each) and append them
+//! atomically through the log's group commit. Reads go through the index to seqs and then
+//! to the log's memory maps; every event read is checked against what the index claimed.
+//!
+//! Concurrency: appends to the same aggregate are serialized by a striped lock held from
+//! the version check until the log acknowledged the write and the index memtable has it;
+//! appends to different aggregates run in parallel and share `fdatasync`s.
+
+mod codec;
+mod error;
+pub mod event;
+
+pub use codec::{BincodeCodec, Codec, CodecError, DomainEvent, JsonCodec, TypedAppendError, TypedEvent, TypedReadError};
+pub use error::{AppendError, OpenError, ReadError};
+pub use event::{ContentType, EventRef, Metadata, NewEvent, RecordedEvent};
+
+use crate::index::{Index, IndexOpenReport, IndexOptions};
+use crate::log::{self, Log, LogOptions, RecoveryReport};
+use event::{EventHead, ResolvedEvent};
+use parking_lot::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Default largest event payload: 1 MiB.
+pub const PAYLOAD_SIZE_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Default most events in one append: 10,000.
+pub const EVENTS_PER_APPEND_MAX_DEFAULT: usize = 10_000;
+/// Bytes an event's encoding may add to its payload, at most (names, ids, metadata are
+/// bounded separately): used to size log records.
+const EVENT_OVERHEAD_BYTES_MAX: usize = 64 << 10;
+/// Stripes of the per-aggregate append lock.
+const APPEND_LOCK_STRIPES: usize = 256;
+
+/// Options for [`Store::open`]. Start from `Options::default()`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// The log's options (durability, segment size...). Its record and batch limits are
+    /// raised as needed to fit the store's limits.
+    pub log: LogOptions,
+    /// The index's options (lag bound, flush cadence, sled cache).
+    pub index: IndexOptions,
+    /// Largest event payload. Default 1 MiB.
+    pub payload_size_bytes_max: usize,
+    /// Most events in one append. Default 10,000.
+    pub events_per_append_max: usize,
+    /// How long an append may wait for the index to make room. Default 30 s.
+    pub append_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            log: LogOptions::default(),
+            index: IndexOptions::default(),
+            payload_size_bytes_max: PAYLOAD_SIZE_BYTES_MAX_DEFAULT,
+            events_per_append_max: EVENTS_PER_APPEND_MAX_DEFAULT,
+            append_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// What the caller expects of an aggregate's version before an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check.
+    Any,
+    /// The aggregate has no events.
+    NoStream,
+    /// The aggregate has at least one event.
+    Exists,
+    /// The aggregate's latest version is exactly this (0 means no events).
+    Exact(u64),
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exists => f.write_str("exists"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl ExpectedVersion {
+    fn admits(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exists => current > 0,
+            ExpectedVersion::Exact(v) => current == v,
+        }
+    }
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Seq of the first event appended.
+    pub first_seq: u64,
+    /// Seq of the last event appended.
+    pub last_seq: u64,
+    /// The aggregate's version after the append.
+    pub last_version: u64,
+}
+
+/// One aggregate's part of a multi-aggregate [`Store::append_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct AppendRequest<'a> {
+    /// The aggregate.
+    pub aggregate_id: &'a str,
+    /// Its expected version.
+    pub expected: ExpectedVersion,
+    /// The events.
+    pub events: &'a [NewEvent],
+}
+
+/// Reading direction within an aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// Which events a follower or subscription wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only these event types (`None`: all).
+    pub event_types: Option<Vec<String>>,
+    /// Only aggregates whose id starts with this.
+    pub aggregate_prefix: Option<String>,
+}
+
+impl Filter {
+    /// Every event.
+    pub fn all() -> Self {
+        Filter::default()
+    }
+
+    /// Only events of these types.
+    pub fn types<I: IntoIterator<Item = S>, S: Into<String>>(types: I) -> Self {
+        Filter {
+            event_types: Some(types.into_iter().map(Into::into).collect()),
+            aggregate_prefix: None,
+        }
+    }
+
+    /// Also require the aggregate id to start with `prefix`.
+    pub fn with_aggregate_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.aggregate_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Whether an event of this aggregate and type passes.
+    pub fn matches(&self, aggregate_id: &str, event_type: &str) -> bool {
+        self.event_types.as_ref().is_none_or(|ts| ts.iter().any(|t| t == event_type))
+            && self.aggregate_prefix.as_ref().is_none_or(|p| aggregate_id.starts_with(p.as_str()))
+    }
+}
+
+/// A stored event as read: a handle on its bytes in the log's memory map.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    record: log::Record,
+}
+
+impl StoredEvent {
+    /// The event's global seq.
+    pub fn seq(&self) -> u64 {
+        self.record.seq()
+    }
+
+    /// The event, borrowed from the map (no copy).
+    ///
+    /// # Errors
+    /// [`ReadError::BadEvent`] if the record is not a decodable event.
+    pub fn event(&self) -> Result<EventRef<'_>, ReadError> {
+        event::decode(self.seq(), self.record.payload()).map_err(|e| ReadError::BadEvent { seq: self.seq(), reason: e.0 })
+    }
+
+    /// The event, copied out.
+    ///
+    /// # Errors
+    /// As [`StoredEvent::event`].
+    pub fn to_recorded(&self) -> Result<RecordedEvent, ReadError> {
+        Ok(self.event()?.to_owned_event())
+    }
+
+    /// The raw encoded event (what `docs/FORMAT.md` describes).
+    pub fn raw(&self) -> &[u8] {
+        self.record.payload()
+    }
+
+    fn head(&self) -> Result<EventHead<'_>, ReadError> {
+        event::decode_head(self.record.payload()).map_err(|e| ReadError::BadEvent { seq: self.seq(), reason: e.0 })
+    }
+}
+
+/// Counts and sizes, from [`Store::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// The highest seq stored, `None` when empty.
+    pub head_seq: Option<u64>,
+    /// Events stored.
+    pub event_count: u64,
+    /// Aggregates with at least one event.
+    pub aggregate_count: u64,
+    /// Event types used.
+    pub type_count: u64,
+    /// Segment files of the log.
+    pub segment_count: u64,
+    /// Bytes of the log's records and headers.
+    pub log_bytes: u64,
+    /// Bytes sled reports for the index on disk.
+    pub index_disk_bytes: u64,
+    /// Events committed but not yet written to sled (served from memory meanwhile).
+    pub index_lag_events: u64,
+}
+
+/// What opening the store found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The log's recovery.
+    pub log: RecoveryReport,
+    /// The index's catch-up or rebuild.
+    pub index: IndexOpenReport,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    log: Log,
+    index: Index,
+    options: Options,
+    stripes: Box<[Mutex<()>]>,
+    report: OpenReport,
+}
+
+/// An embedded event store.
+///
+/// # Examples
+/// ```
+/// use eventlog::store::{Direction, ExpectedVersion, NewEvent, Options, Store};
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path(), Options::default())?;
+/// let appended = store.append(
+///     "order-1",
+///     ExpectedVersion::NoStream,
+///     &[NewEvent::json_text("OrderPlaced", r#"{"total":12}"#)],
+/// )?;
+/// assert_eq!((appended.first_seq, appended.last_version), (0, 1));
+/// let history: Vec<_> = store
+///     .read_aggregate("order-1", 1, Direction::Forward, usize::MAX)?
+///     .map(|e| e?.to_recorded())
+///     .collect::<Result<_, _>>()?;
+/// assert_eq!(history[0].event_type, "OrderPlaced");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn stripe_of(aggregate_id: &str) -> usize {
+    // FNV-1a: stable and fast; only spreads aggregates over lock stripes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in aggregate_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % APPEND_LOCK_STRIPES as u64) as usize
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), AppendError> {
+    event::check_name(value).map_err(|reason| AppendError::InvalidName {
+        what,
+        value: value.chars().take(300).collect(),
+        reason,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: the log in `dir/log`, the index in
+    /// `dir/index`. Recovers the log after a crash, then catches the index up from the
+    /// log (or rebuilds it if missing or damaged) before returning.
+    ///
+    /// # Errors
+    /// [`OpenError::Log`] (locked, corrupt, I/O), [`OpenError::Index`],
+    /// [`OpenError::InvalidOptions`].
+    pub fn open(dir: &Path, options: Options) -> Result<Store, OpenError> {
+        let mut options = options;
+        if options.events_per_append_max == 0 || options.payload_size_bytes_max == 0 {
+            return Err(OpenError::InvalidOptions("events_per_append_max and payload_size_bytes_max must be at least 1".into()));
+        }
+        let record_needed = options.payload_size_bytes_max.saturating_add(EVENT_OVERHEAD_BYTES_MAX);
+        let record_needed = u32::try_from(record_needed).map_err(|_| OpenError::InvalidOptions("payload_size_bytes_max is too large".into()))?;
+        options.log.record_size_bytes_max = options.log.record_size_bytes_max.max(record_needed);
+        options.log.batch_records_max = options.log.batch_records_max.max(options.events_per_append_max);
+        let log = Log::open(dir, options.log.clone())?;
+        let (index, index_report) = Index::open(dir, &log, options.index.clone())?;
+        let report = OpenReport {
+            log: log.recovery_report().clone(),
+            index: index_report,
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                log,
+                index,
+                options,
+                stripes: (0..APPEND_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+                report,
+            }),
+        })
+    }
+
+    /// What opening found and did: log recovery and index catch-up.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.inner.report
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The underlying log (read-only use: appending to it directly would bypass the index).
+    pub fn log(&self) -> &Log {
+        &self.inner.log
+    }
+
+    /// Appends `events` to `aggregate_id` atomically, if its version is as `expected`.
+    ///
+    /// Retrying an append whose events all carry ids, after it succeeded (say the caller
+    /// timed out), returns the original [`Appended`] and stores nothing.
+    ///
+    /// # Errors
+    /// [`AppendError::WrongExpectedVersion`], [`AppendError::InvalidName`],
+    /// [`AppendError::PayloadTooLarge`], [`AppendError::BadEventCount`],
+    /// [`AppendError::DuplicateEventId`], [`AppendError::IndexBehind`],
+    /// [`AppendError::Log`] (disk full, poisoned, I/O). Nothing is stored on error.
+    pub fn append(&self, aggregate_id: &str, expected: ExpectedVersion, events: &[NewEvent]) -> Result<Appended, AppendError> {
+        let mut results = self.append_batch(&[AppendRequest { aggregate_id, expected, events }])?;
+        Ok(results.remove(0))
+    }
+
+    /// Appends to several aggregates in one atomic write: either every request's events
+    /// are stored or none, and every expected version must hold. Returns one [`Appended`]
+    /// per request, in order. A request may name the same aggregate as an earlier one; it
+    /// then sees that request's events.
+    ///
+    /// # Errors
+    /// As [`Store::append`]; the limit on events counts all requests together.
+    pub fn append_batch(&self, requests: &[AppendRequest<'_>]) -> Result<Vec<Appended>, AppendError> {
+        let inner = &self.inner;
+        let total: usize = requests.iter().map(|r| r.events.len()).sum();
+        let max = inner.options.events_per_append_max;
+        if total > max || requests.iter().any(|r| r.events.is_empty()) || requests.is_empty() {
+            return Err(AppendError::BadEventCount { count: total, max });
+        }
+        let mut index_in_append = 0;
+        for r in requests {
+            check_name("aggregate id", r.aggregate_id)?;
+            for e in r.events {
+                check_name("event type", &e.event_type)?;
+                if e.payload.len() > inner.options.payload_size_bytes_max {
+                    return Err(AppendError::PayloadTooLarge {
+                        index: index_in_append,
+                        size_bytes: e.payload.len(),
+                        limit_bytes: inner.options.payload_size_bytes_max,
+                    });
+                }
+                for v in [&e.metadata.correlation_id, &e.metadata.causation_id].into_iter().flatten() {
+                    if v.len() > event::NAME_LEN_BYTES_MAX {
+                        return Err(AppendError::InvalidName { what: "metadata id", value: v.chars().take(300).collect(), reason: format!("is {} bytes, must be at most {}", v.len(), event::NAME_LEN_BYTES_MAX) });
+                    }
+                }
+                index_in_append += 1;
+            }
+        }
+        let timeout = Duration::from_millis(inner.options.append_timeout_ms);
+        if let Err(cause) = inner.index.wait_for_room(total, timeout) {
+            return Err(AppendError::IndexBehind { lag_events: inner.index.lag_events(), cause });
+        }
+
+        let mut stripes: Vec<usize> = requests.iter().map(|r| stripe_of(r.aggregate_id)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        // Locks are taken in stripe order, so two batches cannot deadlock.
+        let _guards: Vec<MutexGuard<'_, ()>> = stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
+
+        let now = now_us();
+        let mut versions: HashMap<&str, u64> = HashMap::new();
+        let mut results: Vec<Option<Appended>> = vec![None; requests.len()];
+        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(total);
+        // (request index, first payload index, count, last version)
+        let mut placed: Vec<(usize, usize, usize, u64)> = Vec::new();
+        for (ri, r) in requests.iter().enumerate() {
+            let current = match versions.get(r.aggregate_id) {
+                Some(&v) => v,
+                None => inner.index.latest_version(r.aggregate_id)?,
+            };
+            if r.events.iter().any(|e| e.event_id.is_some()) && current > 0 {
+                if let Some(original) = self.find_retry(r, current)? {
+                    results[ri] = Some(original);
+                    continue;
+                }
+            }
+            if !r.expected.admits(current) {
+                return Err(AppendError::WrongExpectedVersion {
+                    aggregate_id: r.aggregate_id.to_string(),
+                    expected: r.expected,
+                    actual: current,
+                });
+            }
+            let mut ids_in_request = HashMap::new();
+            for (i, e) in r.events.iter().enumerate() {
+                if let Some(id) = e.event_id {
+                    if ids_in_request.insert(id, i).is_some() {
+                        return Err(AppendError::DuplicateEventId { aggregate_id: r.aggregate_id.into(), event_id: id, version: current + 1 + i as u64 });
+                    }
+                }
+            }
+            let first_payload = payloads.len();
+            for (i, e) in r.events.iter().enumerate() {
+                payloads.push(event::encode(&ResolvedEvent {
+                    aggregate_id: r.aggregate_id,
+                    version: current + 1 + i as u64,
+                    event_id: e.event_id.unwrap_or_else(Uuid::new_v4),
+                    timestamp_us: e.timestamp_us.unwrap_or(now),
+                    event: e,
+                }));
+            }
+            let last_version = current + r.events.len() as u64;
+            versions.insert(r.aggregate_id, last_version);
+            placed.push((ri, first_payload, r.events.len(), last_version));
+        }
+        if !payloads.is_empty() {
+            let seqs = inner.log.append(&payloads)?;
+            for (ri, first, count, last_version) in placed {
+                results[ri] = Some(Appended {
+                    first_seq: seqs.start + first as u64,
+                    last_seq: seqs.start + (first + count) as u64 - 1,
+                    last_version,
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every request is either a retry or was placed in the append"))
+            .collect())
+    }
+
+    /// If `r` repeats an append already stored (same ids, in order, at a position the
+    /// expectation admits), the original result. An id used elsewhere is an error.
+    fn find_retry(&self, r: &AppendRequest<'_>, current: u64) -> Result<Option<Appended>, AppendError> {
+        let wanted: HashMap<Uuid, usize> = r.events.iter().enumerate().filter_map(|(i, e)| e.event_id.map(|id| (id, i))).collect();
+        let mut found: Vec<(usize, u64, u64)> = Vec::new(); // (event index, version, seq)
+        for item in self.read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX).map_err(|e| AppendError::Read(Box::new(e)))? {
+            let stored = item.map_err(|e| AppendError::Read(Box::new(e)))?;
+            let head = stored.head().map_err(|e| AppendError::Read(Box::new(e)))?;
+            if let Some(&i) = wanted.get(&head.event_id) {
+                found.push((i, head.version, stored.seq()));
+            }
+        }
+        let Some(&(first_index, first_version, first_seq)) = found.first() else {
+            return Ok(None);
+        };
+        let n = r.events.len();
+        let is_retry = found.len() == n
+            && r.events.iter().all(|e| e.event_id.is_some())
+            && found.iter().enumerate().all(|(k, &(i, v, _))| i == k && v == first_version + k as u64)
+            && first_index == 0
+            && r.expected.admits(first_version - 1)
+            && first_version + n as u64 - 1 <= current;
+        if is_retry {
+            let (_, last_version, last_seq) = found[n - 1];
+            return Ok(Some(Appended { first_seq, last_seq, last_version }));
+        }
+        let (i, version, _) = found[0];
+        Err(AppendError::DuplicateEventId {
+            aggregate_id: r.aggregate_id.to_string(),
+            event_id: r.events[i].event_id.unwrap_or_default(),
+            version,
+        })
+    }
+
+    /// Events of `aggregate_id` from `from_version` (1-based; for `Backward`, the newest
+    /// version to start from, `u64::MAX` for the end), at most `limit`. Lazy.
+    ///
+    /// # Errors
+    /// [`ReadError::Index`] if the index cannot be read. Items may be
+    /// [`ReadError::Log`] (a corrupt record is never returned) or
+    /// [`ReadError::IndexMismatch`].
+    pub fn read_aggregate(&self, aggregate_id: &str, from_version: u64, direction: Direction, limit: usize) -> Result<AggregateEvents, ReadError> {
+        let seqs = self.inner.index.aggregate_seqs(aggregate_id, from_version, direction == Direction::Backward)?;
+        Ok(AggregateEvents { store: Arc::clone(&self.inner), aggregate_id: aggregate_id.to_string(), seqs, remaining: limit })
+    }
+
+    /// Events of type `event_type` from seq `from_seq` on, at most `limit`. Lazy.
+    ///
+    /// # Errors
+    /// As [`Store::read_aggregate`].
+    pub fn read_type(&self, event_type: &str, from_seq: u64, limit: usize) -> Result<TypeEvents, ReadError> {
+        let seqs = self.inner.index.type_seqs(event_type, from_seq)?;
+        Ok(TypeEvents { store: Arc::clone(&self.inner), event_type: event_type.to_string(), seqs, remaining: limit })
+    }
+
+    /// All events from seq `from_seq` on, at most `limit`, straight from the log. Lazy.
+    pub fn read_all(&self, from_seq: u64, limit: usize) -> AllEvents {
+        AllEvents { iter: self.inner.log.iter_from(from_seq), remaining: limit }
+    }
+
+    /// The event with this seq.
+    ///
+    /// # Errors
+    /// [`ReadError::Log`] if it is not there or corrupt.
+    pub fn read_seq(&self, seq: u64) -> Result<StoredEvent, ReadError> {
+        Ok(StoredEvent { record: self.inner.log.read(seq)? })
+    }
+
+    /// The latest version of `aggregate_id` (0 if it has no events).
+    ///
+    /// # Errors
+    /// [`ReadError::Index`].
+    pub fn aggregate_version(&self, aggregate_id: &str) -> Result<u64, ReadError> {
+        Ok(self.inner.index.latest_version(aggregate_id)?)
+    }
+
+    /// Follows the store from `from_seq`: stored events first, then new ones as they are
+    /// committed, filtered by `filter`. Holds nothing but a position: dropping it frees
+    /// everything.
+    pub fn follow(&self, from_seq: u64, filter: Filter) -> Follower {
+        Follower { store: Arc::clone(&self.inner), next_seq: from_seq, filter }
+    }
+
+    /// Waits until the event with seq `seq` is stored, or `timeout` passes; returns
+    /// whether it is. Woken by commits.
+    pub fn wait_for(&self, seq: u64, timeout: Duration) -> bool {
+        self.inner.log.wait_for(seq, timeout)
+    }
+
+    /// The next seq to be written (the number of events stored).
+    pub fn next_seq(&self) -> u64 {
+        self.inner.log.next_seq()
+    }
+
+    /// Head, counts and sizes.
+    ///
+    /// # Errors
+    /// [`ReadError::Index`] if the index cannot be read.
+    pub fn stats(&self) -> Result<StoreStats, ReadError> {
+        let log = self.inner.log.stats();
+        let (aggregate_count, type_count) = self.inner.index.counts()?;
+        Ok(StoreStats {
+            head_seq: log.next_seq.checked_sub(1),
+            event_count: log.next_seq,
+            aggregate_count,
+            type_count,
+            segment_count: log.segment_count,
+            log_bytes: log.log_bytes,
+            index_disk_bytes: self.inner.index.disk_bytes(),
+            index_lag_events: self.inner.index.lag_events() as u64,
+        })
+    }
+
+    /// Writes the index memtable to sled now (normally done in the background).
+    ///
+    /// # Errors
+    /// [`ReadError::Index`] if sled fails.
+    pub fn flush_index(&self) -> Result<(), ReadError> {
+        Ok(self.inner.index.flush()?)
+    }
+
+    /// Every entry of every index tree: for checking that two indexes are identical.
+    ///
+    /// # Errors
+    /// [`ReadError::Index`].
+    #[doc(hidden)]
+    pub fn index_dump(&self) -> Result<std::collections::BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, ReadError> {
+        Ok(self.inner.index.dump()?)
+    }
+
+    /// Drops the store as a crash between the log write and the index update would:
+    /// the index memtable is discarded, not written. The log is synced as usual (its own
+    /// crash behaviour is tested elsewhere). For tests. Other clones must be dropped first.
+    #[doc(hidden)]
+    pub fn crash(self) {
+        if let Ok(inner) = Arc::try_unwrap(self.inner) {
+            let Inner { log, index, .. } = inner;
+            index.crash();
+            drop(log);
+        }
+    }
+}
+
+/// Iterator over one aggregate's events; see [`Store::read_aggregate`].
+#[derive(Debug)]
+pub struct AggregateEvents {
+    store: Arc<Inner>,
+    aggregate_id: String,
+    seqs: crate::index::AggregateSeqs,
+    remaining: usize,
+}
+
+impl Iterator for AggregateEvents {
+    type Item = Result<StoredEvent, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let (version, seq) = match self.seqs.next()? {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let stored = match self.store.log.read(seq) {
+            Ok(record) => StoredEvent { record },
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(match stored.head() {
+            Ok(h) if h.aggregate_id == self.aggregate_id && h.version == version => Ok(stored),
+            Ok(h) => Err(ReadError::IndexMismatch {
+                seq,
+                expected: format!("{} version {version}", self.aggregate_id),
+                found: format!("{} version {}", h.aggregate_id, h.version),
+            }),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// Iterator over one type's events; see [`Store::read_type`].
+#[derive(Debug)]
+pub struct TypeEvents {
+    store: Arc<Inner>,
+    event_type: String,
+    seqs: crate::index::TypeSeqs,
+    remaining: usize,
+}
+
+impl Iterator for TypeEvents {
+    type Item = Result<StoredEvent, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let seq = match self.seqs.next()? {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let stored = match self.store.log.read(seq) {
+            Ok(record) => StoredEvent { record },
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(match stored.head() {
+            Ok(h) if h.event_type == self.event_type => Ok(stored),
+            Ok(h) => Err(ReadError::IndexMismatch { seq, expected: format!("type {}", self.event_type), found: format!("type {}", h.event_type) }),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// Iterator over all events from a seq; see [`Store::read_all`].
+#[derive(Debug)]
+pub struct AllEvents {
+    iter: log::LogIter,
+    remaining: usize,
+}
+
+impl Iterator for AllEvents {
+    type Item = Result<StoredEvent, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        Some(self.iter.next()?.map(|record| StoredEvent { record }).map_err(ReadError::from))
+    }
+}
+
+/// A live follower; see [`Store::follow`].
+#[derive(Debug)]
+pub struct Follower {
+    store: Arc<Inner>,
+    next_seq: u64,
+    filter: Filter,
+}
+
+impl Follower {
+    /// The next matching event, waiting up to `timeout` for one to be committed.
+    /// `Ok(None)` when the timeout passed first.
+    ///
+    /// # Errors
+    /// [`ReadError`] if a record cannot be read; the follower stays at that seq.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<StoredEvent>, ReadError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while self.next_seq < self.store.log.next_seq() {
+                let stored = StoredEvent { record: self.store.log.read(self.next_seq)? };
+                let head = stored.head()?;
+                self.next_seq += 1;
+                if self.filter.matches(head.aggregate_id, head.event_type) {
+                    return Ok(Some(stored));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.store.log.wait_for(self.next_seq, deadline - now);
+        }
+    }
+
+    /// The seq the follower will look at next.
+    pub fn position(&self) -> u64 {
+        self.next_seq
+    }
+}
