@@ -53,6 +53,17 @@ pub enum AppendError {
         /// The limit.
         limit_bytes: usize,
     },
+    /// An event's metadata (correlation and causation ids, keys and values) is larger than
+    /// `METADATA_SIZE_BYTES_MAX`. Move large data into the payload.
+    #[error("metadata of event {index} is {size_bytes} bytes, limit is {limit_bytes} bytes")]
+    MetadataTooLarge {
+        /// Position of the event in the append.
+        index: usize,
+        /// Its size.
+        size_bytes: usize,
+        /// The limit.
+        limit_bytes: usize,
+    },
     /// No events, or more than `Options::events_per_append_max`.
     #[error("an append must hold 1..={max} events, got {count}")]
     BadEventCount {

@@ -35,6 +35,9 @@ pub const EVENTS_PER_APPEND_MAX_DEFAULT: usize = 10_000;
 /// Bytes an event's encoding may add to its payload, at most (names, ids, metadata are
 /// bounded separately): used to size log records.
 const EVENT_OVERHEAD_BYTES_MAX: usize = 64 << 10;
+/// Most bytes of metadata (ids, keys and values together) one event may carry.
+pub const METADATA_SIZE_BYTES_MAX: usize = 32 << 10;
+const _: () = assert!(METADATA_SIZE_BYTES_MAX + 4 * event::NAME_LEN_BYTES_MAX + 1024 < EVENT_OVERHEAD_BYTES_MAX);
 /// Stripes of the per-aggregate append lock.
 const APPEND_LOCK_STRIPES: usize = 256;
 
@@ -312,7 +315,7 @@ impl Store {
         }
         let record_needed = options.payload_size_bytes_max.saturating_add(EVENT_OVERHEAD_BYTES_MAX);
         let record_needed = u32::try_from(record_needed).map_err(|_| OpenError::InvalidOptions("payload_size_bytes_max is too large".into()))?;
-        options.log.record_size_bytes_max = options.log.record_size_bytes_max.max(record_needed);
+        options.log.record_size_bytes_max = record_needed;
         options.log.batch_records_max = options.log.batch_records_max.max(options.events_per_append_max);
         let log = Log::open(dir, options.log.clone())?;
         let (index, index_report) = Index::open(dir, &log, options.index.clone())?;
@@ -388,10 +391,12 @@ impl Store {
                         limit_bytes: inner.options.payload_size_bytes_max,
                     });
                 }
-                for v in [&e.metadata.correlation_id, &e.metadata.causation_id].into_iter().flatten() {
-                    if v.len() > event::NAME_LEN_BYTES_MAX {
-                        return Err(AppendError::InvalidName { what: "metadata id", value: v.chars().take(300).collect(), reason: format!("is {} bytes, must be at most {}", v.len(), event::NAME_LEN_BYTES_MAX) });
-                    }
+                let m = &e.metadata;
+                let metadata_bytes = m.correlation_id.as_ref().map_or(0, String::len)
+                    + m.causation_id.as_ref().map_or(0, String::len)
+                    + m.extra.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                if metadata_bytes > METADATA_SIZE_BYTES_MAX {
+                    return Err(AppendError::MetadataTooLarge { index: index_in_append, size_bytes: metadata_bytes, limit_bytes: METADATA_SIZE_BYTES_MAX });
                 }
                 index_in_append += 1;
             }
@@ -469,15 +474,21 @@ impl Store {
             .collect())
     }
 
-    /// If `r` repeats an append already stored (same ids, in order, at a position the
-    /// expectation admits), the original result. An id used elsewhere is an error.
+    /// If `r` repeats an append already stored (the same events with the same ids, in
+    /// order, at a position the expectation admits), the original result. An id used by a
+    /// different event is an error. Costs a read of the aggregate's history, so only
+    /// appends that carry their own event ids pay it.
     fn find_retry(&self, r: &AppendRequest<'_>, current: u64) -> Result<Option<Appended>, AppendError> {
         let wanted: HashMap<Uuid, usize> = r.events.iter().enumerate().filter_map(|(i, e)| e.event_id.map(|id| (id, i))).collect();
         let mut found: Vec<(usize, u64, u64)> = Vec::new(); // (event index, version, seq)
+        let mut same_content = true;
         for item in self.read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX).map_err(|e| AppendError::Read(Box::new(e)))? {
             let stored = item.map_err(|e| AppendError::Read(Box::new(e)))?;
             let head = stored.head().map_err(|e| AppendError::Read(Box::new(e)))?;
             if let Some(&i) = wanted.get(&head.event_id) {
+                let e = stored.event().map_err(|e| AppendError::Read(Box::new(e)))?;
+                let asked = &r.events[i];
+                same_content &= e.event_type == asked.event_type && e.payload == asked.payload.as_slice() && e.content_type == asked.content_type;
                 found.push((i, head.version, stored.seq()));
             }
         }
@@ -486,6 +497,7 @@ impl Store {
         };
         let n = r.events.len();
         let is_retry = found.len() == n
+            && same_content
             && r.events.iter().all(|e| e.event_id.is_some())
             && found.iter().enumerate().all(|(k, &(i, v, _))| i == k && v == first_version + k as u64)
             && first_index == 0
@@ -597,6 +609,12 @@ impl Store {
     #[doc(hidden)]
     pub fn index_dump(&self) -> Result<std::collections::BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, ReadError> {
         Ok(self.inner.index.dump()?)
+    }
+
+    /// How many handles (the store, its clones, followers, iterators) share this store.
+    #[doc(hidden)]
+    pub fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     /// Drops the store as a crash between the log write and the index update would:

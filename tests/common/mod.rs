@@ -70,3 +70,31 @@ pub fn all_payloads(log: &Log) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// Store options for tests: small segments, small index batches so flushes happen often.
+pub fn store_options() -> eventlog::store::Options {
+    let mut o = eventlog::store::Options::default();
+    o.log.segment_size_bytes = 4 << 20;
+    o.log.preallocate_chunk_bytes = 64 << 10;
+    o.index.flush_events = 500;
+    o.index.flush_interval_ms = 5;
+    o.index.cache_bytes = 4 << 20;
+    o
+}
+
+/// Opens a store, panicking with the error on failure.
+pub fn open_store(dir: &Path) -> eventlog::store::Store {
+    eventlog::store::Store::open(dir, store_options()).unwrap_or_else(|e| panic!("store open failed: {e}"))
+}
+
+/// An aggregate's history as (version, seq, type, payload).
+pub fn history(store: &eventlog::store::Store, aggregate: &str) -> Vec<(u64, u64, String, Vec<u8>)> {
+    store
+        .read_aggregate(aggregate, 1, eventlog::store::Direction::Forward, usize::MAX)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap().to_recorded().unwrap();
+            (e.version, e.seq, e.event_type, e.payload)
+        })
+        .collect()
+}
