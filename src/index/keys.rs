@@ -1,75 +1,67 @@
 //! Byte layouts of the index trees' keys and values. See `docs/FORMAT.md`, "Index".
 //!
-//! Keys are big endian so that sled's byte order is numeric order.
+//! Keys are a name (aggregate id or event type: UTF-8 without control characters, so never
+//! containing a zero byte), a zero byte, and a big-endian number, so that sled's byte order
+//! groups by name and then orders numerically.
 
-/// Versions per aggregate postings chunk: one sled value holds the seqs of this many
-/// consecutive versions of one aggregate.
-pub const AGG_CHUNK_VERSIONS: u64 = 64;
+/// An aggregate's history is walked through the events' back pointers; every this many
+/// versions a checkpoint (version -> seq) in `agg_events` bounds the walk.
+pub const AGG_CHECKPOINT_VERSIONS: u64 = 64;
 /// Seqs per type postings bucket, as a power of two: one sled value holds the seqs of one
 /// type within `1 << TYPE_BUCKET_BITS` consecutive seqs.
 pub const TYPE_BUCKET_BITS: u32 = 12;
 
-/// Key in `aggregates` / `types` that holds the next id to hand out. Names never start
-/// with a control character, so it cannot clash with a name.
-pub const NEXT_ID_KEY: &[u8] = b"\0next_id";
+/// Whether `version` gets a checkpoint: 65, 129, 193... (version 1 needs none: walks end there).
+pub fn is_checkpoint_version(version: u64) -> bool {
+    version > 1 && (version - 1) % AGG_CHECKPOINT_VERSIONS == 0
+}
 
-/// `agg_events` key: aggregate id, then the chunk number (`(version - 1) / AGG_CHUNK_VERSIONS`).
-pub fn agg_key(agg_id: u64, chunk: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&agg_id.to_be_bytes());
-    k[8..].copy_from_slice(&chunk.to_be_bytes());
+/// The checkpoint version at or below which `version`'s walk can start: the first version
+/// of its 64-version chunk.
+pub fn chunk_start(version: u64) -> u64 {
+    debug_assert!(version >= 1, "versions are 1-based");
+    (version - 1) / AGG_CHECKPOINT_VERSIONS * AGG_CHECKPOINT_VERSIONS + 1
+}
+
+/// `name \0 n` with `n` big endian.
+pub fn name_key(name: &str, n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 9);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
-/// Decodes an `agg_events` key into (aggregate id, chunk).
-pub fn decode_agg_key(k: &[u8]) -> Option<(u64, u64)> {
-    let k: &[u8; 16] = k.try_into().ok()?;
-    let (a, c) = k.split_at(8);
-    Some((u64::from_be_bytes(a.try_into().ok()?), u64::from_be_bytes(c.try_into().ok()?)))
-}
-
-/// The chunk holding `version` (1-based) and the position in it.
-pub fn agg_chunk_of(version: u64) -> (u64, usize) {
-    debug_assert!(version >= 1, "versions are 1-based");
-    let v = version - 1;
-    (v / AGG_CHUNK_VERSIONS, (v % AGG_CHUNK_VERSIONS) as usize)
-}
-
-/// `type_events` key: type id, then the bucket (`seq >> TYPE_BUCKET_BITS`).
-pub fn type_key(type_id: u64, bucket: u64) -> [u8; 16] {
-    agg_key(type_id, bucket)
-}
-
-/// Decodes a `type_events` key into (type id, bucket).
-pub fn decode_type_key(k: &[u8]) -> Option<(u64, u64)> {
-    decode_agg_key(k)
-}
-
-/// `aggregates` / `types` value: the interned id, then the latest version (0 for types).
-pub fn name_value(id: u64, latest_version: u64) -> [u8; 16] {
-    agg_key(id, latest_version)
-}
-
-/// Decodes a `name_value`.
-pub fn decode_name_value(v: &[u8]) -> Option<(u64, u64)> {
-    decode_agg_key(v)
-}
-
-/// Aggregate chunk value: the seqs of consecutive versions, u64 little endian each.
-pub fn decode_seqs_fixed(v: &[u8]) -> Option<Vec<u64>> {
-    if v.len() % 8 != 0 {
+/// Decodes a `name_key`; `None` if it is not one.
+pub fn decode_name_key(k: &[u8]) -> Option<(&str, u64)> {
+    if k.len() < 9 {
         return None;
     }
-    Some(v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+    let (name, rest) = k.split_at(k.len() - 9);
+    if rest[0] != 0 || name.contains(&0) {
+        return None;
+    }
+    let n = u64::from_be_bytes(rest[1..].try_into().ok()?);
+    Some((std::str::from_utf8(name).ok()?, n))
 }
 
-/// Encodes aggregate chunk seqs.
-pub fn encode_seqs_fixed(seqs: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(seqs.len() * 8);
-    for s in seqs {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
+/// `aggregates` value: the aggregate's latest version and its seq, big endian.
+pub fn latest_value(version: u64, seq: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&version.to_be_bytes());
+    v[8..].copy_from_slice(&seq.to_be_bytes());
+    v
+}
+
+/// Decodes a `latest_value`.
+pub fn decode_latest_value(v: &[u8]) -> Option<(u64, u64)> {
+    let v: &[u8; 16] = v.try_into().ok()?;
+    Some((u64::from_be_bytes(v[..8].try_into().ok()?), u64::from_be_bytes(v[8..].try_into().ok()?)))
+}
+
+/// A seq as a sled value (`agg_events` checkpoints, `types` first seq), big endian.
+pub fn decode_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
 }
 
 /// Type bucket value: strictly increasing seqs as LEB128 varints of their differences (the
@@ -105,6 +97,9 @@ pub fn decode_seqs_delta(v: &[u8]) -> Option<Vec<u64>> {
             return None;
         }
         d |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if shift == 63 && b & 0x7e != 0 {
+            return None;
+        }
         if b & 0x80 != 0 {
             shift += 7;
             continue;
@@ -135,14 +130,31 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn agg_keys_sort_by_id_then_chunk() {
-        assert!(agg_key(1, 5) < agg_key(2, 0));
-        assert!(agg_key(1, 5) < agg_key(1, 6));
-        assert_eq!(decode_agg_key(&agg_key(7, 9)), Some((7, 9)));
-        assert_eq!(decode_agg_key(&[1, 2, 3]), None);
-        assert_eq!(agg_chunk_of(1), (0, 0));
-        assert_eq!(agg_chunk_of(64), (0, 63));
-        assert_eq!(agg_chunk_of(65), (1, 0));
+    fn name_keys_group_by_name_then_order_by_number() {
+        assert!(name_key("a", u64::MAX) < name_key("ab", 0));
+        assert!(name_key("a", 5) < name_key("a", 6));
+        assert!(name_key("a", 255) < name_key("a", 256));
+        assert_eq!(decode_name_key(&name_key("order-1", 9)), Some(("order-1", 9)));
+        assert_eq!(decode_name_key(&[1, 2, 3]), None);
+        assert_eq!(decode_name_key(b"a\0b\0\0\0\0\0\0\0\0\x01"), None, "a zero byte in the name");
+    }
+
+    #[test]
+    fn checkpoints_fall_every_64_versions_after_the_first() {
+        assert!(!is_checkpoint_version(1));
+        assert!(!is_checkpoint_version(64));
+        assert!(is_checkpoint_version(65));
+        assert!(is_checkpoint_version(129));
+        assert_eq!(chunk_start(1), 1);
+        assert_eq!(chunk_start(64), 1);
+        assert_eq!(chunk_start(65), 65);
+        assert_eq!(chunk_start(200), 193);
+    }
+
+    #[test]
+    fn latest_value_round_trips() {
+        assert_eq!(decode_latest_value(&latest_value(7, 99)), Some((7, 99)));
+        assert_eq!(decode_latest_value(&[0; 15]), None);
     }
 
     proptest! {
@@ -157,6 +169,11 @@ mod tests {
         #[test]
         fn delta_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let _ = decode_seqs_delta(&bytes);
+        }
+
+        #[test]
+        fn name_key_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let _ = decode_name_key(&bytes);
         }
     }
 }

@@ -1,31 +1,40 @@
-//! Secondary indexes in sled: aggregate -> (version -> seq), type -> seq, the latest
-//! version of each aggregate, and the highest seq indexed. Always rebuildable from the log.
+//! Secondary indexes in sled: for each aggregate its latest version (and seq) and a
+//! version -> seq checkpoint every 64 versions, for each event type its seqs, and the
+//! highest seq indexed. Always rebuildable from the log.
+//!
+//! # Why so few index entries
+//! Every event carries a back pointer to the previous event of its aggregate (see
+//! [`crate::store::event::Prev`]), so an aggregate's history is a chain through the log.
+//! The index only needs where each chain ends (`aggregates`: latest version and seq) and a
+//! checkpoint every [`keys::AGG_CHECKPOINT_VERSIONS`] versions (`agg_events`) so that a
+//! read from any version walks at most that many links. Type postings hold thousands of
+//! seqs per sled value. That makes index maintenance a small fraction of a sled write per
+//! event, which sled 0.34 can sustain alongside the log's appends.
 //!
 //! # How the index keeps up without slowing appends
 //! Committed events enter an in-memory *memtable* straight from the log's commit path
 //! ([`crate::log::CommitObserver`]), before their appenders are acknowledged, so a read
 //! issued after an append returned always sees it (read-your-writes). A background
-//! *indexer* thread moves the memtable into sled in large batches (every
-//! `flush_events` events or `flush_interval_ms`), never flushing sled itself: sled's own
-//! background flush makes it durable, and after a crash the index catches up from the log.
-//! The memtable is bounded (`lag_events_max`); appends wait, with a timeout, while it is
-//! full.
+//! *indexer* thread moves the memtable into sled in large batches (every `flush_events`
+//! events or `flush_interval_ms`), never flushing sled itself: sled's own background flush
+//! makes it durable, and after a crash the index catches up from the log. The memtable is
+//! bounded (`lag_events_max`); appends wait, with a timeout, while it is full.
 //!
-//! Readers look at the memtable (and the batch being flushed) first, then sled, and drop
-//! duplicates by version or seq, so no event is missed while it moves between them.
+//! Readers look at the memtable (and the batch being flushed) first, then sled, so no
+//! entry is missed while it moves between them.
 //!
 //! # Crash safety
-//! sled recovers to a prefix of its writes. Each flush writes names (interned ids),
-//! postings, and last the `indexed_next` mark; re-applying any suffix is idempotent
-//! (positions in aggregate chunks are overwritten, type buckets are unions), and ids are
-//! handed out in order of first appearance in the log, so a rebuilt index is byte for byte
-//! the index built incrementally.
+//! sled recovers to a prefix of its writes. Each flush writes the entries and last the
+//! `indexed_next` mark; re-applying any suffix is idempotent (latest values and checkpoints
+//! are overwritten with the same or newer values, type buckets are unions), and keys hold
+//! names, not ids handed out in some order, so a rebuilt index is byte for byte the index
+//! built incrementally.
 
 pub mod keys;
 
 use crate::log::{CommitObserver, Log};
 use crate::store::event;
-use keys::{agg_chunk_of, agg_key, decode_name_value, name_value, type_key, AGG_CHUNK_VERSIONS, NEXT_ID_KEY, TYPE_BUCKET_BITS};
+use keys::{decode_latest_value, decode_u64, is_checkpoint_version, latest_value, name_key, TYPE_BUCKET_BITS};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,11 +46,11 @@ use std::time::{Duration, Instant};
 /// Name of the index's subdirectory inside a store directory.
 pub const INDEX_DIR_NAME: &str = "index";
 /// Version of the index layout; a different stored version makes the index rebuild.
-pub const INDEX_FORMAT_VERSION: u64 = 1;
+pub const INDEX_FORMAT_VERSION: u64 = 2;
 const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
 /// Events indexed per sled batch while catching up at open.
-const CATCH_UP_BATCH_EVENTS: usize = 100_000;
+const CATCH_UP_BATCH_EVENTS: usize = 500_000;
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -65,31 +74,33 @@ pub enum IndexError {
         /// The index directory.
         dir: PathBuf,
     },
-    /// The log could not be read while catching up.
-    #[error("reading the log while catching up the index: {0}")]
+    /// The log could not be read while catching up, or holds something not an event.
+    #[error("index cannot follow the log: {0}")]
     Log(String),
 }
 
 /// Tuning of the index; part of the store's options.
 #[derive(Debug, Clone)]
 pub struct IndexOptions {
-    /// Events the memtable may hold before appends wait for the indexer. Default 200,000.
+    /// Events the memtable may hold before appends wait for the indexer. Default 2,000,000
+    /// (about 40 MB of memory at most).
     pub lag_events_max: usize,
-    /// The indexer writes to sled once this many events wait. Default 20,000.
+    /// The indexer writes to sled once this many events wait. Default 250,000: larger
+    /// batches mean fewer sled writes per event (an aggregate touched twice is written once).
     pub flush_events: usize,
-    /// ... or once this much time has passed since the last write. Default 100 ms.
+    /// ... or once this much time has passed since the last write. Default 1,000 ms.
     pub flush_interval_ms: u64,
-    /// sled's page cache. Default 32 MiB.
+    /// sled's page cache. Default 16 MiB.
     pub cache_bytes: u64,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
         IndexOptions {
-            lag_events_max: 200_000,
-            flush_events: 20_000,
-            flush_interval_ms: 100,
-            cache_bytes: 32 << 20,
+            lag_events_max: 2_000_000,
+            flush_events: 250_000,
+            flush_interval_ms: 1_000,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -97,8 +108,10 @@ impl Default for IndexOptions {
 /// Index entries not yet in sled.
 #[derive(Debug, Default)]
 struct Memtable {
-    /// (version, seq) per aggregate, in version order.
-    by_agg: HashMap<Arc<str>, Vec<(u64, u64)>>,
+    /// Latest (version, seq) per aggregate.
+    latest: HashMap<Arc<str>, (u64, u64)>,
+    /// Checkpoints (version, seq) per aggregate, versions increasing.
+    checkpoints: HashMap<Arc<str>, Vec<(u64, u64)>>,
     /// Seqs per type, increasing.
     by_type: HashMap<Arc<str>, Vec<u64>>,
     /// Seqs covered: `first_seq .. next_seq`.
@@ -107,6 +120,10 @@ struct Memtable {
     len: usize,
     /// A record that was not a decodable event (the log should only hold events).
     error: Option<String>,
+}
+
+fn interned(map_has: Option<&Arc<str>>, name: &str) -> Arc<str> {
+    map_has.cloned().unwrap_or_else(|| Arc::from(name))
 }
 
 impl Memtable {
@@ -128,11 +145,15 @@ impl Memtable {
                 return;
             }
         };
-        match self.by_agg.get_mut(head.aggregate_id) {
-            Some(v) => v.push((head.version, seq)),
+        match self.latest.get_mut(head.aggregate_id) {
+            Some(v) => *v = (head.version, seq),
             None => {
-                self.by_agg.insert(Arc::from(head.aggregate_id), vec![(head.version, seq)]);
+                self.latest.insert(Arc::from(head.aggregate_id), (head.version, seq));
             }
+        }
+        if is_checkpoint_version(head.version) {
+            let key = interned(self.latest.get_key_value(head.aggregate_id).map(|(k, _)| k), head.aggregate_id);
+            self.checkpoints.entry(key).or_default().push((head.version, seq));
         }
         match self.by_type.get_mut(head.event_type) {
             Some(v) => v.push(seq),
@@ -153,9 +174,13 @@ struct MemState {
 #[derive(Debug)]
 struct Trees {
     db: sled::Db,
+    /// aggregate id -> (latest version, its seq)
     aggregates: sled::Tree,
+    /// aggregate id \0 version -> seq, for checkpoint versions
     agg_events: sled::Tree,
+    /// event type -> seq of its first event
     types: sled::Tree,
+    /// event type \0 bucket -> seqs (delta varints)
     type_events: sled::Tree,
     meta: sled::Tree,
 }
@@ -171,6 +196,7 @@ struct Shared {
     room_cv: Condvar,
     options: IndexOptions,
     flushed_batches: AtomicU64,
+    sled_writes: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -196,6 +222,19 @@ pub struct IndexOpenReport {
     pub rebuild_reason: Option<String>,
     /// Events read from the log to catch up.
     pub caught_up_events: u64,
+}
+
+/// Counters of the index's work, from [`Index::counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexCounters {
+    /// Seqs below this are in sled.
+    pub indexed_next: u64,
+    /// Events in memory, not yet in sled.
+    pub lag_events: u64,
+    /// sled batches written since open.
+    pub flushed_batches: u64,
+    /// sled entries written since open.
+    pub sled_writes: u64,
 }
 
 /// The commit observer that feeds the memtable.
@@ -229,7 +268,7 @@ fn open_trees(dir: &Path, options: &IndexOptions) -> Result<Trees, sled::Error> 
         .path(dir)
         .cache_capacity(options.cache_bytes)
         .mode(sled::Mode::LowSpace)
-        .flush_every_ms(Some(500))
+        .flush_every_ms(Some(1_000))
         .open()?;
     Ok(Trees {
         aggregates: db.open_tree("aggregates")?,
@@ -262,7 +301,7 @@ impl Index {
         };
         let stored_format = trees.meta.get(META_FORMAT_KEY).map_err(sled_err(&index_dir))?;
         let mut indexed_next = match trees.meta.get(META_INDEXED_NEXT_KEY).map_err(sled_err(&index_dir))? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| IndexError::Malformed { tree: "meta", dir: index_dir.clone() })?),
+            Some(v) => decode_u64(&v).ok_or_else(|| IndexError::Malformed { tree: "meta", dir: index_dir.clone() })?,
             None => 0,
         };
         let format_ok = stored_format.as_deref() == Some(&INDEX_FORMAT_VERSION.to_be_bytes()[..]);
@@ -275,7 +314,7 @@ impl Index {
         } else {
             None
         };
-        if let Some(reason) = reason.clone() {
+        if let Some(reason) = &reason {
             tracing::warn!(dir = %index_dir.display(), %reason, "rebuilding the index from the log");
             for t in [&trees.aggregates, &trees.agg_events, &trees.types, &trees.type_events, &trees.meta] {
                 t.clear().map_err(sled_err(&index_dir))?;
@@ -285,10 +324,10 @@ impl Index {
         if report.rebuild_reason.is_none() {
             report.rebuild_reason = reason;
         }
-        report.rebuilt = report.rebuild_reason.is_some() || (indexed_next == 0 && log_next > 0);
-        if report.rebuilt && report.rebuild_reason.is_none() {
+        if report.rebuild_reason.is_none() && indexed_next == 0 && log_next > 0 {
             report.rebuild_reason = Some("index is empty".into());
         }
+        report.rebuilt = report.rebuild_reason.is_some();
         trees.meta.insert(META_FORMAT_KEY, &INDEX_FORMAT_VERSION.to_be_bytes()).map_err(sled_err(&index_dir))?;
 
         let shared = Arc::new(Shared {
@@ -304,12 +343,13 @@ impl Index {
             room_cv: Condvar::new(),
             options,
             flushed_batches: AtomicU64::new(0),
+            sled_writes: AtomicU64::new(0),
         });
 
         // Catch up from the log before anyone reads.
         let started = Instant::now();
         let total = log_next - indexed_next;
-        let mut last_log = Instant::now();
+        let mut last_progress = Instant::now();
         for record in log.iter_from(indexed_next) {
             let record = record.map_err(|e| IndexError::Log(e.to_string()))?;
             let len = {
@@ -321,8 +361,8 @@ impl Index {
             if len >= CATCH_UP_BATCH_EVENTS {
                 shared.flush_once()?;
             }
-            if last_log.elapsed() > Duration::from_secs(2) {
-                last_log = Instant::now();
+            if last_progress.elapsed() > Duration::from_secs(2) {
+                last_progress = Instant::now();
                 tracing::info!(done = report.caught_up_events, total, "catching the index up from the log");
             }
         }
@@ -330,8 +370,7 @@ impl Index {
         if total > 0 {
             tracing::info!(events = report.caught_up_events, seconds = started.elapsed().as_secs_f64(), rebuilt = report.rebuilt, "index caught up from the log");
         }
-        if let Err(rejected) = log.set_commit_observer(Arc::new(Feed(Arc::clone(&shared)))) {
-            drop(rejected);
+        if log.set_commit_observer(Arc::new(Feed(Arc::clone(&shared)))).is_err() {
             return Err(IndexError::Log("the log already has a commit observer".into()));
         }
         let indexer = {
@@ -344,9 +383,14 @@ impl Index {
         Ok((Index { shared, indexer: Some(indexer) }, report))
     }
 
-    /// Seqs below this are in sled (the rest are in the memtable).
-    pub fn indexed_next(&self) -> u64 {
-        self.shared.indexed_next.load(Ordering::Acquire)
+    /// Counters of the index's work.
+    pub fn counters(&self) -> IndexCounters {
+        IndexCounters {
+            indexed_next: self.shared.indexed_next.load(Ordering::Acquire),
+            lag_events: self.lag_events() as u64,
+            flushed_batches: self.shared.flushed_batches.load(Ordering::Relaxed),
+            sled_writes: self.shared.sled_writes.load(Ordering::Relaxed),
+        }
     }
 
     /// Events in the memtable, not yet in sled.
@@ -355,95 +399,74 @@ impl Index {
         mem.active.len + mem.flushing.as_ref().map_or(0, |f| f.len)
     }
 
-    /// Number of sled batches written since open.
-    pub fn flushed_batches(&self) -> u64 {
-        self.shared.flushed_batches.load(Ordering::Relaxed)
-    }
-
     /// Waits until the memtable has room for `events` more, or `timeout` passes.
-    /// Returns false on timeout (with the indexer's last error, if any).
+    ///
+    /// # Errors
+    /// On timeout, with the indexer's last error if it failed.
     pub fn wait_for_room(&self, events: usize, timeout: Duration) -> Result<(), Option<String>> {
         let max = self.shared.options.lag_events_max;
-        if self.lag_events() + events <= max || events > max && self.lag_events() == 0 {
+        let fits = |lag: usize| lag + events <= max || lag == 0;
+        if fits(self.lag_events()) {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
         let mut signal = self.shared.signal.lock();
         self.shared.wake_cv.notify_one();
         loop {
-            let lag = self.lag_events();
-            if lag + events <= max || lag == 0 {
+            if fits(self.lag_events()) {
                 return Ok(());
             }
             if self.shared.room_cv.wait_until(&mut signal, deadline).timed_out() {
-                return Err(signal.last_error.clone());
+                return if fits(self.lag_events()) { Ok(()) } else { Err(signal.last_error.clone()) };
             }
         }
     }
 
-    /// The latest version of `aggregate`, 0 if it has no events.
-    pub fn latest_version(&self, aggregate: &str) -> Result<u64, IndexError> {
+    /// The latest (version, seq) of `aggregate`; `None` if it has no events.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails or holds a malformed entry.
+    pub fn latest(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
         {
             let mem = self.shared.mem.read();
-            if let Some(v) = mem.active.by_agg.get(aggregate).and_then(|v| v.last()) {
-                return Ok(v.0);
+            if let Some(&v) = mem.active.latest.get(aggregate) {
+                return Ok(Some(v));
             }
-            if let Some(v) = mem.flushing.as_ref().and_then(|f| f.by_agg.get(aggregate)).and_then(|v| v.last()) {
-                return Ok(v.0);
+            if let Some(&v) = mem.flushing.as_ref().and_then(|f| f.latest.get(aggregate)) {
+                return Ok(Some(v));
             }
         }
         let shared = &self.shared;
         match shared.trees.aggregates.get(aggregate.as_bytes()).map_err(sled_err(&shared.dir))? {
-            Some(v) => Ok(decode_name_value(&v).ok_or(IndexError::Malformed { tree: "aggregates", dir: shared.dir.clone() })?.1),
-            None => Ok(0),
+            Some(v) => Ok(Some(decode_latest_value(&v).ok_or_else(|| shared.malformed("aggregates"))?)),
+            None => Ok(None),
         }
     }
 
-    /// (version, seq) of `aggregate`'s events from `from_version` on, ascending, or from
-    /// `from_version` down, descending. Lazy: sled chunks are read as the iterator goes.
-    pub fn aggregate_seqs(&self, aggregate: &str, from_version: u64, backward: bool) -> Result<AggregateSeqs, IndexError> {
-        let shared = &self.shared;
-        // Memtable first, then sled: an entry moving from one to the other is seen at
-        // least once, and duplicates are dropped by version.
-        let mut mem_entries: Vec<(u64, u64)> = Vec::new();
+    /// The seq of `aggregate`'s event at checkpoint `version` (see
+    /// [`keys::is_checkpoint_version`]); `None` if there is none.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails or holds a malformed entry.
+    pub fn checkpoint(&self, aggregate: &str, version: u64) -> Result<Option<u64>, IndexError> {
+        let find = |m: &Memtable| m.checkpoints.get(aggregate).and_then(|v| v.iter().find(|c| c.0 == version).map(|c| c.1));
         {
-            let mem = shared.mem.read();
-            if let Some(f) = mem.flushing.as_ref().and_then(|f| f.by_agg.get(aggregate)) {
-                mem_entries.extend_from_slice(f);
-            }
-            if let Some(a) = mem.active.by_agg.get(aggregate) {
-                mem_entries.extend_from_slice(a);
+            let mem = self.shared.mem.read();
+            if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
+                return Ok(Some(s));
             }
         }
-        let agg_id = match shared.trees.aggregates.get(aggregate.as_bytes()).map_err(sled_err(&shared.dir))? {
-            Some(v) => Some(decode_name_value(&v).ok_or(IndexError::Malformed { tree: "aggregates", dir: shared.dir.clone() })?.0),
-            None => None,
-        };
-        let sled_iter = agg_id.map(|id| -> SledRange {
-            let (chunk, _) = agg_chunk_of(from_version.max(1));
-            if backward {
-                Box::new(shared.trees.agg_events.range(agg_key(id, 0)..=agg_key(id, chunk)).rev())
-            } else {
-                Box::new(shared.trees.agg_events.range(agg_key(id, chunk)..=agg_key(id, u64::MAX)))
-            }
-        });
-        if backward {
-            mem_entries.reverse();
+        let shared = &self.shared;
+        match shared.trees.agg_events.get(name_key(aggregate, version)).map_err(sled_err(&shared.dir))? {
+            Some(v) => Ok(Some(decode_u64(&v).ok_or_else(|| shared.malformed("agg_events"))?)),
+            None => Ok(None),
         }
-        Ok(AggregateSeqs {
-            dir: shared.dir.clone(),
-            sled_iter,
-            chunk: Vec::new(),
-            chunk_pos: 0,
-            mem_entries,
-            mem_pos: 0,
-            from_version,
-            backward,
-            last_version: None,
-        })
     }
 
     /// Seqs of events of type `event_type` from `from_seq` on, ascending. Lazy.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails.
     pub fn type_seqs(&self, event_type: &str, from_seq: u64) -> Result<TypeSeqs, IndexError> {
         let shared = &self.shared;
         let mut mem_seqs: Vec<u64> = Vec::new();
@@ -456,14 +479,11 @@ impl Index {
                 mem_seqs.extend(a.iter().filter(|&&s| s >= from_seq));
             }
         }
-        let type_id = match shared.trees.types.get(event_type.as_bytes()).map_err(sled_err(&shared.dir))? {
-            Some(v) => Some(decode_name_value(&v).ok_or(IndexError::Malformed { tree: "types", dir: shared.dir.clone() })?.0),
-            None => None,
-        };
-        let sled_iter = type_id.map(|id| shared.trees.type_events.range(type_key(id, from_seq >> TYPE_BUCKET_BITS)..=type_key(id, u64::MAX)));
+        let start = name_key(event_type, from_seq >> TYPE_BUCKET_BITS);
+        let end = name_key(event_type, u64::MAX);
         Ok(TypeSeqs {
             dir: shared.dir.clone(),
-            sled_iter,
+            sled_iter: Some(shared.trees.type_events.range(start..=end)),
             bucket: Vec::new(),
             bucket_pos: 0,
             mem_seqs,
@@ -474,22 +494,18 @@ impl Index {
     }
 
     /// Number of aggregates and of types that have events.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails.
     pub fn counts(&self) -> Result<(u64, u64), IndexError> {
         let shared = &self.shared;
-        let next_id = |tree: &sled::Tree| -> Result<u64, IndexError> {
-            Ok(match tree.get(NEXT_ID_KEY).map_err(sled_err(&shared.dir))? {
-                Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| IndexError::Malformed { tree: "names", dir: shared.dir.clone() })?),
-                None => 0,
-            })
-        };
-        let mut aggs = next_id(&shared.trees.aggregates)?;
-        let mut types = next_id(&shared.trees.types)?;
+        // Names first seen in the memtable and not yet in sled.
         let (new_aggs, new_types): (Vec<Arc<str>>, Vec<Arc<str>>) = {
             let mem = shared.mem.read();
-            let mut a: Vec<Arc<str>> = mem.active.by_agg.keys().cloned().collect();
+            let mut a: Vec<Arc<str>> = mem.active.latest.keys().cloned().collect();
             let mut t: Vec<Arc<str>> = mem.active.by_type.keys().cloned().collect();
             if let Some(f) = &mem.flushing {
-                a.extend(f.by_agg.keys().cloned());
+                a.extend(f.latest.keys().cloned());
                 t.extend(f.by_type.keys().cloned());
             }
             a.sort_unstable();
@@ -498,6 +514,8 @@ impl Index {
             t.dedup();
             (a, t)
         };
+        let mut aggs = shared.trees.aggregates.len() as u64;
+        let mut types = shared.trees.types.len() as u64;
         for a in new_aggs {
             if !shared.trees.aggregates.contains_key(a.as_bytes()).map_err(sled_err(&shared.dir))? {
                 aggs += 1;
@@ -512,6 +530,9 @@ impl Index {
     }
 
     /// Every key and value of every index tree, in order: for comparing two indexes.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails.
     pub fn dump(&self) -> Result<BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, IndexError> {
         self.flush()?;
         let t = &self.shared.trees;
@@ -528,11 +549,17 @@ impl Index {
     }
 
     /// Writes the memtable to sled now (the indexer does this on its own).
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails.
     pub fn flush(&self) -> Result<(), IndexError> {
         self.shared.flush_once()
     }
 
     /// Flushes the memtable and sled itself, and stops the indexer.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails.
     pub fn close(mut self) -> Result<(), IndexError> {
         self.shutdown(true)
     }
@@ -557,7 +584,7 @@ impl Index {
         Ok(())
     }
 
-    /// Events in sled trees on disk: the size of the index directory in bytes.
+    /// Bytes sled reports for the index on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.shared.trees.db.size_on_disk().unwrap_or(0)
     }
@@ -572,6 +599,10 @@ impl Drop for Index {
 }
 
 impl Shared {
+    fn malformed(&self, tree: &'static str) -> IndexError {
+        IndexError::Malformed { tree, dir: self.dir.clone() }
+    }
+
     fn run_indexer(&self) {
         let interval = Duration::from_millis(self.options.flush_interval_ms.max(1));
         loop {
@@ -596,10 +627,12 @@ impl Shared {
                     tracing::error!(error = %e, "index flush failed; will retry");
                     signal.last_error = Some(e.to_string());
                     drop(signal);
+                    self.room_cv.notify_all();
                     std::thread::sleep(interval);
                     continue;
                 }
             }
+            drop(signal);
             self.room_cv.notify_all();
         }
     }
@@ -611,7 +644,7 @@ impl Shared {
             match &mem.flushing {
                 Some(f) => Arc::clone(f),
                 None => {
-                    if mem.active.len == 0 && mem.active.next_seq == mem.active.first_seq {
+                    if mem.active.next_seq == mem.active.first_seq {
                         return Ok(());
                     }
                     let next = mem.active.next_seq;
@@ -628,85 +661,38 @@ impl Shared {
         self.indexed_next.store(batch.next_seq, Ordering::Release);
         self.mem.write().flushing = None;
         self.flushed_batches.fetch_add(1, Ordering::Relaxed);
+        let _g = self.signal.lock();
         self.room_cv.notify_all();
         Ok(())
     }
 
-    fn malformed(&self, tree: &'static str) -> IndexError {
-        IndexError::Malformed { tree, dir: self.dir.clone() }
-    }
-
-    /// Interns names in order of first appearance; returns name -> id.
-    fn intern<'a, I>(&self, tree: &sled::Tree, tree_name: &'static str, names: I) -> Result<(HashMap<&'a str, u64>, sled::Batch), IndexError>
-    where
-        I: Iterator<Item = (&'a str, u64 /*first seq*/, u64 /*latest version*/)>,
-    {
-        let mut names: Vec<_> = names.collect();
-        names.sort_unstable_by_key(|n| n.1);
-        let mut next_id = match tree.get(NEXT_ID_KEY).map_err(sled_err(&self.dir))? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| self.malformed(tree_name))?),
-            None => 0,
-        };
-        let mut ids = HashMap::with_capacity(names.len());
-        let mut batch = sled::Batch::default();
-        for (name, _, latest) in names {
-            let (id, stored_latest) = match tree.get(name.as_bytes()).map_err(sled_err(&self.dir))? {
-                Some(v) => decode_name_value(&v).ok_or_else(|| self.malformed(tree_name))?,
-                None => {
-                    next_id += 1;
-                    (next_id - 1, 0)
-                }
-            };
-            batch.insert(name.as_bytes(), &name_value(id, latest.max(stored_latest))[..]);
-            ids.insert(name, id);
-        }
-        batch.insert(NEXT_ID_KEY, &next_id.to_be_bytes()[..]);
-        Ok((ids, batch))
-    }
-
     fn apply(&self, m: &Memtable) -> Result<(), IndexError> {
         let t = &self.trees;
-        let (agg_ids, agg_names) = self.intern(&t.aggregates, "aggregates", m.by_agg.iter().map(|(k, v)| (k.as_ref(), v[0].1, v[v.len() - 1].0)))?;
-        let (type_ids, type_names) = self.intern(&t.types, "types", m.by_type.iter().map(|(k, v)| (k.as_ref(), v[0], 0)))?;
-
-        let mut agg_batch = sled::Batch::default();
-        for (name, entries) in &m.by_agg {
-            let id = agg_ids[name.as_ref()];
-            let mut i = 0;
-            while i < entries.len() {
-                let (chunk, _) = agg_chunk_of(entries[i].0);
-                let key = agg_key(id, chunk);
-                let mut seqs = match t.agg_events.get(key).map_err(sled_err(&self.dir))? {
-                    Some(v) => keys::decode_seqs_fixed(&v).ok_or_else(|| self.malformed("agg_events"))?,
-                    None => Vec::new(),
-                };
-                while i < entries.len() && agg_chunk_of(entries[i].0).0 == chunk {
-                    let (version, seq) = entries[i];
-                    let pos = agg_chunk_of(version).1;
-                    if pos < seqs.len() {
-                        seqs[pos] = seq; // re-applied after a crash: same value
-                    } else if pos == seqs.len() {
-                        seqs.push(seq);
-                    } else {
-                        return Err(IndexError::Log(format!(
-                            "aggregate {name} jumps to version {version} with {} versions indexed in its chunk",
-                            seqs.len()
-                        )));
-                    }
-                    i += 1;
-                }
-                debug_assert!(seqs.len() as u64 <= AGG_CHUNK_VERSIONS);
-                agg_batch.insert(&key[..], keys::encode_seqs_fixed(&seqs));
+        let mut writes = 0u64;
+        let mut aggregates = sled::Batch::default();
+        for (name, &(version, seq)) in &m.latest {
+            aggregates.insert(name.as_bytes(), &latest_value(version, seq)[..]);
+            writes += 1;
+        }
+        let mut agg_events = sled::Batch::default();
+        for (name, cps) in &m.checkpoints {
+            for &(version, seq) in cps {
+                agg_events.insert(name_key(name, version), &seq.to_be_bytes()[..]);
+                writes += 1;
             }
         }
-        let mut type_batch = sled::Batch::default();
+        let mut types = sled::Batch::default();
+        let mut type_events = sled::Batch::default();
         for (name, seqs) in &m.by_type {
-            let id = type_ids[name.as_ref()];
+            if !t.types.contains_key(name.as_bytes()).map_err(sled_err(&self.dir))? {
+                types.insert(name.as_bytes(), &seqs[0].to_be_bytes()[..]);
+                writes += 1;
+            }
             let mut i = 0;
             while i < seqs.len() {
                 let bucket = seqs[i] >> TYPE_BUCKET_BITS;
-                let key = type_key(id, bucket);
-                let mut merged = match t.type_events.get(key).map_err(sled_err(&self.dir))? {
+                let key = name_key(name, bucket);
+                let mut merged = match t.type_events.get(&key).map_err(sled_err(&self.dir))? {
                     Some(v) => keys::decode_seqs_delta(&v).ok_or_else(|| self.malformed("type_events"))?,
                     None => Vec::new(),
                 };
@@ -714,111 +700,27 @@ impl Shared {
                 while i < seqs.len() && seqs[i] >> TYPE_BUCKET_BITS == bucket {
                     i += 1;
                 }
-                merged.extend_from_slice(&seqs[start..i]);
-                merged.sort_unstable();
-                merged.dedup();
-                type_batch.insert(&key[..], keys::encode_seqs_delta(&merged));
+                let fresh = &seqs[start..i];
+                if merged.last().is_some_and(|&l| l >= fresh[0]) {
+                    // Re-applied after a crash: union, keeping order.
+                    merged.extend_from_slice(fresh);
+                    merged.sort_unstable();
+                    merged.dedup();
+                } else {
+                    merged.extend_from_slice(fresh);
+                }
+                type_events.insert(key, keys::encode_seqs_delta(&merged));
+                writes += 1;
             }
         }
-        let err = sled_err(&self.dir);
-        t.aggregates.apply_batch(agg_names).map_err(err)?;
-        t.types.apply_batch(type_names).map_err(sled_err(&self.dir))?;
-        t.agg_events.apply_batch(agg_batch).map_err(sled_err(&self.dir))?;
-        t.type_events.apply_batch(type_batch).map_err(sled_err(&self.dir))?;
+        t.aggregates.apply_batch(aggregates).map_err(sled_err(&self.dir))?;
+        t.agg_events.apply_batch(agg_events).map_err(sled_err(&self.dir))?;
+        t.types.apply_batch(types).map_err(sled_err(&self.dir))?;
+        t.type_events.apply_batch(type_events).map_err(sled_err(&self.dir))?;
+        // Last: everything below this seq is now in sled.
         t.meta.insert(META_INDEXED_NEXT_KEY, &m.next_seq.to_be_bytes()).map_err(sled_err(&self.dir))?;
+        self.sled_writes.fetch_add(writes + 1, Ordering::Relaxed);
         Ok(())
-    }
-}
-
-type SledRange = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>;
-
-/// Iterator over (version, seq) of one aggregate; see [`Index::aggregate_seqs`].
-pub struct AggregateSeqs {
-    dir: PathBuf,
-    sled_iter: Option<SledRange>,
-    /// The current sled chunk's (version, seq), in iteration order.
-    chunk: Vec<(u64, u64)>,
-    chunk_pos: usize,
-    /// Memtable entries, in iteration order.
-    mem_entries: Vec<(u64, u64)>,
-    mem_pos: usize,
-    from_version: u64,
-    backward: bool,
-    last_version: Option<u64>,
-}
-
-impl std::fmt::Debug for AggregateSeqs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AggregateSeqs").field("from_version", &self.from_version).field("backward", &self.backward).finish_non_exhaustive()
-    }
-}
-
-impl AggregateSeqs {
-    fn wanted(&self, version: u64) -> bool {
-        let in_range = if self.backward { version <= self.from_version } else { version >= self.from_version };
-        let fresh = match self.last_version {
-            None => true,
-            Some(last) if self.backward => version < last,
-            Some(last) => version > last,
-        };
-        in_range && fresh
-    }
-
-    fn next_from_sled(&mut self) -> Option<Result<(u64, u64), IndexError>> {
-        loop {
-            if let Some(&entry) = self.chunk.get(self.chunk_pos) {
-                self.chunk_pos += 1;
-                return Some(Ok(entry));
-            }
-            let (k, v) = match self.sled_iter.as_mut()?.next()? {
-                Ok(kv) => kv,
-                Err(source) => return Some(Err(IndexError::Sled { dir: self.dir.clone(), source })),
-            };
-            let malformed = || IndexError::Malformed { tree: "agg_events", dir: self.dir.clone() };
-            let Some((_, chunk)) = keys::decode_agg_key(&k) else { return Some(Err(malformed())) };
-            let Some(seqs) = keys::decode_seqs_fixed(&v) else { return Some(Err(malformed())) };
-            let first_version = chunk * AGG_CHUNK_VERSIONS + 1;
-            self.chunk = seqs.iter().enumerate().map(|(i, &s)| (first_version + i as u64, s)).collect();
-            if self.backward {
-                self.chunk.reverse();
-            }
-            self.chunk_pos = 0;
-        }
-    }
-}
-
-impl Iterator for AggregateSeqs {
-    type Item = Result<(u64, u64), IndexError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        // Backward: newest first, so the memtable (newer) before sled; forward the reverse.
-        loop {
-            let item = if self.backward {
-                match self.mem_entries.get(self.mem_pos) {
-                    Some(&e) => {
-                        self.mem_pos += 1;
-                        Some(Ok(e))
-                    }
-                    None => self.next_from_sled(),
-                }
-            } else {
-                match self.next_from_sled() {
-                    Some(x) => Some(x),
-                    None => self.mem_entries.get(self.mem_pos).map(|&e| {
-                        self.mem_pos += 1;
-                        Ok(e)
-                    }),
-                }
-            };
-            match item? {
-                Ok((version, seq)) if self.wanted(version) => {
-                    self.last_version = Some(version);
-                    return Some(Ok((version, seq)));
-                }
-                Ok(_) => continue,
-                Err(e) => return Some(Err(e)),
-            }
-        }
     }
 }
 

@@ -210,7 +210,31 @@ impl EventRef<'_> {
     }
 }
 
-/// The encoded form. Aggregate id and type come first so indexing can read just them.
+/// Where the previous event of the same aggregate is: the back pointer that lets an
+/// aggregate's history be walked through the log without an index entry per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prev {
+    /// This is the aggregate's first event (version 1).
+    First,
+    /// The previous event has this seq.
+    Seq(u64),
+    /// The previous event is this many records before this one (same append).
+    Back(u32),
+}
+
+impl Prev {
+    /// The previous event's seq, for an event stored at `seq`.
+    pub fn resolve(self, seq: u64) -> Option<u64> {
+        match self {
+            Prev::First => None,
+            Prev::Seq(s) => Some(s),
+            Prev::Back(k) => seq.checked_sub(u64::from(k)),
+        }
+    }
+}
+
+/// The encoded form. Aggregate id, type, version and back pointer come first so indexing
+/// can read just them.
 #[derive(Serialize, Deserialize)]
 struct Wire<'a> {
     #[serde(borrow)]
@@ -218,6 +242,7 @@ struct Wire<'a> {
     #[serde(borrow)]
     event_type: &'a str,
     version: u64,
+    prev: Prev,
     event_id: [u8; 16],
     timestamp_us: i64,
     content_type: u8,
@@ -239,6 +264,7 @@ struct WireHead<'a> {
     #[serde(borrow)]
     event_type: &'a str,
     version: u64,
+    prev: Prev,
     event_id: [u8; 16],
 }
 
@@ -256,6 +282,7 @@ fn options() -> impl bincode::Options + Copy {
 pub(crate) struct ResolvedEvent<'a> {
     pub aggregate_id: &'a str,
     pub version: u64,
+    pub prev: Prev,
     pub event_id: Uuid,
     pub timestamp_us: i64,
     pub event: &'a NewEvent,
@@ -268,6 +295,7 @@ pub(crate) fn encode(e: &ResolvedEvent<'_>) -> Vec<u8> {
         aggregate_id: e.aggregate_id,
         event_type: &e.event.event_type,
         version: e.version,
+        prev: e.prev,
         event_id: *e.event_id.as_bytes(),
         timestamp_us: e.timestamp_us,
         content_type: e.event.content_type.to_byte(),
@@ -325,6 +353,7 @@ pub(crate) struct EventHead<'a> {
     pub aggregate_id: &'a str,
     pub event_type: &'a str,
     pub version: u64,
+    pub prev: Prev,
     pub event_id: Uuid,
 }
 
@@ -338,6 +367,7 @@ pub(crate) fn decode_head(bytes: &[u8]) -> Result<EventHead<'_>, EventDecodeErro
         aggregate_id: h.aggregate_id,
         event_type: h.event_type,
         version: h.version,
+        prev: h.prev,
         event_id: Uuid::from_bytes(h.event_id),
     })
 }
@@ -380,6 +410,7 @@ mod tests {
         let bytes = encode(&ResolvedEvent {
             aggregate_id: "order-1",
             version: 3,
+            prev: Prev::Seq(5),
             event_id: id,
             timestamp_us: 1_700_000_000_000_000,
             event: &e,
@@ -397,6 +428,9 @@ mod tests {
         assert_eq!(r.payload, e.payload);
         let head = decode_head(&bytes).unwrap();
         assert_eq!((head.aggregate_id, head.event_type, head.version, head.event_id), ("order-1", "OrderPlaced", 3, id));
+        assert_eq!(head.prev.resolve(9), Some(5));
+        assert_eq!(Prev::Back(2).resolve(9), Some(7));
+        assert_eq!(Prev::First.resolve(9), None);
     }
 
     #[test]
@@ -404,7 +438,7 @@ mod tests {
         assert!(decode(0, &[]).is_err());
         assert!(decode(0, &[2, 0, 0]).unwrap_err().0.contains("version 2"));
         assert!(decode(0, &[1, 0xff, 0xff, 0xff]).is_err());
-        let mut bytes = encode(&ResolvedEvent { aggregate_id: "a", version: 1, event_id: Uuid::nil(), timestamp_us: 0, event: &sample() });
+        let mut bytes = encode(&ResolvedEvent { aggregate_id: "a", version: 1, prev: Prev::First, event_id: Uuid::nil(), timestamp_us: 0, event: &sample() });
         bytes.push(0);
         assert!(decode(0, &bytes).is_err(), "trailing bytes are rejected");
     }

@@ -17,9 +17,9 @@ pub use codec::{BincodeCodec, Codec, CodecError, DomainEvent, JsonCodec, TypedAp
 pub use error::{AppendError, OpenError, ReadError};
 pub use event::{ContentType, EventRef, Metadata, NewEvent, RecordedEvent};
 
-use crate::index::{Index, IndexOpenReport, IndexOptions};
+use crate::index::{keys, Index, IndexCounters, IndexOpenReport, IndexOptions};
 use crate::log::{self, Log, LogOptions, RecoveryReport};
-use event::{EventHead, ResolvedEvent};
+use event::{EventHead, Prev, ResolvedEvent};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::fmt;
@@ -114,6 +114,17 @@ pub struct Appended {
     pub last_seq: u64,
     /// The aggregate's version after the append.
     pub last_version: u64,
+}
+
+/// Where an aggregate's newest event is while an append is being prepared.
+#[derive(Debug, Clone, Copy)]
+enum Tail {
+    /// No events yet.
+    None,
+    /// Stored at this seq.
+    Seq(u64),
+    /// The payload with this index in the append being prepared.
+    Payload(usize),
 }
 
 /// One aggregate's part of a multi-aggregate [`Store::append_batch`].
@@ -413,17 +424,22 @@ impl Store {
         let _guards: Vec<MutexGuard<'_, ()>> = stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
 
         let now = now_us();
-        let mut versions: HashMap<&str, u64> = HashMap::new();
+        // Where each aggregate touched by this append stands: its version, and where its
+        // last event is (stored at a seq, or an earlier payload of this append).
+        let mut heads: HashMap<&str, (u64, Tail)> = HashMap::new();
         let mut results: Vec<Option<Appended>> = vec![None; requests.len()];
         let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(total);
         // (request index, first payload index, count, last version)
         let mut placed: Vec<(usize, usize, usize, u64)> = Vec::new();
         for (ri, r) in requests.iter().enumerate() {
-            let current = match versions.get(r.aggregate_id) {
-                Some(&v) => v,
-                None => inner.index.latest_version(r.aggregate_id)?,
+            let (current, mut tail) = match heads.get(r.aggregate_id) {
+                Some(&h) => h,
+                None => match inner.index.latest(r.aggregate_id)? {
+                    Some((version, seq)) => (version, Tail::Seq(seq)),
+                    None => (0, Tail::None),
+                },
             };
-            if r.events.iter().any(|e| e.event_id.is_some()) && current > 0 {
+            if r.events.iter().any(|e| e.event_id.is_some()) && current > 0 && !heads.contains_key(r.aggregate_id) {
                 if let Some(original) = self.find_retry(r, current)? {
                     results[ri] = Some(original);
                     continue;
@@ -446,16 +462,24 @@ impl Store {
             }
             let first_payload = payloads.len();
             for (i, e) in r.events.iter().enumerate() {
+                let here = payloads.len();
+                let prev = match tail {
+                    Tail::None => Prev::First,
+                    Tail::Seq(seq) => Prev::Seq(seq),
+                    Tail::Payload(j) => Prev::Back(u32::try_from(here - j).unwrap_or(u32::MAX)),
+                };
                 payloads.push(event::encode(&ResolvedEvent {
                     aggregate_id: r.aggregate_id,
                     version: current + 1 + i as u64,
+                    prev,
                     event_id: e.event_id.unwrap_or_else(Uuid::new_v4),
                     timestamp_us: e.timestamp_us.unwrap_or(now),
                     event: e,
                 }));
+                tail = Tail::Payload(here);
             }
             let last_version = current + r.events.len() as u64;
-            versions.insert(r.aggregate_id, last_version);
+            heads.insert(r.aggregate_id, (last_version, tail));
             placed.push((ri, first_payload, r.events.len(), last_version));
         }
         if !payloads.is_empty() {
@@ -523,8 +547,20 @@ impl Store {
     /// [`ReadError::Log`] (a corrupt record is never returned) or
     /// [`ReadError::IndexMismatch`].
     pub fn read_aggregate(&self, aggregate_id: &str, from_version: u64, direction: Direction, limit: usize) -> Result<AggregateEvents, ReadError> {
-        let seqs = self.inner.index.aggregate_seqs(aggregate_id, from_version, direction == Direction::Backward)?;
-        Ok(AggregateEvents { store: Arc::clone(&self.inner), aggregate_id: aggregate_id.to_string(), seqs, remaining: limit })
+        let latest = self.inner.index.latest(aggregate_id)?;
+        Ok(AggregateEvents {
+            store: Arc::clone(&self.inner),
+            aggregate_id: aggregate_id.to_string(),
+            latest,
+            direction,
+            next_version: match direction {
+                Direction::Forward => from_version.max(1),
+                Direction::Backward => latest.map_or(0, |(v, _)| from_version.min(v)),
+            },
+            buffer: Vec::new(),
+            remaining: limit,
+            failed: false,
+        })
     }
 
     /// Events of type `event_type` from seq `from_seq` on, at most `limit`. Lazy.
@@ -554,7 +590,7 @@ impl Store {
     /// # Errors
     /// [`ReadError::Index`].
     pub fn aggregate_version(&self, aggregate_id: &str) -> Result<u64, ReadError> {
-        Ok(self.inner.index.latest_version(aggregate_id)?)
+        Ok(self.inner.index.latest(aggregate_id)?.map_or(0, |(v, _)| v))
     }
 
     /// Follows the store from `from_seq`: stored events first, then new ones as they are
@@ -594,6 +630,11 @@ impl Store {
         })
     }
 
+    /// Counters of the index's work (lag, sled batches and writes).
+    pub fn index_counters(&self) -> IndexCounters {
+        self.inner.index.counters()
+    }
+
     /// Writes the index memtable to sled now (normally done in the background).
     ///
     /// # Errors
@@ -631,39 +672,164 @@ impl Store {
 }
 
 /// Iterator over one aggregate's events; see [`Store::read_aggregate`].
+///
+/// It walks the events' back pointers through the log. Forward, it collects one chunk of
+/// at most 64 versions at a time (between two checkpoints), so memory stays bounded;
+/// backward, it follows the pointers one by one. It covers the versions that existed
+/// when it was created.
 #[derive(Debug)]
 pub struct AggregateEvents {
     store: Arc<Inner>,
     aggregate_id: String,
-    seqs: crate::index::AggregateSeqs,
+    /// The aggregate's latest (version, seq) when the read started.
+    latest: Option<(u64, u64)>,
+    direction: Direction,
+    /// The next version to yield (0 when done backward).
+    next_version: u64,
+    /// Forward: the rest of the current chunk, newest first (popped from the end).
+    buffer: Vec<StoredEvent>,
     remaining: usize,
+    failed: bool,
+}
+
+impl AggregateEvents {
+    /// Reads the event at `seq`, which the index or a back pointer says is `version` of
+    /// this aggregate; returns it and its back pointer.
+    fn read_link(&self, seq: u64, version: u64) -> Result<(StoredEvent, Option<u64>), ReadError> {
+        let stored = StoredEvent { record: self.store.log.read(seq)? };
+        let head = stored.head()?;
+        if head.aggregate_id != self.aggregate_id || head.version != version {
+            return Err(ReadError::IndexMismatch {
+                seq,
+                expected: format!("{} version {version}", self.aggregate_id),
+                found: format!("{} version {}", head.aggregate_id, head.version),
+            });
+        }
+        let prev = head.prev.resolve(seq);
+        Ok((stored, prev))
+    }
+
+    /// The (version, seq) to start a backward walk that reaches `version`: the end of the
+    /// chunk holding it (the latest event, or the event just before the next checkpoint).
+    fn anchor_for(&self, version: u64) -> Result<Option<(u64, u64)>, ReadError> {
+        let Some((latest_version, latest_seq)) = self.latest else { return Ok(None) };
+        let next_checkpoint = keys::chunk_start(version) + keys::AGG_CHECKPOINT_VERSIONS;
+        if next_checkpoint > latest_version {
+            return Ok(Some((latest_version, latest_seq)));
+        }
+        match self.store.index.checkpoint(&self.aggregate_id, next_checkpoint)? {
+            Some(seq) => {
+                let (_, prev) = self.read_link(seq, next_checkpoint)?;
+                match prev {
+                    Some(p) => Ok(Some((next_checkpoint - 1, p))),
+                    None => Err(ReadError::IndexMismatch { seq, expected: format!("a back pointer at version {next_checkpoint}"), found: "none".into() }),
+                }
+            }
+            // No checkpoint: the walk from the latest event still gets there.
+            None => Ok(Some((latest_version, latest_seq))),
+        }
+    }
+
+    /// Fills `buffer` with versions `next_version ..= end of its chunk`.
+    fn fill_chunk(&mut self) -> Result<(), ReadError> {
+        let Some((mut version, mut seq)) = self.anchor_for(self.next_version)? else { return Ok(()) };
+        let mut chunk = Vec::new();
+        loop {
+            let (stored, prev) = self.read_link(seq, version)?;
+            if version <= self.latest.map_or(0, |l| l.0) && version >= self.next_version {
+                chunk.push(stored);
+            }
+            if version == self.next_version {
+                break;
+            }
+            match prev {
+                Some(p) => {
+                    seq = p;
+                    version -= 1;
+                }
+                None => return Err(ReadError::IndexMismatch { seq, expected: format!("a back pointer at version {version}"), found: "none".into() }),
+            }
+        }
+        self.buffer = chunk;
+        Ok(())
+    }
+
+    fn next_forward(&mut self) -> Option<Result<StoredEvent, ReadError>> {
+        if self.buffer.is_empty() {
+            let latest_version = self.latest?.0;
+            if self.next_version > latest_version {
+                return None;
+            }
+            if let Err(e) = self.fill_chunk() {
+                return Some(Err(e));
+            }
+        }
+        let e = self.buffer.pop()?;
+        self.next_version += 1;
+        Some(Ok(e))
+    }
+
+    fn next_backward(&mut self) -> Option<Result<StoredEvent, ReadError>> {
+        if self.next_version == 0 {
+            return None;
+        }
+        // `buffer` holds at most the one event whose back pointer leads to the next.
+        let (version, seq) = match self.buffer.pop() {
+            Some(prev_event) => {
+                let prev = match prev_event.head() {
+                    Ok(h) => h.prev.resolve(prev_event.seq()),
+                    Err(e) => return Some(Err(e)),
+                };
+                match prev {
+                    Some(p) => (self.next_version, p),
+                    None => return None,
+                }
+            }
+            None => {
+                let anchor = match self.anchor_for(self.next_version) {
+                    Ok(a) => a?,
+                    Err(e) => return Some(Err(e)),
+                };
+                // Walk from the chunk's end down to the starting version.
+                let (mut v, mut s) = anchor;
+                while v > self.next_version {
+                    match self.read_link(s, v) {
+                        Ok((_, Some(p))) => {
+                            s = p;
+                            v -= 1;
+                        }
+                        Ok((_, None)) => return None,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                (v, s)
+            }
+        };
+        match self.read_link(seq, version) {
+            Ok((stored, _)) => {
+                self.next_version -= 1;
+                self.buffer.push(stored.clone());
+                Some(Ok(stored))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
 }
 
 impl Iterator for AggregateEvents {
     type Item = Result<StoredEvent, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.remaining == 0 {
+        if self.remaining == 0 || self.failed {
             return None;
         }
+        let item = match self.direction {
+            Direction::Forward => self.next_forward(),
+            Direction::Backward => self.next_backward(),
+        }?;
         self.remaining -= 1;
-        let (version, seq) = match self.seqs.next()? {
-            Ok(x) => x,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let stored = match self.store.log.read(seq) {
-            Ok(record) => StoredEvent { record },
-            Err(e) => return Some(Err(e.into())),
-        };
-        Some(match stored.head() {
-            Ok(h) if h.aggregate_id == self.aggregate_id && h.version == version => Ok(stored),
-            Ok(h) => Err(ReadError::IndexMismatch {
-                seq,
-                expected: format!("{} version {version}", self.aggregate_id),
-                found: format!("{} version {}", h.aggregate_id, h.version),
-            }),
-            Err(e) => Err(e),
-        })
+        self.failed = item.is_err();
+        Some(item)
     }
 }
 

@@ -317,3 +317,41 @@ fn typed_events_round_trip_with_both_codecs() {
     assert!(store.read_typed::<JsonCodec, Account>("acct-bin").is_err(), "wrong codec is an error, not garbage");
     let _: Option<Store> = None;
 }
+
+#[test]
+fn long_aggregates_read_from_any_version_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let mut version = 0u64;
+    let mut batch = 1usize;
+    while version < 300 {
+        let n = batch.min(300 - version as usize);
+        let events: Vec<NewEvent> = (0..n).map(|i| ev("T", &format!("{}", version + 1 + i as u64))).collect();
+        store.append("long", ExpectedVersion::Exact(version), &events).unwrap();
+        store.append("noise", ExpectedVersion::Any, &[ev("N", "x")]).unwrap();
+        version += n as u64;
+        batch = batch % 7 + 1;
+    }
+    let check = |store: &Store, when: &str| {
+        for from in [1u64, 2, 63, 64, 65, 66, 128, 129, 130, 200, 299, 300, 301, 1000] {
+            let fwd: Vec<u64> = store.read_aggregate("long", from, Direction::Forward, usize::MAX).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+            let want: Vec<u64> = (from.max(1)..=300).collect();
+            assert_eq!(fwd, want, "{when}: forward from {from}");
+            let back: Vec<u64> = store.read_aggregate("long", from, Direction::Backward, usize::MAX).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+            let want: Vec<u64> = (1..=from.min(300)).rev().collect();
+            assert_eq!(back, want, "{when}: backward from {from}");
+            let limited: Vec<u64> = store.read_aggregate("long", from, Direction::Forward, 70).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+            assert_eq!(limited.len(), 70.min(301usize.saturating_sub(from as usize)), "{when}: limit from {from}");
+        }
+        for e in store.read_aggregate("long", 1, Direction::Forward, usize::MAX).unwrap() {
+            let e = e.unwrap().to_recorded().unwrap();
+            assert_eq!(e.payload, e.version.to_string().into_bytes());
+        }
+    };
+    check(&store, "in memory");
+    store.flush_index().unwrap();
+    check(&store, "in sled");
+    drop(store);
+    let store = open_store(dir.path());
+    check(&store, "reopened");
+}

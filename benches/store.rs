@@ -1,0 +1,173 @@
+//! The store on the workload: batched durable appends of events with 200-byte
+//! payloads over 100,000 aggregates and 20 types, then reads. Prints a table of medians.
+//!
+//! `cargo bench --bench store -- [--events N] [--reps N] [--aggregates N]`
+
+use eventlog::store::{AppendRequest, Direction, ExpectedVersion, NewEvent, Options, Store};
+use std::time::Instant;
+
+struct Args {
+    events: u64,
+    reps: usize,
+    aggregates: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args { events: 1_000_000, reps: 3, aggregates: 100_000 };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let next = argv.get(i + 1).and_then(|v| v.replace('_', "").parse::<u64>().ok());
+        match (argv[i].as_str(), next) {
+            ("--events", Some(n)) => a.events = n,
+            ("--reps", Some(n)) => a.reps = n as usize,
+            ("--aggregates", Some(n)) => a.aggregates = n,
+            _ => {}
+        }
+        i += 1;
+    }
+    a
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            if m.is_dir() {
+                total += dir_bytes(&e.path());
+            } else {
+                use std::os::unix::fs::MetadataExt;
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let a = args();
+    let base = std::env::var("EVENTLOG_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::current_dir().unwrap().join("target"));
+    std::fs::create_dir_all(&base).unwrap();
+    let payload = vec![b'x'; 200];
+    let types: Vec<String> = (0..20).map(|t| format!("Type{t:02}")).collect();
+    let mut append_rates = Vec::new();
+    let mut replay_rates = Vec::new();
+    let mut type_rates = Vec::new();
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    let mut bytes_per_event = Vec::new();
+    let mut reopen_s = Vec::new();
+    for rep in 0..a.reps {
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let mut rng = Rng(0x1234_5678 + rep as u64);
+        let aggs: Vec<String> = (0..a.aggregates).map(|i| format!("agg-{i:07}")).collect();
+        let started = Instant::now();
+        let mut done = 0u64;
+        while done < a.events {
+            let n = 1000.min(a.events - done);
+            let events: Vec<(usize, NewEvent)> = (0..n)
+                .map(|_| {
+                    let agg = (rng.next() % a.aggregates) as usize;
+                    let ty = &types[(rng.next() % 20) as usize];
+                    (agg, NewEvent::binary(ty.clone(), payload.clone()))
+                })
+                .collect();
+            let requests: Vec<AppendRequest<'_>> = events
+                .iter()
+                .map(|(agg, e)| AppendRequest { aggregate_id: &aggs[*agg], expected: ExpectedVersion::Any, events: std::slice::from_ref(e) })
+                .collect();
+            store.append_batch(&requests).unwrap();
+            done += n;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        append_rates.push(a.events as f64 / secs);
+        let lag = store.stats().unwrap().index_lag_events;
+
+        // Replay everything, zero-copy.
+        let started = Instant::now();
+        let mut n = 0u64;
+        let mut sum = 0usize;
+        for e in store.read_all(0, usize::MAX) {
+            let e = e.unwrap();
+            let ev = e.event().unwrap();
+            sum += ev.payload.len();
+            n += 1;
+        }
+        assert_eq!(n, a.events);
+        assert!(sum > 0);
+        replay_rates.push(n as f64 / started.elapsed().as_secs_f64());
+
+        // One type from the start.
+        let started = Instant::now();
+        let mut n = 0u64;
+        for e in store.read_type("Type07", 0, usize::MAX).unwrap() {
+            let e = e.unwrap();
+            n += e.event().unwrap().payload.len() as u64 / 200;
+        }
+        type_rates.push(n as f64 / started.elapsed().as_secs_f64());
+
+        // Aggregate histories: 10,000 random aggregates, warm.
+        let mut lat = Vec::with_capacity(10_000);
+        for _ in 0..10_000 {
+            let agg = &aggs[(rng.next() % a.aggregates) as usize];
+            let t = Instant::now();
+            let mut k = 0;
+            for e in store.read_aggregate(agg, 1, Direction::Forward, usize::MAX).unwrap() {
+                let e = e.unwrap();
+                k += e.event().unwrap().payload.len();
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            assert!(k > 0 || a.events < 20 * a.aggregates, "an aggregate with no events at this density");
+        }
+        lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        p50s.push(lat[lat.len() / 2]);
+        p99s.push(lat[lat.len() * 99 / 100]);
+        store.flush_index().unwrap();
+        drop(store);
+        bytes_per_event.push(dir_bytes(dir.path()) as f64 / a.events as f64);
+        let t = Instant::now();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let _ = store.read_seq(a.events - 1).unwrap();
+        reopen_s.push(t.elapsed().as_secs_f64());
+        eprintln!("rep {rep}: append {:.0} ev/s (index lag at end {lag})", append_rates[rep]);
+    }
+    println!("| workload ({} events, {} aggregates, 20 types, 200 B payload) | median of {} |", a.events, a.aggregates, a.reps);
+    println!("|---|---:|");
+    println!("| batched durable append (1,000 per append_batch) | {:.0} events/s |", median(append_rates));
+    println!("| full replay (read_all + zero-copy decode) | {:.0} events/s |", median(replay_rates));
+    println!("| read one type from the start | {:.0} events/s |", median(type_rates));
+    println!("| aggregate history read p50 | {:.1} us |", median(p50s));
+    println!("| aggregate history read p99 | {:.1} us |", median(p99s));
+    println!("| disk bytes per event (log + index, allocated blocks) | {:.0} |", median(bytes_per_event));
+    println!("| reopen after clean close until first read | {:.3} s |", median(reopen_s));
+    println!("| peak RSS of the whole run | {:.0} MB |", peak_rss_bytes() as f64 / 1e6);
+}
