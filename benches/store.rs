@@ -87,7 +87,12 @@ fn main() {
     let mut reopen_s = Vec::new();
     for rep in 0..a.reps {
         let dir = tempfile::tempdir_in(&base).unwrap();
-        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let mut options = Options::default();
+        if let Some(n) = std::env::var("EVENTLOG_BENCH_FLUSH_EVENTS").ok().and_then(|v| v.parse().ok()) {
+            options.index.flush_events = n;
+            options.index.flush_interval_ms = 1_000_000;
+        }
+        let store = Store::open(dir.path(), options).unwrap();
         let mut rng = Rng(0x1234_5678 + rep as u64);
         let aggs: Vec<String> = (0..a.aggregates).map(|i| format!("agg-{i:07}")).collect();
         let started = Instant::now();
@@ -110,6 +115,7 @@ fn main() {
         }
         let secs = started.elapsed().as_secs_f64();
         append_rates.push(a.events as f64 / secs);
+        let rss_after_append = peak_rss_bytes();
         let lag = store.stats().unwrap().index_lag_events;
 
         // Replay everything, zero-copy.
@@ -158,7 +164,7 @@ fn main() {
         let store = Store::open(dir.path(), Options::default()).unwrap();
         let _ = store.read_seq(a.events - 1).unwrap();
         reopen_s.push(t.elapsed().as_secs_f64());
-        eprintln!("rep {rep}: append {:.0} ev/s (index lag at end {lag})", append_rates[rep]);
+        eprintln!("rep {rep}: append {:.0} ev/s (index lag at end {lag}, peak RSS after append {} MB, {:?})", append_rates[rep], rss_after_append / 1_000_000, store.index_counters());
     }
     println!("| workload ({} events, {} aggregates, 20 types, 200 B payload) | median of {} |", a.events, a.aggregates, a.reps);
     println!("|---|---:|");

@@ -11,6 +11,86 @@ pub const AGG_CHECKPOINT_VERSIONS: u64 = 64;
 /// type within `1 << TYPE_BUCKET_BITS` consecutive seqs.
 pub const TYPE_BUCKET_BITS: u32 = 12;
 
+/// Aggregates' latest versions are grouped into this many sled values (buckets), so that
+/// writing the latest versions of a flush costs at most this many sled writes however many
+/// aggregates it touched.
+pub const AGG_BUCKETS: u32 = 8192;
+
+/// The bucket of an aggregate: FNV-1a (64 bit) of its id, modulo [`AGG_BUCKETS`]. Stored
+/// on disk, so it must never change.
+pub fn agg_bucket(aggregate: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in aggregate.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(AGG_BUCKETS)) as u32
+}
+
+/// `aggregates` value: entries sorted by aggregate id, each `[id length u8][id][latest
+/// version varint][its seq varint]`.
+pub fn encode_latest_bucket<'a, I: IntoIterator<Item = (&'a str, u64, u64)>>(entries: I) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, version, seq) in entries {
+        debug_assert!(name.len() <= 255, "aggregate ids are at most 255 bytes");
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        put_varint(&mut out, version);
+        put_varint(&mut out, seq);
+    }
+    out
+}
+
+/// Decodes an `aggregates` bucket value; `None` if malformed.
+pub fn decode_latest_bucket(mut v: &[u8]) -> Option<Vec<(&str, u64, u64)>> {
+    let mut out = Vec::new();
+    while let Some((&len, rest)) = v.split_first() {
+        let name = std::str::from_utf8(rest.get(..len as usize)?).ok()?;
+        let (version, rest) = get_varint(&rest[len as usize..])?;
+        let (seq, rest) = get_varint(rest)?;
+        out.push((name, version, seq));
+        v = rest;
+    }
+    Some(out)
+}
+
+/// Finds one aggregate in an `aggregates` bucket value without decoding the rest.
+pub fn find_in_latest_bucket(mut v: &[u8], aggregate: &str) -> Option<Option<(u64, u64)>> {
+    while let Some((&len, rest)) = v.split_first() {
+        let name = rest.get(..len as usize)?;
+        let (version, rest) = get_varint(&rest[len as usize..])?;
+        let (seq, rest) = get_varint(rest)?;
+        if name == aggregate.as_bytes() {
+            return Some(Some((version, seq)));
+        }
+        v = rest;
+    }
+    Some(None)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut x: u64) {
+    loop {
+        let byte = (x & 0x7f) as u8;
+        x >>= 7;
+        if x == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn get_varint(v: &[u8]) -> Option<(u64, &[u8])> {
+    let mut x = 0u64;
+    for (i, &b) in v.iter().enumerate().take(10) {
+        x |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((x, &v[i + 1..]));
+        }
+    }
+    None
+}
+
 /// Whether `version` gets a checkpoint: 65, 129, 193... (version 1 needs none: walks end there).
 pub fn is_checkpoint_version(version: u64) -> bool {
     version > 1 && (version - 1) % AGG_CHECKPOINT_VERSIONS == 0
@@ -43,20 +123,6 @@ pub fn decode_name_key(k: &[u8]) -> Option<(&str, u64)> {
     }
     let n = u64::from_be_bytes(rest[1..].try_into().ok()?);
     Some((std::str::from_utf8(name).ok()?, n))
-}
-
-/// `aggregates` value: the aggregate's latest version and its seq, big endian.
-pub fn latest_value(version: u64, seq: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&version.to_be_bytes());
-    v[8..].copy_from_slice(&seq.to_be_bytes());
-    v
-}
-
-/// Decodes a `latest_value`.
-pub fn decode_latest_value(v: &[u8]) -> Option<(u64, u64)> {
-    let v: &[u8; 16] = v.try_into().ok()?;
-    Some((u64::from_be_bytes(v[..8].try_into().ok()?), u64::from_be_bytes(v[8..].try_into().ok()?)))
 }
 
 /// A seq as a sled value (`agg_events` checkpoints, `types` first seq), big endian.
@@ -152,9 +218,22 @@ mod tests {
     }
 
     #[test]
-    fn latest_value_round_trips() {
-        assert_eq!(decode_latest_value(&latest_value(7, 99)), Some((7, 99)));
-        assert_eq!(decode_latest_value(&[0; 15]), None);
+    fn latest_buckets_round_trip_and_find() {
+        let v = encode_latest_bucket([("a", 1, 0), ("order-7", 300, 1 << 40)]);
+        assert_eq!(decode_latest_bucket(&v), Some(vec![("a", 1, 0), ("order-7", 300, 1 << 40)]));
+        assert_eq!(find_in_latest_bucket(&v, "order-7"), Some(Some((300, 1 << 40))));
+        assert_eq!(find_in_latest_bucket(&v, "b"), Some(None));
+        assert_eq!(decode_latest_bucket(&v[..v.len() - 1]), None);
+        assert_eq!(agg_bucket("order-1"), agg_bucket("order-1"));
+        assert!(agg_bucket("x") < AGG_BUCKETS);
+    }
+
+    proptest! {
+        #[test]
+        fn latest_bucket_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_latest_bucket(&bytes);
+            let _ = find_in_latest_bucket(&bytes, "a");
+        }
     }
 
     proptest! {

@@ -34,9 +34,10 @@ pub mod keys;
 
 use crate::log::{CommitObserver, Log};
 use crate::store::event;
-use keys::{decode_latest_value, decode_u64, is_checkpoint_version, latest_value, name_key, TYPE_BUCKET_BITS};
+use keys::{agg_bucket, decode_u64, is_checkpoint_version, name_key, TYPE_BUCKET_BITS};
 use parking_lot::{Condvar, Mutex, RwLock};
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -92,6 +93,10 @@ pub struct IndexOptions {
     pub flush_interval_ms: u64,
     /// sled's page cache. Default 16 MiB.
     pub cache_bytes: u64,
+    /// Aggregates whose latest version is kept in memory, so that appends need not ask
+    /// sled. When more are cached, the cache is emptied and refills. Default 500,000
+    /// (about 60 MB at most with short ids).
+    pub latest_cache_aggregates: usize,
 }
 
 impl Default for IndexOptions {
@@ -101,6 +106,7 @@ impl Default for IndexOptions {
             flush_events: 250_000,
             flush_interval_ms: 1_000,
             cache_bytes: 16 << 20,
+            latest_cache_aggregates: 500_000,
         }
     }
 }
@@ -122,10 +128,6 @@ struct Memtable {
     error: Option<String>,
 }
 
-fn interned(map_has: Option<&Arc<str>>, name: &str) -> Arc<str> {
-    map_has.cloned().unwrap_or_else(|| Arc::from(name))
-}
-
 impl Memtable {
     fn empty_at(seq: u64) -> Self {
         Memtable {
@@ -135,25 +137,24 @@ impl Memtable {
         }
     }
 
-    fn insert(&mut self, seq: u64, payload: &[u8]) {
+    /// Adds the event at `seq`; returns its aggregate (interned) and version.
+    fn insert(&mut self, seq: u64, payload: &[u8]) -> Option<(Arc<str>, u64)> {
         debug_assert_eq!(seq, self.next_seq, "memtable must be fed in seq order");
         self.next_seq = seq + 1;
         let head = match event::decode_head(payload) {
             Ok(h) => h,
             Err(e) => {
                 self.error.get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
-                return;
+                return None;
             }
         };
-        match self.latest.get_mut(head.aggregate_id) {
-            Some(v) => *v = (head.version, seq),
-            None => {
-                self.latest.insert(Arc::from(head.aggregate_id), (head.version, seq));
-            }
-        }
+        let agg = match self.latest.get_key_value(head.aggregate_id) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(head.aggregate_id),
+        };
+        self.latest.insert(Arc::clone(&agg), (head.version, seq));
         if is_checkpoint_version(head.version) {
-            let key = interned(self.latest.get_key_value(head.aggregate_id).map(|(k, _)| k), head.aggregate_id);
-            self.checkpoints.entry(key).or_default().push((head.version, seq));
+            self.checkpoints.entry(Arc::clone(&agg)).or_default().push((head.version, seq));
         }
         match self.by_type.get_mut(head.event_type) {
             Some(v) => v.push(seq),
@@ -162,6 +163,7 @@ impl Memtable {
             }
         }
         self.len += 1;
+        Some((agg, head.version))
     }
 }
 
@@ -169,12 +171,33 @@ impl Memtable {
 struct MemState {
     active: Memtable,
     flushing: Option<Arc<Memtable>>,
+    /// Latest (version, seq) of recently appended or looked-up aggregates. Every commit
+    /// updates it, so an entry is never stale.
+    latest_cache: HashMap<Arc<str>, (u64, u64)>,
+    latest_cache_max: usize,
+}
+
+impl MemState {
+    fn insert(&mut self, seq: u64, payload: &[u8]) {
+        if let Some((agg, version)) = self.active.insert(seq, payload) {
+            self.cache_latest(agg, (version, seq));
+        }
+    }
+
+    fn cache_latest(&mut self, agg: Arc<str>, latest: (u64, u64)) {
+        if self.latest_cache.len() >= self.latest_cache_max && !self.latest_cache.contains_key(&agg) {
+            // Emptying is the whole eviction policy: cheap, bounded, and a miss only costs
+            // one sled read.
+            self.latest_cache.clear();
+        }
+        self.latest_cache.insert(agg, latest);
+    }
 }
 
 #[derive(Debug)]
 struct Trees {
     db: sled::Db,
-    /// aggregate id -> (latest version, its seq)
+    /// bucket of aggregate ids -> (id, latest version, its seq) for each id in the bucket
     aggregates: sled::Tree,
     /// aggregate id \0 version -> seq, for checkpoint versions
     agg_events: sled::Tree,
@@ -246,7 +269,7 @@ impl CommitObserver for Feed {
         let len = {
             let mut mem = self.0.mem.write();
             for (i, p) in payloads.iter().enumerate() {
-                mem.active.insert(first_seq + i as u64, p);
+                mem.insert(first_seq + i as u64, p);
             }
             mem.active.len
         };
@@ -336,6 +359,8 @@ impl Index {
             mem: RwLock::new(MemState {
                 active: Memtable::empty_at(indexed_next),
                 flushing: None,
+                latest_cache: HashMap::default(),
+                latest_cache_max: options.latest_cache_aggregates.max(1),
             }),
             indexed_next: AtomicU64::new(indexed_next),
             signal: Mutex::new(Signal::default()),
@@ -354,7 +379,7 @@ impl Index {
             let record = record.map_err(|e| IndexError::Log(e.to_string()))?;
             let len = {
                 let mut mem = shared.mem.write();
-                mem.active.insert(record.seq(), record.payload());
+                mem.insert(record.seq(), record.payload());
                 mem.active.len
             };
             report.caught_up_events += 1;
@@ -429,6 +454,9 @@ impl Index {
     pub fn latest(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
         {
             let mem = self.shared.mem.read();
+            if let Some(&v) = mem.latest_cache.get(aggregate) {
+                return Ok(Some(v));
+            }
             if let Some(&v) = mem.active.latest.get(aggregate) {
                 return Ok(Some(v));
             }
@@ -436,11 +464,25 @@ impl Index {
                 return Ok(Some(v));
             }
         }
-        let shared = &self.shared;
-        match shared.trees.aggregates.get(aggregate.as_bytes()).map_err(sled_err(&shared.dir))? {
-            Some(v) => Ok(Some(decode_latest_value(&v).ok_or_else(|| shared.malformed("aggregates"))?)),
-            None => Ok(None),
+        self.shared.latest_in_sled(aggregate)
+    }
+
+    /// Like [`Index::latest`], and remembers the answer in the latest-version cache.
+    ///
+    /// Only call this while no commit for `aggregate` can happen (the store holds the
+    /// aggregate's append lock), or a stale answer could be cached.
+    ///
+    /// # Errors
+    /// As [`Index::latest`].
+    pub fn latest_for_append(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
+        let latest = self.latest(aggregate)?;
+        if let Some(l) = latest {
+            let mut mem = self.shared.mem.write();
+            if !mem.latest_cache.contains_key(aggregate) {
+                mem.cache_latest(Arc::from(aggregate), l);
+            }
         }
+        Ok(latest)
     }
 
     /// The seq of `aggregate`'s event at checkpoint `version` (see
@@ -514,10 +556,14 @@ impl Index {
             t.dedup();
             (a, t)
         };
-        let mut aggs = shared.trees.aggregates.len() as u64;
+        let mut aggs = 0u64;
+        for kv in shared.trees.aggregates.iter() {
+            let (_, v) = kv.map_err(sled_err(&shared.dir))?;
+            aggs += keys::decode_latest_bucket(&v).ok_or_else(|| shared.malformed("aggregates"))?.len() as u64;
+        }
         let mut types = shared.trees.types.len() as u64;
         for a in new_aggs {
-            if !shared.trees.aggregates.contains_key(a.as_bytes()).map_err(sled_err(&shared.dir))? {
+            if shared.latest_in_sled(&a)?.is_none() {
                 aggs += 1;
             }
         }
@@ -599,6 +645,14 @@ impl Drop for Index {
 }
 
 impl Shared {
+    fn latest_in_sled(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
+        let bucket = agg_bucket(aggregate).to_be_bytes();
+        match self.trees.aggregates.get(bucket).map_err(sled_err(&self.dir))? {
+            Some(v) => keys::find_in_latest_bucket(&v, aggregate).ok_or_else(|| self.malformed("aggregates")),
+            None => Ok(None),
+        }
+    }
+
     fn malformed(&self, tree: &'static str) -> IndexError {
         IndexError::Malformed { tree, dir: self.dir.clone() }
     }
@@ -669,9 +723,28 @@ impl Shared {
     fn apply(&self, m: &Memtable) -> Result<(), IndexError> {
         let t = &self.trees;
         let mut writes = 0u64;
-        let mut aggregates = sled::Batch::default();
+        let mut by_bucket: BTreeMap<u32, Vec<(&str, u64, u64)>> = BTreeMap::new();
         for (name, &(version, seq)) in &m.latest {
-            aggregates.insert(name.as_bytes(), &latest_value(version, seq)[..]);
+            by_bucket.entry(agg_bucket(name)).or_default().push((name, version, seq));
+        }
+        let mut aggregates = sled::Batch::default();
+        for (bucket, fresh) in by_bucket {
+            let key = bucket.to_be_bytes();
+            let stored = t.aggregates.get(key).map_err(sled_err(&self.dir))?;
+            let mut merged: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+            if let Some(v) = &stored {
+                for (name, version, seq) in keys::decode_latest_bucket(v).ok_or_else(|| self.malformed("aggregates"))? {
+                    merged.insert(name, (version, seq));
+                }
+            }
+            for (name, version, seq) in fresh {
+                // Re-applied after a crash, an older value must not replace a newer one.
+                let e = merged.entry(name).or_insert((version, seq));
+                if version >= e.0 {
+                    *e = (version, seq);
+                }
+            }
+            aggregates.insert(&key[..], keys::encode_latest_bucket(merged.iter().map(|(n, &(v, s))| (*n, v, s))));
             writes += 1;
         }
         let mut agg_events = sled::Batch::default();

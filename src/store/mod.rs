@@ -434,7 +434,7 @@ impl Store {
         for (ri, r) in requests.iter().enumerate() {
             let (current, mut tail) = match heads.get(r.aggregate_id) {
                 Some(&h) => h,
-                None => match inner.index.latest(r.aggregate_id)? {
+                None => match inner.index.latest_for_append(r.aggregate_id)? {
                     Some((version, seq)) => (version, Tail::Seq(seq)),
                     None => (0, Tail::None),
                 },
