@@ -29,7 +29,9 @@ pub fn agg_bucket(aggregate: &str) -> u32 {
 
 /// `aggregates` value: entries sorted by aggregate id, each `[id length u8][id][latest
 /// version varint][its seq varint]`.
-pub fn encode_latest_bucket<'a, I: IntoIterator<Item = (&'a str, u64, u64)>>(entries: I) -> Vec<u8> {
+pub fn encode_latest_bucket<'a, I: IntoIterator<Item = (&'a str, u64, u64)>>(
+    entries: I,
+) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, version, seq) in entries {
         debug_assert!(name.len() <= 255, "aggregate ids are at most 255 bytes");
@@ -93,7 +95,7 @@ fn get_varint(v: &[u8]) -> Option<(u64, &[u8])> {
 
 /// Whether `version` gets a checkpoint: 65, 129, 193... (version 1 needs none: walks end there).
 pub fn is_checkpoint_version(version: u64) -> bool {
-    version > 1 && (version - 1) % AGG_CHECKPOINT_VERSIONS == 0
+    version > 1 && (version - 1).is_multiple_of(AGG_CHECKPOINT_VERSIONS)
 }
 
 /// The checkpoint version at or below which `version`'s walk can start: the first version
@@ -136,7 +138,10 @@ pub fn encode_seqs_delta(seqs: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(seqs.len() * 2);
     let mut prev = 0u64;
     for (i, &s) in seqs.iter().enumerate() {
-        debug_assert!(i == 0 || s > prev, "type postings must be strictly increasing");
+        debug_assert!(
+            i == 0 || s > prev,
+            "type postings must be strictly increasing"
+        );
         let mut d = s - if i == 0 { 0 } else { prev };
         loop {
             let byte = (d & 0x7f) as u8;
@@ -200,9 +205,16 @@ mod tests {
         assert!(name_key("a", u64::MAX) < name_key("ab", 0));
         assert!(name_key("a", 5) < name_key("a", 6));
         assert!(name_key("a", 255) < name_key("a", 256));
-        assert_eq!(decode_name_key(&name_key("order-1", 9)), Some(("order-1", 9)));
+        assert_eq!(
+            decode_name_key(&name_key("order-1", 9)),
+            Some(("order-1", 9))
+        );
         assert_eq!(decode_name_key(&[1, 2, 3]), None);
-        assert_eq!(decode_name_key(b"a\0b\0\0\0\0\0\0\0\0\x01"), None, "a zero byte in the name");
+        assert_eq!(
+            decode_name_key(b"a\0b\0\0\0\0\0\0\0\0\x01"),
+            None,
+            "a zero byte in the name"
+        );
     }
 
     #[test]
@@ -220,8 +232,14 @@ mod tests {
     #[test]
     fn latest_buckets_round_trip_and_find() {
         let v = encode_latest_bucket([("a", 1, 0), ("order-7", 300, 1 << 40)]);
-        assert_eq!(decode_latest_bucket(&v), Some(vec![("a", 1, 0), ("order-7", 300, 1 << 40)]));
-        assert_eq!(find_in_latest_bucket(&v, "order-7"), Some(Some((300, 1 << 40))));
+        assert_eq!(
+            decode_latest_bucket(&v),
+            Some(vec![("a", 1, 0), ("order-7", 300, 1 << 40)])
+        );
+        assert_eq!(
+            find_in_latest_bucket(&v, "order-7"),
+            Some(Some((300, 1 << 40)))
+        );
         assert_eq!(find_in_latest_bucket(&v, "b"), Some(None));
         assert_eq!(decode_latest_bucket(&v[..v.len() - 1]), None);
         assert_eq!(agg_bucket("order-1"), agg_bucket("order-1"));

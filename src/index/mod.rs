@@ -111,6 +111,9 @@ impl Default for IndexOptions {
     }
 }
 
+/// Every key and value of every index tree, by tree name: see [`Index::dump`].
+pub type IndexDump = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
 /// Index entries not yet in sled.
 #[derive(Debug, Default)]
 struct Memtable {
@@ -144,7 +147,8 @@ impl Memtable {
         let head = match event::decode_head(payload) {
             Ok(h) => h,
             Err(e) => {
-                self.error.get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
+                self.error
+                    .get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
                 return None;
             }
         };
@@ -154,7 +158,10 @@ impl Memtable {
         };
         self.latest.insert(Arc::clone(&agg), (head.version, seq));
         if is_checkpoint_version(head.version) {
-            self.checkpoints.entry(Arc::clone(&agg)).or_default().push((head.version, seq));
+            self.checkpoints
+                .entry(Arc::clone(&agg))
+                .or_default()
+                .push((head.version, seq));
         }
         match self.by_type.get_mut(head.event_type) {
             Some(v) => v.push(seq),
@@ -185,7 +192,8 @@ impl MemState {
     }
 
     fn cache_latest(&mut self, agg: Arc<str>, latest: (u64, u64)) {
-        if self.latest_cache.len() >= self.latest_cache_max && !self.latest_cache.contains_key(&agg) {
+        if self.latest_cache.len() >= self.latest_cache_max && !self.latest_cache.contains_key(&agg)
+        {
             // Emptying is the whole eviction policy: cheap, bounded, and a miss only costs
             // one sled read.
             self.latest_cache.clear();
@@ -310,7 +318,11 @@ impl Index {
     ///
     /// # Errors
     /// [`IndexError`] if sled fails even on a fresh directory, or the log cannot be read.
-    pub fn open(dir: &Path, log: &Log, options: IndexOptions) -> Result<(Index, IndexOpenReport), IndexError> {
+    pub fn open(
+        dir: &Path,
+        log: &Log,
+        options: IndexOptions,
+    ) -> Result<(Index, IndexOpenReport), IndexError> {
         let index_dir = dir.join(INDEX_DIR_NAME);
         let mut report = IndexOpenReport::default();
         let trees = match open_trees(&index_dir, &options) {
@@ -322,9 +334,19 @@ impl Index {
                 open_trees(&index_dir, &options).map_err(sled_err(&index_dir))?
             }
         };
-        let stored_format = trees.meta.get(META_FORMAT_KEY).map_err(sled_err(&index_dir))?;
-        let mut indexed_next = match trees.meta.get(META_INDEXED_NEXT_KEY).map_err(sled_err(&index_dir))? {
-            Some(v) => decode_u64(&v).ok_or_else(|| IndexError::Malformed { tree: "meta", dir: index_dir.clone() })?,
+        let stored_format = trees
+            .meta
+            .get(META_FORMAT_KEY)
+            .map_err(sled_err(&index_dir))?;
+        let mut indexed_next = match trees
+            .meta
+            .get(META_INDEXED_NEXT_KEY)
+            .map_err(sled_err(&index_dir))?
+        {
+            Some(v) => decode_u64(&v).ok_or_else(|| IndexError::Malformed {
+                tree: "meta",
+                dir: index_dir.clone(),
+            })?,
             None => 0,
         };
         let format_ok = stored_format.as_deref() == Some(&INDEX_FORMAT_VERSION.to_be_bytes()[..]);
@@ -333,13 +355,21 @@ impl Index {
         let reason = if !format_ok && !empty {
             Some("index format differs".to_string())
         } else if indexed_next > log_next {
-            Some(format!("index covers seqs up to {indexed_next}, the log only {log_next}"))
+            Some(format!(
+                "index covers seqs up to {indexed_next}, the log only {log_next}"
+            ))
         } else {
             None
         };
         if let Some(reason) = &reason {
             tracing::warn!(dir = %index_dir.display(), %reason, "rebuilding the index from the log");
-            for t in [&trees.aggregates, &trees.agg_events, &trees.types, &trees.type_events, &trees.meta] {
+            for t in [
+                &trees.aggregates,
+                &trees.agg_events,
+                &trees.types,
+                &trees.type_events,
+                &trees.meta,
+            ] {
                 t.clear().map_err(sled_err(&index_dir))?;
             }
             indexed_next = 0;
@@ -351,7 +381,10 @@ impl Index {
             report.rebuild_reason = Some("index is empty".into());
         }
         report.rebuilt = report.rebuild_reason.is_some();
-        trees.meta.insert(META_FORMAT_KEY, &INDEX_FORMAT_VERSION.to_be_bytes()).map_err(sled_err(&index_dir))?;
+        trees
+            .meta
+            .insert(META_FORMAT_KEY, &INDEX_FORMAT_VERSION.to_be_bytes())
+            .map_err(sled_err(&index_dir))?;
 
         let shared = Arc::new(Shared {
             dir: index_dir,
@@ -388,15 +421,29 @@ impl Index {
             }
             if last_progress.elapsed() > Duration::from_secs(2) {
                 last_progress = Instant::now();
-                tracing::info!(done = report.caught_up_events, total, "catching the index up from the log");
+                tracing::info!(
+                    done = report.caught_up_events,
+                    total,
+                    "catching the index up from the log"
+                );
             }
         }
         shared.flush_once()?;
         if total > 0 {
-            tracing::info!(events = report.caught_up_events, seconds = started.elapsed().as_secs_f64(), rebuilt = report.rebuilt, "index caught up from the log");
+            tracing::info!(
+                events = report.caught_up_events,
+                seconds = started.elapsed().as_secs_f64(),
+                rebuilt = report.rebuilt,
+                "index caught up from the log"
+            );
         }
-        if log.set_commit_observer(Arc::new(Feed(Arc::clone(&shared)))).is_err() {
-            return Err(IndexError::Log("the log already has a commit observer".into()));
+        if log
+            .set_commit_observer(Arc::new(Feed(Arc::clone(&shared))))
+            .is_err()
+        {
+            return Err(IndexError::Log(
+                "the log already has a commit observer".into(),
+            ));
         }
         let indexer = {
             let shared = Arc::clone(&shared);
@@ -405,7 +452,13 @@ impl Index {
                 .spawn(move || shared.run_indexer())
                 .map_err(|e| IndexError::Log(format!("starting the indexer thread: {e}")))?
         };
-        Ok((Index { shared, indexer: Some(indexer) }, report))
+        Ok((
+            Index {
+                shared,
+                indexer: Some(indexer),
+            },
+            report,
+        ))
     }
 
     /// Counters of the index's work.
@@ -441,8 +494,17 @@ impl Index {
             if fits(self.lag_events()) {
                 return Ok(());
             }
-            if self.shared.room_cv.wait_until(&mut signal, deadline).timed_out() {
-                return if fits(self.lag_events()) { Ok(()) } else { Err(signal.last_error.clone()) };
+            if self
+                .shared
+                .room_cv
+                .wait_until(&mut signal, deadline)
+                .timed_out()
+            {
+                return if fits(self.lag_events()) {
+                    Ok(())
+                } else {
+                    Err(signal.last_error.clone())
+                };
             }
         }
     }
@@ -491,7 +553,11 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn checkpoint(&self, aggregate: &str, version: u64) -> Result<Option<u64>, IndexError> {
-        let find = |m: &Memtable| m.checkpoints.get(aggregate).and_then(|v| v.iter().find(|c| c.0 == version).map(|c| c.1));
+        let find = |m: &Memtable| {
+            m.checkpoints
+                .get(aggregate)
+                .and_then(|v| v.iter().find(|c| c.0 == version).map(|c| c.1))
+        };
         {
             let mem = self.shared.mem.read();
             if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
@@ -499,8 +565,15 @@ impl Index {
             }
         }
         let shared = &self.shared;
-        match shared.trees.agg_events.get(name_key(aggregate, version)).map_err(sled_err(&shared.dir))? {
-            Some(v) => Ok(Some(decode_u64(&v).ok_or_else(|| shared.malformed("agg_events"))?)),
+        match shared
+            .trees
+            .agg_events
+            .get(name_key(aggregate, version))
+            .map_err(sled_err(&shared.dir))?
+        {
+            Some(v) => Ok(Some(
+                decode_u64(&v).ok_or_else(|| shared.malformed("agg_events"))?,
+            )),
             None => Ok(None),
         }
     }
@@ -514,7 +587,11 @@ impl Index {
         let mut mem_seqs: Vec<u64> = Vec::new();
         {
             let mem = shared.mem.read();
-            if let Some(f) = mem.flushing.as_ref().and_then(|f| f.by_type.get(event_type)) {
+            if let Some(f) = mem
+                .flushing
+                .as_ref()
+                .and_then(|f| f.by_type.get(event_type))
+            {
                 mem_seqs.extend(f.iter().filter(|&&s| s >= from_seq));
             }
             if let Some(a) = mem.active.by_type.get(event_type) {
@@ -559,7 +636,9 @@ impl Index {
         let mut aggs = 0u64;
         for kv in shared.trees.aggregates.iter() {
             let (_, v) = kv.map_err(sled_err(&shared.dir))?;
-            aggs += keys::decode_latest_bucket(&v).ok_or_else(|| shared.malformed("aggregates"))?.len() as u64;
+            aggs += keys::decode_latest_bucket(&v)
+                .ok_or_else(|| shared.malformed("aggregates"))?
+                .len() as u64;
         }
         let mut types = shared.trees.types.len() as u64;
         for a in new_aggs {
@@ -568,7 +647,12 @@ impl Index {
             }
         }
         for t in new_types {
-            if !shared.trees.types.contains_key(t.as_bytes()).map_err(sled_err(&shared.dir))? {
+            if !shared
+                .trees
+                .types
+                .contains_key(t.as_bytes())
+                .map_err(sled_err(&shared.dir))?
+            {
                 types += 1;
             }
         }
@@ -579,11 +663,17 @@ impl Index {
     ///
     /// # Errors
     /// [`IndexError`] if sled fails.
-    pub fn dump(&self) -> Result<BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, IndexError> {
+    pub fn dump(&self) -> Result<IndexDump, IndexError> {
         self.flush()?;
         let t = &self.shared.trees;
         let mut out = BTreeMap::new();
-        for (name, tree) in [("aggregates", &t.aggregates), ("agg_events", &t.agg_events), ("types", &t.types), ("type_events", &t.type_events), ("meta", &t.meta)] {
+        for (name, tree) in [
+            ("aggregates", &t.aggregates),
+            ("agg_events", &t.agg_events),
+            ("types", &t.types),
+            ("type_events", &t.type_events),
+            ("meta", &t.meta),
+        ] {
             let mut entries = Vec::new();
             for kv in tree.iter() {
                 let (k, v) = kv.map_err(sled_err(&self.shared.dir))?;
@@ -625,7 +715,11 @@ impl Index {
         }
         if flush {
             self.shared.flush_once()?;
-            self.shared.trees.db.flush().map_err(sled_err(&self.shared.dir))?;
+            self.shared
+                .trees
+                .db
+                .flush()
+                .map_err(sled_err(&self.shared.dir))?;
         }
         Ok(())
     }
@@ -647,14 +741,23 @@ impl Drop for Index {
 impl Shared {
     fn latest_in_sled(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
         let bucket = agg_bucket(aggregate).to_be_bytes();
-        match self.trees.aggregates.get(bucket).map_err(sled_err(&self.dir))? {
-            Some(v) => keys::find_in_latest_bucket(&v, aggregate).ok_or_else(|| self.malformed("aggregates")),
+        match self
+            .trees
+            .aggregates
+            .get(bucket)
+            .map_err(sled_err(&self.dir))?
+        {
+            Some(v) => keys::find_in_latest_bucket(&v, aggregate)
+                .ok_or_else(|| self.malformed("aggregates")),
             None => Ok(None),
         }
     }
 
     fn malformed(&self, tree: &'static str) -> IndexError {
-        IndexError::Malformed { tree, dir: self.dir.clone() }
+        IndexError::Malformed {
+            tree,
+            dir: self.dir.clone(),
+        }
     }
 
     fn run_indexer(&self) {
@@ -702,7 +805,8 @@ impl Shared {
                         return Ok(());
                     }
                     let next = mem.active.next_seq;
-                    let taken = Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(next)));
+                    let taken =
+                        Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(next)));
                     mem.flushing = Some(Arc::clone(&taken));
                     taken
                 }
@@ -725,7 +829,10 @@ impl Shared {
         let mut writes = 0u64;
         let mut by_bucket: BTreeMap<u32, Vec<(&str, u64, u64)>> = BTreeMap::new();
         for (name, &(version, seq)) in &m.latest {
-            by_bucket.entry(agg_bucket(name)).or_default().push((name, version, seq));
+            by_bucket
+                .entry(agg_bucket(name))
+                .or_default()
+                .push((name, version, seq));
         }
         let mut aggregates = sled::Batch::default();
         for (bucket, fresh) in by_bucket {
@@ -733,7 +840,9 @@ impl Shared {
             let stored = t.aggregates.get(key).map_err(sled_err(&self.dir))?;
             let mut merged: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
             if let Some(v) = &stored {
-                for (name, version, seq) in keys::decode_latest_bucket(v).ok_or_else(|| self.malformed("aggregates"))? {
+                for (name, version, seq) in
+                    keys::decode_latest_bucket(v).ok_or_else(|| self.malformed("aggregates"))?
+                {
                     merged.insert(name, (version, seq));
                 }
             }
@@ -744,7 +853,10 @@ impl Shared {
                     *e = (version, seq);
                 }
             }
-            aggregates.insert(&key[..], keys::encode_latest_bucket(merged.iter().map(|(n, &(v, s))| (*n, v, s))));
+            aggregates.insert(
+                &key[..],
+                keys::encode_latest_bucket(merged.iter().map(|(n, &(v, s))| (*n, v, s))),
+            );
             writes += 1;
         }
         let mut agg_events = sled::Batch::default();
@@ -757,7 +869,11 @@ impl Shared {
         let mut types = sled::Batch::default();
         let mut type_events = sled::Batch::default();
         for (name, seqs) in &m.by_type {
-            if !t.types.contains_key(name.as_bytes()).map_err(sled_err(&self.dir))? {
+            if !t
+                .types
+                .contains_key(name.as_bytes())
+                .map_err(sled_err(&self.dir))?
+            {
                 types.insert(name.as_bytes(), &seqs[0].to_be_bytes()[..]);
                 writes += 1;
             }
@@ -766,7 +882,9 @@ impl Shared {
                 let bucket = seqs[i] >> TYPE_BUCKET_BITS;
                 let key = name_key(name, bucket);
                 let mut merged = match t.type_events.get(&key).map_err(sled_err(&self.dir))? {
-                    Some(v) => keys::decode_seqs_delta(&v).ok_or_else(|| self.malformed("type_events"))?,
+                    Some(v) => {
+                        keys::decode_seqs_delta(&v).ok_or_else(|| self.malformed("type_events"))?
+                    }
                     None => Vec::new(),
                 };
                 let start = i;
@@ -786,12 +904,20 @@ impl Shared {
                 writes += 1;
             }
         }
-        t.aggregates.apply_batch(aggregates).map_err(sled_err(&self.dir))?;
-        t.agg_events.apply_batch(agg_events).map_err(sled_err(&self.dir))?;
+        t.aggregates
+            .apply_batch(aggregates)
+            .map_err(sled_err(&self.dir))?;
+        t.agg_events
+            .apply_batch(agg_events)
+            .map_err(sled_err(&self.dir))?;
         t.types.apply_batch(types).map_err(sled_err(&self.dir))?;
-        t.type_events.apply_batch(type_events).map_err(sled_err(&self.dir))?;
+        t.type_events
+            .apply_batch(type_events)
+            .map_err(sled_err(&self.dir))?;
         // Last: everything below this seq is now in sled.
-        t.meta.insert(META_INDEXED_NEXT_KEY, &m.next_seq.to_be_bytes()).map_err(sled_err(&self.dir))?;
+        t.meta
+            .insert(META_INDEXED_NEXT_KEY, &m.next_seq.to_be_bytes())
+            .map_err(sled_err(&self.dir))?;
         self.sled_writes.fetch_add(writes + 1, Ordering::Relaxed);
         Ok(())
     }
@@ -811,7 +937,9 @@ pub struct TypeSeqs {
 
 impl std::fmt::Debug for TypeSeqs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TypeSeqs").field("from_seq", &self.from_seq).finish_non_exhaustive()
+        f.debug_struct("TypeSeqs")
+            .field("from_seq", &self.from_seq)
+            .finish_non_exhaustive()
     }
 }
 
@@ -826,7 +954,12 @@ impl Iterator for TypeSeqs {
             } else if let Some(kv) = self.sled_iter.as_mut().and_then(|i| i.next()) {
                 let (_, v) = match kv {
                     Ok(kv) => kv,
-                    Err(source) => return Some(Err(IndexError::Sled { dir: self.dir.clone(), source })),
+                    Err(source) => {
+                        return Some(Err(IndexError::Sled {
+                            dir: self.dir.clone(),
+                            source,
+                        }))
+                    }
                 };
                 match keys::decode_seqs_delta(&v) {
                     Some(seqs) => {
@@ -834,7 +967,12 @@ impl Iterator for TypeSeqs {
                         self.bucket_pos = 0;
                         continue;
                     }
-                    None => return Some(Err(IndexError::Malformed { tree: "type_events", dir: self.dir.clone() })),
+                    None => {
+                        return Some(Err(IndexError::Malformed {
+                            tree: "type_events",
+                            dir: self.dir.clone(),
+                        }))
+                    }
                 }
             } else {
                 self.sled_iter = None;

@@ -441,7 +441,10 @@ impl Log {
     ///
     /// # Errors
     /// Returns the observer back if one is already registered.
-    pub fn set_commit_observer(&self, observer: Arc<dyn CommitObserver>) -> Result<(), Arc<dyn CommitObserver>> {
+    pub fn set_commit_observer(
+        &self,
+        observer: Arc<dyn CommitObserver>,
+    ) -> Result<(), Arc<dyn CommitObserver>> {
         self.inner.observer.set(observer)
     }
 
@@ -704,7 +707,7 @@ impl Inner {
                 let fits =
                     active.write_offset_bytes + chunk_bytes + b <= self.options.segment_size_bytes;
                 let segment_empty = active.write_offset_bytes == SEGMENT_HEADER_SIZE_BYTES as u64;
-                if !fits && !(chunk_records == 0 && segment_empty) {
+                if !(fits || chunk_records == 0 && segment_empty) {
                     break;
                 }
                 chunk_bytes += b;
@@ -764,7 +767,8 @@ impl Inner {
                     .iter()
                     .zip(&lens[chunk_first_rec..chunk_first_rec + chunk_records])
                     .map(|(&o, &len)| {
-                        let start = (u64::from(o) - file_offset) as usize + RECORD_HEADER_SIZE_BYTES;
+                        let start =
+                            (u64::from(o) - file_offset) as usize + RECORD_HEADER_SIZE_BYTES;
                         &chunk[start..start + len as usize - RECORD_HEADER_SIZE_BYTES]
                     })
                     .collect();
@@ -842,7 +846,10 @@ impl Inner {
         let undone = active.segment.file.len_bytes().and_then(|file_len| {
             let end = (offset + len as u64).min(file_len);
             if end > offset {
-                active.segment.file.write_at(&vec![0u8; (end - offset) as usize], offset)?;
+                active
+                    .segment
+                    .file
+                    .write_at(&vec![0u8; (end - offset) as usize], offset)?;
             }
             Ok(())
         });

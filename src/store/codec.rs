@@ -1,8 +1,8 @@
 //! The typed layer: applications append and read their own event types (usually an enum),
 //! encoded by a [`Codec`], never `Any`.
 
-use super::{Appended, Direction, ExpectedVersion, Metadata, NewEvent, ReadError, Store};
 use super::{AppendError, ContentType};
+use super::{Appended, Direction, ExpectedVersion, Metadata, NewEvent, ReadError, Store};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
@@ -40,10 +40,16 @@ pub struct JsonCodec;
 impl Codec for JsonCodec {
     const CONTENT_TYPE: ContentType = ContentType::Json;
     fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-        serde_json::to_vec(value).map_err(|e| CodecError { codec: "json", message: e.to_string() })
+        serde_json::to_vec(value).map_err(|e| CodecError {
+            codec: "json",
+            message: e.to_string(),
+        })
     }
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-        serde_json::from_slice(bytes).map_err(|e| CodecError { codec: "json", message: e.to_string() })
+        serde_json::from_slice(bytes).map_err(|e| CodecError {
+            codec: "json",
+            message: e.to_string(),
+        })
     }
 }
 
@@ -54,10 +60,16 @@ pub struct BincodeCodec;
 impl Codec for BincodeCodec {
     const CONTENT_TYPE: ContentType = ContentType::Binary;
     fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-        bincode::serialize(value).map_err(|e| CodecError { codec: "bincode", message: e.to_string() })
+        bincode::serialize(value).map_err(|e| CodecError {
+            codec: "bincode",
+            message: e.to_string(),
+        })
     }
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-        bincode::deserialize(bytes).map_err(|e| CodecError { codec: "bincode", message: e.to_string() })
+        bincode::deserialize(bytes).map_err(|e| CodecError {
+            codec: "bincode",
+            message: e.to_string(),
+        })
     }
 }
 
@@ -142,7 +154,12 @@ impl Store {
     ///
     /// # Errors
     /// [`TypedAppendError::Codec`] if an event does not encode; otherwise as [`Store::append`].
-    pub fn append_typed<C: Codec, T: DomainEvent>(&self, aggregate_id: &str, expected: ExpectedVersion, events: &[T]) -> Result<Appended, TypedAppendError> {
+    pub fn append_typed<C: Codec, T: DomainEvent>(
+        &self,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[T],
+    ) -> Result<Appended, TypedAppendError> {
         let _ = TypedMarker::<C>(PhantomData);
         let events = events
             .iter()
@@ -164,12 +181,16 @@ impl Store {
     ///
     /// # Errors
     /// [`TypedReadError::Codec`] if a payload is not a `T`; otherwise as [`Store::read_aggregate`].
-    pub fn read_typed<C: Codec, T: DeserializeOwned>(&self, aggregate_id: &str) -> Result<Vec<TypedEvent<T>>, TypedReadError> {
+    pub fn read_typed<C: Codec, T: DeserializeOwned>(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<TypedEvent<T>>, TypedReadError> {
         let mut out = Vec::new();
         for stored in self.read_aggregate(aggregate_id, 1, Direction::Forward, usize::MAX)? {
             let stored = stored?;
             let e = stored.event()?;
-            let data = C::decode(e.payload).map_err(|source| TypedReadError::Codec { seq: e.seq, source })?;
+            let data = C::decode(e.payload)
+                .map_err(|source| TypedReadError::Codec { seq: e.seq, source })?;
             let owned = e.to_owned_event();
             out.push(TypedEvent {
                 seq: owned.seq,

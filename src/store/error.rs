@@ -74,7 +74,9 @@ pub enum AppendError {
     },
     /// An event id given by the caller is already used by another event of the aggregate
     /// (and this is not a retry of the same append).
-    #[error("event id {event_id} is already used in aggregate {aggregate_id} at version {version}")]
+    #[error(
+        "event id {event_id} is already used in aggregate {aggregate_id} at version {version}"
+    )]
     DuplicateEventId {
         /// The aggregate.
         aggregate_id: String,

@@ -83,8 +83,15 @@ impl NewEvent {
     ///
     /// # Errors
     /// If `data` cannot be serialized to JSON.
-    pub fn json<T: Serialize + ?Sized>(event_type: impl Into<String>, data: &T) -> Result<Self, serde_json::Error> {
-        Ok(Self::with_payload(event_type, serde_json::to_vec(data)?, ContentType::Json))
+    pub fn json<T: Serialize + ?Sized>(
+        event_type: impl Into<String>,
+        data: &T,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::with_payload(
+            event_type,
+            serde_json::to_vec(data)?,
+            ContentType::Json,
+        ))
     }
 
     /// An event with a JSON payload given as text (not checked to be JSON).
@@ -97,7 +104,11 @@ impl NewEvent {
         Self::with_payload(event_type, payload.into(), ContentType::Binary)
     }
 
-    fn with_payload(event_type: impl Into<String>, payload: Vec<u8>, content_type: ContentType) -> Self {
+    fn with_payload(
+        event_type: impl Into<String>,
+        payload: Vec<u8>,
+        content_type: ContentType,
+    ) -> Self {
         NewEvent {
             event_type: event_type.into(),
             payload,
@@ -202,7 +213,11 @@ impl EventRef<'_> {
             metadata: Metadata {
                 correlation_id: self.correlation_id.map(str::to_owned),
                 causation_id: self.causation_id.map(str::to_owned),
-                extra: self.extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                extra: self
+                    .extra
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
             },
             content_type: self.content_type,
             payload: self.payload.to_vec(),
@@ -275,7 +290,10 @@ pub struct EventDecodeError(pub String);
 
 fn options() -> impl bincode::Options + Copy {
     use bincode::Options;
-    bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().reject_trailing_bytes()
+    bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
 }
 
 /// The fields of a [`NewEvent`] once id and time are settled, ready to encode.
@@ -301,10 +319,18 @@ pub(crate) fn encode(e: &ResolvedEvent<'_>) -> Vec<u8> {
         content_type: e.event.content_type.to_byte(),
         correlation_id: e.event.metadata.correlation_id.as_deref(),
         causation_id: e.event.metadata.causation_id.as_deref(),
-        extra: e.event.metadata.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        extra: e
+            .event
+            .metadata
+            .extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
         payload: &e.event.payload,
     };
-    let mut out = Vec::with_capacity(1 + 64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len());
+    let mut out = Vec::with_capacity(
+        1 + 64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len(),
+    );
     out.push(EVENT_FORMAT_VERSION);
     // Writing to a Vec cannot fail, and every field type serializes.
     if let Err(err) = options().serialize_into(&mut out, &wire) {
@@ -329,7 +355,9 @@ fn body(bytes: &[u8]) -> Result<&[u8], EventDecodeError> {
 /// If the bytes are not an event of a known format version.
 pub fn decode(seq: u64, bytes: &[u8]) -> Result<EventRef<'_>, EventDecodeError> {
     use bincode::Options;
-    let w: Wire<'_> = options().deserialize(body(bytes)?).map_err(|e| EventDecodeError(e.to_string()))?;
+    let w: Wire<'_> = options()
+        .deserialize(body(bytes)?)
+        .map_err(|e| EventDecodeError(e.to_string()))?;
     let content_type = ContentType::from_byte(w.content_type)
         .ok_or_else(|| EventDecodeError(format!("unknown content type {}", w.content_type)))?;
     Ok(EventRef {
@@ -361,8 +389,13 @@ pub(crate) struct EventHead<'a> {
 pub(crate) fn decode_head(bytes: &[u8]) -> Result<EventHead<'_>, EventDecodeError> {
     use bincode::Options;
     // The head is a prefix of the whole encoding, so trailing bytes are expected here.
-    let opts = bincode::DefaultOptions::new().with_varint_encoding().with_little_endian().allow_trailing_bytes();
-    let h: WireHead<'_> = opts.deserialize(body(bytes)?).map_err(|e| EventDecodeError(e.to_string()))?;
+    let opts = bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .with_little_endian()
+        .allow_trailing_bytes();
+    let h: WireHead<'_> = opts
+        .deserialize(body(bytes)?)
+        .map_err(|e| EventDecodeError(e.to_string()))?;
     Ok(EventHead {
         aggregate_id: h.aggregate_id,
         event_type: h.event_type,
@@ -375,7 +408,10 @@ pub(crate) fn decode_head(bytes: &[u8]) -> Result<EventHead<'_>, EventDecodeErro
 /// Checks an aggregate id or event type: 1..=255 bytes, no control characters.
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > NAME_LEN_BYTES_MAX {
-        return Err(format!("is {} bytes, must be 1..={NAME_LEN_BYTES_MAX}", name.len()));
+        return Err(format!(
+            "is {} bytes, must be 1..={NAME_LEN_BYTES_MAX}",
+            name.len()
+        ));
     }
     if let Some(c) = name.chars().find(|c| c.is_control()) {
         return Err(format!("contains the control character {:?}", c));
@@ -427,7 +463,15 @@ mod tests {
         assert_eq!(r.content_type, ContentType::Json);
         assert_eq!(r.payload, e.payload);
         let head = decode_head(&bytes).unwrap();
-        assert_eq!((head.aggregate_id, head.event_type, head.version, head.event_id), ("order-1", "OrderPlaced", 3, id));
+        assert_eq!(
+            (
+                head.aggregate_id,
+                head.event_type,
+                head.version,
+                head.event_id
+            ),
+            ("order-1", "OrderPlaced", 3, id)
+        );
         assert_eq!(head.prev.resolve(9), Some(5));
         assert_eq!(Prev::Back(2).resolve(9), Some(7));
         assert_eq!(Prev::First.resolve(9), None);
@@ -438,7 +482,14 @@ mod tests {
         assert!(decode(0, &[]).is_err());
         assert!(decode(0, &[2, 0, 0]).unwrap_err().0.contains("version 2"));
         assert!(decode(0, &[1, 0xff, 0xff, 0xff]).is_err());
-        let mut bytes = encode(&ResolvedEvent { aggregate_id: "a", version: 1, prev: Prev::First, event_id: Uuid::nil(), timestamp_us: 0, event: &sample() });
+        let mut bytes = encode(&ResolvedEvent {
+            aggregate_id: "a",
+            version: 1,
+            prev: Prev::First,
+            event_id: Uuid::nil(),
+            timestamp_us: 0,
+            event: &sample(),
+        });
         bytes.push(0);
         assert!(decode(0, &bytes).is_err(), "trailing bytes are rejected");
     }

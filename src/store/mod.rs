@@ -13,7 +13,10 @@ mod codec;
 mod error;
 pub mod event;
 
-pub use codec::{BincodeCodec, Codec, CodecError, DomainEvent, JsonCodec, TypedAppendError, TypedEvent, TypedReadError};
+pub use codec::{
+    BincodeCodec, Codec, CodecError, DomainEvent, JsonCodec, TypedAppendError, TypedEvent,
+    TypedReadError,
+};
 pub use error::{AppendError, OpenError, ReadError};
 pub use event::{ContentType, EventRef, Metadata, NewEvent, RecordedEvent};
 
@@ -37,7 +40,9 @@ pub const EVENTS_PER_APPEND_MAX_DEFAULT: usize = 10_000;
 const EVENT_OVERHEAD_BYTES_MAX: usize = 64 << 10;
 /// Most bytes of metadata (ids, keys and values together) one event may carry.
 pub const METADATA_SIZE_BYTES_MAX: usize = 32 << 10;
-const _: () = assert!(METADATA_SIZE_BYTES_MAX + 4 * event::NAME_LEN_BYTES_MAX + 1024 < EVENT_OVERHEAD_BYTES_MAX);
+const _: () = assert!(
+    METADATA_SIZE_BYTES_MAX + 4 * event::NAME_LEN_BYTES_MAX + 1024 < EVENT_OVERHEAD_BYTES_MAX
+);
 /// Stripes of the per-aggregate append lock.
 const APPEND_LOCK_STRIPES: usize = 256;
 
@@ -178,8 +183,13 @@ impl Filter {
 
     /// Whether an event of this aggregate and type passes.
     pub fn matches(&self, aggregate_id: &str, event_type: &str) -> bool {
-        self.event_types.as_ref().is_none_or(|ts| ts.iter().any(|t| t == event_type))
-            && self.aggregate_prefix.as_ref().is_none_or(|p| aggregate_id.starts_with(p.as_str()))
+        self.event_types
+            .as_ref()
+            .is_none_or(|ts| ts.iter().any(|t| t == event_type))
+            && self
+                .aggregate_prefix
+                .as_ref()
+                .is_none_or(|p| aggregate_id.starts_with(p.as_str()))
     }
 }
 
@@ -200,7 +210,10 @@ impl StoredEvent {
     /// # Errors
     /// [`ReadError::BadEvent`] if the record is not a decodable event.
     pub fn event(&self) -> Result<EventRef<'_>, ReadError> {
-        event::decode(self.seq(), self.record.payload()).map_err(|e| ReadError::BadEvent { seq: self.seq(), reason: e.0 })
+        event::decode(self.seq(), self.record.payload()).map_err(|e| ReadError::BadEvent {
+            seq: self.seq(),
+            reason: e.0,
+        })
     }
 
     /// The event, copied out.
@@ -217,7 +230,10 @@ impl StoredEvent {
     }
 
     fn head(&self) -> Result<EventHead<'_>, ReadError> {
-        event::decode_head(self.record.payload()).map_err(|e| ReadError::BadEvent { seq: self.seq(), reason: e.0 })
+        event::decode_head(self.record.payload()).map_err(|e| ReadError::BadEvent {
+            seq: self.seq(),
+            reason: e.0,
+        })
     }
 }
 
@@ -322,12 +338,20 @@ impl Store {
     pub fn open(dir: &Path, options: Options) -> Result<Store, OpenError> {
         let mut options = options;
         if options.events_per_append_max == 0 || options.payload_size_bytes_max == 0 {
-            return Err(OpenError::InvalidOptions("events_per_append_max and payload_size_bytes_max must be at least 1".into()));
+            return Err(OpenError::InvalidOptions(
+                "events_per_append_max and payload_size_bytes_max must be at least 1".into(),
+            ));
         }
-        let record_needed = options.payload_size_bytes_max.saturating_add(EVENT_OVERHEAD_BYTES_MAX);
-        let record_needed = u32::try_from(record_needed).map_err(|_| OpenError::InvalidOptions("payload_size_bytes_max is too large".into()))?;
+        let record_needed = options
+            .payload_size_bytes_max
+            .saturating_add(EVENT_OVERHEAD_BYTES_MAX);
+        let record_needed = u32::try_from(record_needed)
+            .map_err(|_| OpenError::InvalidOptions("payload_size_bytes_max is too large".into()))?;
         options.log.record_size_bytes_max = record_needed;
-        options.log.batch_records_max = options.log.batch_records_max.max(options.events_per_append_max);
+        options.log.batch_records_max = options
+            .log
+            .batch_records_max
+            .max(options.events_per_append_max);
         let log = Log::open(dir, options.log.clone())?;
         let (index, index_report) = Index::open(dir, &log, options.index.clone())?;
         let report = OpenReport {
@@ -371,8 +395,17 @@ impl Store {
     /// [`AppendError::PayloadTooLarge`], [`AppendError::BadEventCount`],
     /// [`AppendError::DuplicateEventId`], [`AppendError::IndexBehind`],
     /// [`AppendError::Log`] (disk full, poisoned, I/O). Nothing is stored on error.
-    pub fn append(&self, aggregate_id: &str, expected: ExpectedVersion, events: &[NewEvent]) -> Result<Appended, AppendError> {
-        let mut results = self.append_batch(&[AppendRequest { aggregate_id, expected, events }])?;
+    pub fn append(
+        &self,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Appended, AppendError> {
+        let mut results = self.append_batch(&[AppendRequest {
+            aggregate_id,
+            expected,
+            events,
+        }])?;
         Ok(results.remove(0))
     }
 
@@ -383,7 +416,10 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::append`]; the limit on events counts all requests together.
-    pub fn append_batch(&self, requests: &[AppendRequest<'_>]) -> Result<Vec<Appended>, AppendError> {
+    pub fn append_batch(
+        &self,
+        requests: &[AppendRequest<'_>],
+    ) -> Result<Vec<Appended>, AppendError> {
         let inner = &self.inner;
         let total: usize = requests.iter().map(|r| r.events.len()).sum();
         let max = inner.options.events_per_append_max;
@@ -405,23 +441,34 @@ impl Store {
                 let m = &e.metadata;
                 let metadata_bytes = m.correlation_id.as_ref().map_or(0, String::len)
                     + m.causation_id.as_ref().map_or(0, String::len)
-                    + m.extra.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                    + m.extra
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
                 if metadata_bytes > METADATA_SIZE_BYTES_MAX {
-                    return Err(AppendError::MetadataTooLarge { index: index_in_append, size_bytes: metadata_bytes, limit_bytes: METADATA_SIZE_BYTES_MAX });
+                    return Err(AppendError::MetadataTooLarge {
+                        index: index_in_append,
+                        size_bytes: metadata_bytes,
+                        limit_bytes: METADATA_SIZE_BYTES_MAX,
+                    });
                 }
                 index_in_append += 1;
             }
         }
         let timeout = Duration::from_millis(inner.options.append_timeout_ms);
         if let Err(cause) = inner.index.wait_for_room(total, timeout) {
-            return Err(AppendError::IndexBehind { lag_events: inner.index.lag_events(), cause });
+            return Err(AppendError::IndexBehind {
+                lag_events: inner.index.lag_events(),
+                cause,
+            });
         }
 
         let mut stripes: Vec<usize> = requests.iter().map(|r| stripe_of(r.aggregate_id)).collect();
         stripes.sort_unstable();
         stripes.dedup();
         // Locks are taken in stripe order, so two batches cannot deadlock.
-        let _guards: Vec<MutexGuard<'_, ()>> = stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
+        let _guards: Vec<MutexGuard<'_, ()>> =
+            stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
 
         let now = now_us();
         // Where each aggregate touched by this append stands: its version, and where its
@@ -439,7 +486,10 @@ impl Store {
                     None => (0, Tail::None),
                 },
             };
-            if r.events.iter().any(|e| e.event_id.is_some()) && current > 0 && !heads.contains_key(r.aggregate_id) {
+            if r.events.iter().any(|e| e.event_id.is_some())
+                && current > 0
+                && !heads.contains_key(r.aggregate_id)
+            {
                 if let Some(original) = self.find_retry(r, current)? {
                     results[ri] = Some(original);
                     continue;
@@ -456,7 +506,11 @@ impl Store {
             for (i, e) in r.events.iter().enumerate() {
                 if let Some(id) = e.event_id {
                     if ids_in_request.insert(id, i).is_some() {
-                        return Err(AppendError::DuplicateEventId { aggregate_id: r.aggregate_id.into(), event_id: id, version: current + 1 + i as u64 });
+                        return Err(AppendError::DuplicateEventId {
+                            aggregate_id: r.aggregate_id.into(),
+                            event_id: id,
+                            version: current + 1 + i as u64,
+                        });
                     }
                 }
             }
@@ -502,17 +556,31 @@ impl Store {
     /// order, at a position the expectation admits), the original result. An id used by a
     /// different event is an error. Costs a read of the aggregate's history, so only
     /// appends that carry their own event ids pay it.
-    fn find_retry(&self, r: &AppendRequest<'_>, current: u64) -> Result<Option<Appended>, AppendError> {
-        let wanted: HashMap<Uuid, usize> = r.events.iter().enumerate().filter_map(|(i, e)| e.event_id.map(|id| (id, i))).collect();
+    fn find_retry(
+        &self,
+        r: &AppendRequest<'_>,
+        current: u64,
+    ) -> Result<Option<Appended>, AppendError> {
+        let wanted: HashMap<Uuid, usize> = r
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.event_id.map(|id| (id, i)))
+            .collect();
         let mut found: Vec<(usize, u64, u64)> = Vec::new(); // (event index, version, seq)
         let mut same_content = true;
-        for item in self.read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX).map_err(|e| AppendError::Read(Box::new(e)))? {
+        for item in self
+            .read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX)
+            .map_err(|e| AppendError::Read(Box::new(e)))?
+        {
             let stored = item.map_err(|e| AppendError::Read(Box::new(e)))?;
             let head = stored.head().map_err(|e| AppendError::Read(Box::new(e)))?;
             if let Some(&i) = wanted.get(&head.event_id) {
                 let e = stored.event().map_err(|e| AppendError::Read(Box::new(e)))?;
                 let asked = &r.events[i];
-                same_content &= e.event_type == asked.event_type && e.payload == asked.payload.as_slice() && e.content_type == asked.content_type;
+                same_content &= e.event_type == asked.event_type
+                    && e.payload == asked.payload.as_slice()
+                    && e.content_type == asked.content_type;
                 found.push((i, head.version, stored.seq()));
             }
         }
@@ -523,13 +591,20 @@ impl Store {
         let is_retry = found.len() == n
             && same_content
             && r.events.iter().all(|e| e.event_id.is_some())
-            && found.iter().enumerate().all(|(k, &(i, v, _))| i == k && v == first_version + k as u64)
+            && found
+                .iter()
+                .enumerate()
+                .all(|(k, &(i, v, _))| i == k && v == first_version + k as u64)
             && first_index == 0
             && r.expected.admits(first_version - 1)
             && first_version + n as u64 - 1 <= current;
         if is_retry {
             let (_, last_version, last_seq) = found[n - 1];
-            return Ok(Some(Appended { first_seq, last_seq, last_version }));
+            return Ok(Some(Appended {
+                first_seq,
+                last_seq,
+                last_version,
+            }));
         }
         let (i, version, _) = found[0];
         Err(AppendError::DuplicateEventId {
@@ -546,7 +621,13 @@ impl Store {
     /// [`ReadError::Index`] if the index cannot be read. Items may be
     /// [`ReadError::Log`] (a corrupt record is never returned) or
     /// [`ReadError::IndexMismatch`].
-    pub fn read_aggregate(&self, aggregate_id: &str, from_version: u64, direction: Direction, limit: usize) -> Result<AggregateEvents, ReadError> {
+    pub fn read_aggregate(
+        &self,
+        aggregate_id: &str,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<AggregateEvents, ReadError> {
         let latest = self.inner.index.latest(aggregate_id)?;
         Ok(AggregateEvents {
             store: Arc::clone(&self.inner),
@@ -567,14 +648,27 @@ impl Store {
     ///
     /// # Errors
     /// As [`Store::read_aggregate`].
-    pub fn read_type(&self, event_type: &str, from_seq: u64, limit: usize) -> Result<TypeEvents, ReadError> {
+    pub fn read_type(
+        &self,
+        event_type: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<TypeEvents, ReadError> {
         let seqs = self.inner.index.type_seqs(event_type, from_seq)?;
-        Ok(TypeEvents { store: Arc::clone(&self.inner), event_type: event_type.to_string(), seqs, remaining: limit })
+        Ok(TypeEvents {
+            store: Arc::clone(&self.inner),
+            event_type: event_type.to_string(),
+            seqs,
+            remaining: limit,
+        })
     }
 
     /// All events from seq `from_seq` on, at most `limit`, straight from the log. Lazy.
     pub fn read_all(&self, from_seq: u64, limit: usize) -> AllEvents {
-        AllEvents { iter: self.inner.log.iter_from(from_seq), remaining: limit }
+        AllEvents {
+            iter: self.inner.log.iter_from(from_seq),
+            remaining: limit,
+        }
     }
 
     /// The event with this seq.
@@ -582,7 +676,9 @@ impl Store {
     /// # Errors
     /// [`ReadError::Log`] if it is not there or corrupt.
     pub fn read_seq(&self, seq: u64) -> Result<StoredEvent, ReadError> {
-        Ok(StoredEvent { record: self.inner.log.read(seq)? })
+        Ok(StoredEvent {
+            record: self.inner.log.read(seq)?,
+        })
     }
 
     /// The latest version of `aggregate_id` (0 if it has no events).
@@ -597,7 +693,11 @@ impl Store {
     /// committed, filtered by `filter`. Holds nothing but a position: dropping it frees
     /// everything.
     pub fn follow(&self, from_seq: u64, filter: Filter) -> Follower {
-        Follower { store: Arc::clone(&self.inner), next_seq: from_seq, filter }
+        Follower {
+            store: Arc::clone(&self.inner),
+            next_seq: from_seq,
+            filter,
+        }
     }
 
     /// Waits until the event with seq `seq` is stored, or `timeout` passes; returns
@@ -648,7 +748,7 @@ impl Store {
     /// # Errors
     /// [`ReadError::Index`].
     #[doc(hidden)]
-    pub fn index_dump(&self) -> Result<std::collections::BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>, ReadError> {
+    pub fn index_dump(&self) -> Result<crate::index::IndexDump, ReadError> {
         Ok(self.inner.index.dump()?)
     }
 
@@ -696,7 +796,9 @@ impl AggregateEvents {
     /// Reads the event at `seq`, which the index or a back pointer says is `version` of
     /// this aggregate; returns it and its back pointer.
     fn read_link(&self, seq: u64, version: u64) -> Result<(StoredEvent, Option<u64>), ReadError> {
-        let stored = StoredEvent { record: self.store.log.read(seq)? };
+        let stored = StoredEvent {
+            record: self.store.log.read(seq)?,
+        };
         let head = stored.head()?;
         if head.aggregate_id != self.aggregate_id || head.version != version {
             return Err(ReadError::IndexMismatch {
@@ -712,17 +814,27 @@ impl AggregateEvents {
     /// The (version, seq) to start a backward walk that reaches `version`: the end of the
     /// chunk holding it (the latest event, or the event just before the next checkpoint).
     fn anchor_for(&self, version: u64) -> Result<Option<(u64, u64)>, ReadError> {
-        let Some((latest_version, latest_seq)) = self.latest else { return Ok(None) };
+        let Some((latest_version, latest_seq)) = self.latest else {
+            return Ok(None);
+        };
         let next_checkpoint = keys::chunk_start(version) + keys::AGG_CHECKPOINT_VERSIONS;
         if next_checkpoint > latest_version {
             return Ok(Some((latest_version, latest_seq)));
         }
-        match self.store.index.checkpoint(&self.aggregate_id, next_checkpoint)? {
+        match self
+            .store
+            .index
+            .checkpoint(&self.aggregate_id, next_checkpoint)?
+        {
             Some(seq) => {
                 let (_, prev) = self.read_link(seq, next_checkpoint)?;
                 match prev {
                     Some(p) => Ok(Some((next_checkpoint - 1, p))),
-                    None => Err(ReadError::IndexMismatch { seq, expected: format!("a back pointer at version {next_checkpoint}"), found: "none".into() }),
+                    None => Err(ReadError::IndexMismatch {
+                        seq,
+                        expected: format!("a back pointer at version {next_checkpoint}"),
+                        found: "none".into(),
+                    }),
                 }
             }
             // No checkpoint: the walk from the latest event still gets there.
@@ -732,7 +844,9 @@ impl AggregateEvents {
 
     /// Fills `buffer` with versions `next_version ..= end of its chunk`.
     fn fill_chunk(&mut self) -> Result<(), ReadError> {
-        let Some((mut version, mut seq)) = self.anchor_for(self.next_version)? else { return Ok(()) };
+        let Some((mut version, mut seq)) = self.anchor_for(self.next_version)? else {
+            return Ok(());
+        };
         let mut chunk = Vec::new();
         loop {
             let (stored, prev) = self.read_link(seq, version)?;
@@ -747,7 +861,13 @@ impl AggregateEvents {
                     seq = p;
                     version -= 1;
                 }
-                None => return Err(ReadError::IndexMismatch { seq, expected: format!("a back pointer at version {version}"), found: "none".into() }),
+                None => {
+                    return Err(ReadError::IndexMismatch {
+                        seq,
+                        expected: format!("a back pointer at version {version}"),
+                        found: "none".into(),
+                    })
+                }
             }
         }
         self.buffer = chunk;
@@ -860,7 +980,11 @@ impl Iterator for TypeEvents {
         };
         Some(match stored.head() {
             Ok(h) if h.event_type == self.event_type => Ok(stored),
-            Ok(h) => Err(ReadError::IndexMismatch { seq, expected: format!("type {}", self.event_type), found: format!("type {}", h.event_type) }),
+            Ok(h) => Err(ReadError::IndexMismatch {
+                seq,
+                expected: format!("type {}", self.event_type),
+                found: format!("type {}", h.event_type),
+            }),
             Err(e) => Err(e),
         })
     }
@@ -881,7 +1005,12 @@ impl Iterator for AllEvents {
             return None;
         }
         self.remaining -= 1;
-        Some(self.iter.next()?.map(|record| StoredEvent { record }).map_err(ReadError::from))
+        Some(
+            self.iter
+                .next()?
+                .map(|record| StoredEvent { record })
+                .map_err(ReadError::from),
+        )
     }
 }
 
@@ -903,7 +1032,9 @@ impl Follower {
         let deadline = Instant::now() + timeout;
         loop {
             while self.next_seq < self.store.log.next_seq() {
-                let stored = StoredEvent { record: self.store.log.read(self.next_seq)? };
+                let stored = StoredEvent {
+                    record: self.store.log.read(self.next_seq)?,
+                };
                 let head = stored.head()?;
                 self.next_seq += 1;
                 if self.filter.matches(head.aggregate_id, head.event_type) {

@@ -84,13 +84,22 @@ pub fn store_options() -> eventlog::store::Options {
 
 /// Opens a store, panicking with the error on failure.
 pub fn open_store(dir: &Path) -> eventlog::store::Store {
-    eventlog::store::Store::open(dir, store_options()).unwrap_or_else(|e| panic!("store open failed: {e}"))
+    eventlog::store::Store::open(dir, store_options())
+        .unwrap_or_else(|e| panic!("store open failed: {e}"))
 }
 
 /// An aggregate's history as (version, seq, type, payload).
-pub fn history(store: &eventlog::store::Store, aggregate: &str) -> Vec<(u64, u64, String, Vec<u8>)> {
+pub fn history(
+    store: &eventlog::store::Store,
+    aggregate: &str,
+) -> Vec<(u64, u64, String, Vec<u8>)> {
     store
-        .read_aggregate(aggregate, 1, eventlog::store::Direction::Forward, usize::MAX)
+        .read_aggregate(
+            aggregate,
+            1,
+            eventlog::store::Direction::Forward,
+            usize::MAX,
+        )
         .unwrap()
         .map(|e| {
             let e = e.unwrap().to_recorded().unwrap();

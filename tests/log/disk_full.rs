@@ -128,10 +128,16 @@ fn disk_full_cycle(options: LogOptions) {
             }
             Err(e @ AppendError::DiskFull { .. }) => {
                 message = e.to_string();
-                let AppendError::DiskFull { path } = e else { unreachable!() };
+                let AppendError::DiskFull { path } = e else {
+                    unreachable!()
+                };
                 assert!(path.to_string_lossy().ends_with(".seg"), "{path:?}");
                 failures += 1;
-                assert_eq!(log.next_seq(), stored.len() as u64, "nothing of the failed append is counted");
+                assert_eq!(
+                    log.next_seq(),
+                    stored.len() as u64,
+                    "nothing of the failed append is counted"
+                );
                 if failures == 3 {
                     break;
                 }
@@ -140,13 +146,24 @@ fn disk_full_cycle(options: LogOptions) {
         }
     }
     assert_eq!(failures, 3, "the disk never filled up");
-    assert!(message.contains("disk full") && message.contains("free space"), "{message}");
-    assert_eq!(all_payloads(&log), stored, "nothing stored before was damaged");
+    assert!(
+        message.contains("disk full") && message.contains("free space"),
+        "{message}"
+    );
+    assert_eq!(
+        all_payloads(&log),
+        stored,
+        "nothing stored before was damaged"
+    );
 
     full.store(false, Ordering::SeqCst);
     let p = payload_for(42, 300);
     let seqs = log.append(&[&p]).unwrap();
-    assert_eq!(seqs.start, stored.len() as u64, "appends resume with the next seq");
+    assert_eq!(
+        seqs.start,
+        stored.len() as u64,
+        "appends resume with the next seq"
+    );
     stored.push(p);
 
     // A crash image now holds exactly the acknowledged records.
@@ -186,9 +203,16 @@ fn failed_fsync_stops_writes_until_reopen_and_loses_nothing_acknowledged() {
     }
     // Not retried and forgotten: even with fsync working again, writes stay refused.
     fsync_fails.store(false, Ordering::SeqCst);
-    assert!(matches!(log.append(&[b"later"]), Err(AppendError::Poisoned { .. })));
+    assert!(matches!(
+        log.append(&[b"later"]),
+        Err(AppendError::Poisoned { .. })
+    ));
     assert!(log.sync().is_err());
-    assert_eq!(all_payloads(&log), stored, "reads of acknowledged records still work");
+    assert_eq!(
+        all_payloads(&log),
+        stored,
+        "reads of acknowledged records still work"
+    );
     drop(log);
     let log = Log::open(dir.path(), small_options()).unwrap();
     let after = all_payloads(&log);

@@ -44,8 +44,16 @@ fn recovery_keeps_exactly_the_records_before_a_torn_last_record_at_every_cut() {
             }
             drop(f);
             let log = open(dir.path(), small_options());
-            assert_eq!(all_payloads(&log), payloads[..4], "cut {cut} zero_fill {zero_fill}");
-            assert_eq!(log.append(&[b"next"]).unwrap(), 4..5, "appends resume at the cut");
+            assert_eq!(
+                all_payloads(&log),
+                payloads[..4],
+                "cut {cut} zero_fill {zero_fill}"
+            );
+            assert_eq!(
+                log.append(&[b"next"]).unwrap(),
+                4..5,
+                "appends resume at the cut"
+            );
             drop(log);
             // Idempotent: a second open finds nothing more to do and the same records.
             let log = open(dir.path(), small_options());
@@ -60,14 +68,20 @@ fn unfinished_multi_record_append_disappears_whole() {
     let live = tempfile::tempdir().unwrap();
     let log = open(live.path(), small_options());
     log.append(&[b"one".as_slice()]).unwrap();
-    log.append(&[b"two".as_slice(), b"three".as_slice(), b"four".as_slice()]).unwrap();
+    log.append(&[b"two".as_slice(), b"three".as_slice(), b"four".as_slice()])
+        .unwrap();
     let image = tempfile::tempdir().unwrap();
     copy_dir(live.path(), image.path());
     drop(log);
     let seg = segment_files(image.path()).pop().unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
     // Cut inside the last record of the three-record append.
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 2).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 2)
+        .unwrap();
     let log = open(image.path(), small_options());
     assert_eq!(all_payloads(&log), vec![b"one".to_vec()]);
     assert!(log.recovery_report().truncated_tail_bytes > 0);
@@ -82,7 +96,12 @@ fn clean_close_leaves_nothing_to_verify_and_crash_verifies_only_the_tail() {
     }
     drop(log);
     let log = open(dir.path(), small_options());
-    assert_eq!(log.recovery_report().verified_bytes, 0, "{:?}", log.recovery_report());
+    assert_eq!(
+        log.recovery_report().verified_bytes,
+        0,
+        "{:?}",
+        log.recovery_report()
+    );
     assert_eq!(log.next_seq(), 2000);
     log.append(&[b"after reopen"]).unwrap();
     let image = tempfile::tempdir().unwrap();
@@ -95,7 +114,11 @@ fn clean_close_leaves_nothing_to_verify_and_crash_verifies_only_the_tail() {
 }
 
 fn flip_byte(path: &std::path::Path, offset: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x10;
@@ -154,7 +177,11 @@ fn damage_before_valid_records_in_last_segment_is_refused_then_repaired_with_a_c
         other => panic!("a bad record followed by valid ones must not be cut as a tail: {other:?}"),
     }
     let bytes_before = std::fs::read(&seg).unwrap();
-    assert_eq!(std::fs::read(&seg).unwrap(), bytes_before, "refusing changes nothing");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes_before,
+        "refusing changes nothing"
+    );
 
     let mut options = small_options();
     options.repair = true;
@@ -164,7 +191,10 @@ fn damage_before_valid_records_in_last_segment_is_refused_then_repaired_with_a_c
     let q = &report.quarantined[0];
     assert_eq!(q.first_lost_seq, 20);
     assert_eq!(q.records_lost, 30);
-    assert!(q.moved_to.iter().all(|p| p.starts_with(image.path().join("log").join(QUARANTINE_DIR))));
+    assert!(q
+        .moved_to
+        .iter()
+        .all(|p| p.starts_with(image.path().join("log").join(QUARANTINE_DIR))));
     assert!(std::fs::metadata(&q.moved_to[0]).unwrap().len() >= 30 * framed_len(64) as u64);
     assert_eq!(all_payloads(&log), payloads[..20]);
     assert_eq!(log.append(&[b"x"]).unwrap(), 20..21);
@@ -198,8 +228,15 @@ fn garbage_after_the_last_record_is_cut_as_a_torn_tail() {
     let (image, payloads) = crash_image(10, 50);
     let seg = segment_files(image.path()).pop().unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
-    let garbage: Vec<u8> = (0..3000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    OpenOptions::new().write(true).open(&seg).unwrap().write_all_at(&garbage, len).unwrap();
+    let garbage: Vec<u8> = (0..3000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .write_all_at(&garbage, len)
+        .unwrap();
     let log = open(image.path(), small_options());
     assert_eq!(all_payloads(&log), payloads);
     assert!(log.recovery_report().truncated_tail_bytes > 2900);

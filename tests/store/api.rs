@@ -1,5 +1,7 @@
 use crate::common::{history, open_store};
-use eventlog::store::{AppendError, AppendRequest, Direction, ExpectedVersion, Filter, NewEvent, Store};
+use eventlog::store::{
+    AppendError, AppendRequest, Direction, ExpectedVersion, Filter, NewEvent, Store,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -12,28 +14,67 @@ fn ev(t: &str, data: &str) -> NewEvent {
 fn append_and_read_by_aggregate_type_and_all() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let a = store.append("order-1", ExpectedVersion::NoStream, &[ev("Placed", "1"), ev("Paid", "2")]).unwrap();
+    let a = store
+        .append(
+            "order-1",
+            ExpectedVersion::NoStream,
+            &[ev("Placed", "1"), ev("Paid", "2")],
+        )
+        .unwrap();
     assert_eq!((a.first_seq, a.last_seq, a.last_version), (0, 1, 2));
-    let b = store.append("order-2", ExpectedVersion::Any, &[ev("Placed", "3")]).unwrap();
+    let b = store
+        .append("order-2", ExpectedVersion::Any, &[ev("Placed", "3")])
+        .unwrap();
     assert_eq!((b.first_seq, b.last_version), (2, 1));
-    let c = store.append("order-1", ExpectedVersion::Exact(2), &[ev("Shipped", "4")]).unwrap();
+    let c = store
+        .append("order-1", ExpectedVersion::Exact(2), &[ev("Shipped", "4")])
+        .unwrap();
     assert_eq!((c.first_seq, c.last_version), (3, 3));
 
     let h = history(&store, "order-1");
-    assert_eq!(h.iter().map(|x| (x.0, x.1, x.2.as_str())).collect::<Vec<_>>(), vec![(1, 0, "Placed"), (2, 1, "Paid"), (3, 3, "Shipped")]);
-    let back: Vec<u64> = store.read_aggregate("order-1", u64::MAX, Direction::Backward, 2).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+    assert_eq!(
+        h.iter()
+            .map(|x| (x.0, x.1, x.2.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, 0, "Placed"), (2, 1, "Paid"), (3, 3, "Shipped")]
+    );
+    let back: Vec<u64> = store
+        .read_aggregate("order-1", u64::MAX, Direction::Backward, 2)
+        .unwrap()
+        .map(|e| e.unwrap().event().unwrap().version)
+        .collect();
     assert_eq!(back, vec![3, 2]);
-    let from2: Vec<u64> = store.read_aggregate("order-1", 2, Direction::Forward, 10).unwrap().map(|e| e.unwrap().seq()).collect();
+    let from2: Vec<u64> = store
+        .read_aggregate("order-1", 2, Direction::Forward, 10)
+        .unwrap()
+        .map(|e| e.unwrap().seq())
+        .collect();
     assert_eq!(from2, vec![1, 3]);
-    let placed: Vec<u64> = store.read_type("Placed", 0, 10).unwrap().map(|e| e.unwrap().seq()).collect();
+    let placed: Vec<u64> = store
+        .read_type("Placed", 0, 10)
+        .unwrap()
+        .map(|e| e.unwrap().seq())
+        .collect();
     assert_eq!(placed, vec![0, 2]);
-    let placed_late: Vec<u64> = store.read_type("Placed", 1, 10).unwrap().map(|e| e.unwrap().seq()).collect();
+    let placed_late: Vec<u64> = store
+        .read_type("Placed", 1, 10)
+        .unwrap()
+        .map(|e| e.unwrap().seq())
+        .collect();
     assert_eq!(placed_late, vec![2]);
     let all: Vec<u64> = store.read_all(1, 2).map(|e| e.unwrap().seq()).collect();
     assert_eq!(all, vec![1, 2]);
     assert!(history(&store, "nobody").is_empty());
     let stats = store.stats().unwrap();
-    assert_eq!((stats.head_seq, stats.event_count, stats.aggregate_count, stats.type_count), (Some(3), 4, 2, 3));
+    assert_eq!(
+        (
+            stats.head_seq,
+            stats.event_count,
+            stats.aggregate_count,
+            stats.type_count
+        ),
+        (Some(3), 4, 2, 3)
+    );
 
     // Same answers once everything moved from memory to sled, and after reopening.
     store.flush_index().unwrap();
@@ -42,7 +83,14 @@ fn append_and_read_by_aggregate_type_and_all() {
     let store = open_store(dir.path());
     assert_eq!(history(&store, "order-1"), h);
     let stats = store.stats().unwrap();
-    assert_eq!((stats.aggregate_count, stats.type_count, stats.index_lag_events), (2, 3, 0));
+    assert_eq!(
+        (
+            stats.aggregate_count,
+            stats.type_count,
+            stats.index_lag_events
+        ),
+        (2, 3, 0)
+    );
 }
 
 #[test]
@@ -53,16 +101,37 @@ fn every_expected_version_kind_is_enforced_and_a_mismatch_stores_nothing() {
         Err(AppendError::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, actual_want),
         other => panic!("expected a version conflict, got {other:?}"),
     };
-    wrong(store.append("a", ExpectedVersion::Exists, &[ev("T", "1")]), 0);
-    wrong(store.append("a", ExpectedVersion::Exact(1), &[ev("T", "1")]), 0);
-    store.append("a", ExpectedVersion::Exact(0), &[ev("T", "1")]).unwrap();
-    wrong(store.append("a", ExpectedVersion::NoStream, &[ev("T", "2")]), 1);
-    wrong(store.append("a", ExpectedVersion::Exact(0), &[ev("T", "2")]), 1);
-    store.append("a", ExpectedVersion::Exists, &[ev("T", "2")]).unwrap();
-    store.append("a", ExpectedVersion::Any, &[ev("T", "3")]).unwrap();
+    wrong(
+        store.append("a", ExpectedVersion::Exists, &[ev("T", "1")]),
+        0,
+    );
+    wrong(
+        store.append("a", ExpectedVersion::Exact(1), &[ev("T", "1")]),
+        0,
+    );
+    store
+        .append("a", ExpectedVersion::Exact(0), &[ev("T", "1")])
+        .unwrap();
+    wrong(
+        store.append("a", ExpectedVersion::NoStream, &[ev("T", "2")]),
+        1,
+    );
+    wrong(
+        store.append("a", ExpectedVersion::Exact(0), &[ev("T", "2")]),
+        1,
+    );
+    store
+        .append("a", ExpectedVersion::Exists, &[ev("T", "2")])
+        .unwrap();
+    store
+        .append("a", ExpectedVersion::Any, &[ev("T", "3")])
+        .unwrap();
     assert_eq!(store.next_seq(), 3);
     assert_eq!(store.aggregate_version("a").unwrap(), 3);
-    let msg = store.append("a", ExpectedVersion::Exact(7), &[ev("T", "x")]).unwrap_err().to_string();
+    let msg = store
+        .append("a", ExpectedVersion::Exact(7), &[ev("T", "x")])
+        .unwrap_err()
+        .to_string();
     assert_eq!(msg, "aggregate a: expected version 7, actual version 3");
 }
 
@@ -70,49 +139,120 @@ fn every_expected_version_kind_is_enforced_and_a_mismatch_stores_nothing() {
 fn invalid_input_gets_typed_errors_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    assert!(matches!(store.append("", ExpectedVersion::Any, &[ev("T", "1")]), Err(AppendError::InvalidName { what: "aggregate id", .. })));
-    assert!(matches!(store.append(&"x".repeat(256), ExpectedVersion::Any, &[ev("T", "1")]), Err(AppendError::InvalidName { .. })));
-    assert!(matches!(store.append("a\u{7}", ExpectedVersion::Any, &[ev("T", "1")]), Err(AppendError::InvalidName { .. })));
-    assert!(matches!(store.append("a", ExpectedVersion::Any, &[ev("", "1")]), Err(AppendError::InvalidName { what: "event type", .. })));
-    assert!(matches!(store.append("a", ExpectedVersion::Any, &[]), Err(AppendError::BadEventCount { count: 0, .. })));
+    assert!(matches!(
+        store.append("", ExpectedVersion::Any, &[ev("T", "1")]),
+        Err(AppendError::InvalidName {
+            what: "aggregate id",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.append(&"x".repeat(256), ExpectedVersion::Any, &[ev("T", "1")]),
+        Err(AppendError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        store.append("a\u{7}", ExpectedVersion::Any, &[ev("T", "1")]),
+        Err(AppendError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        store.append("a", ExpectedVersion::Any, &[ev("", "1")]),
+        Err(AppendError::InvalidName {
+            what: "event type",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.append("a", ExpectedVersion::Any, &[]),
+        Err(AppendError::BadEventCount { count: 0, .. })
+    ));
     let fat = ev("T", "1").with_meta("k", "v".repeat(40_000));
-    assert!(matches!(store.append("a", ExpectedVersion::Any, &[fat]), Err(AppendError::MetadataTooLarge { index: 0, .. })));
+    assert!(matches!(
+        store.append("a", ExpectedVersion::Any, &[fat]),
+        Err(AppendError::MetadataTooLarge { index: 0, .. })
+    ));
     let big = NewEvent::binary("T", vec![0u8; (1 << 20) + 1]);
     match store.append("a", ExpectedVersion::Any, &[ev("T", "ok"), big]) {
-        Err(AppendError::PayloadTooLarge { index, size_bytes, limit_bytes }) => assert_eq!((index, size_bytes, limit_bytes), (1, (1 << 20) + 1, 1 << 20)),
+        Err(AppendError::PayloadTooLarge {
+            index,
+            size_bytes,
+            limit_bytes,
+        }) => assert_eq!(
+            (index, size_bytes, limit_bytes),
+            (1, (1 << 20) + 1, 1 << 20)
+        ),
         other => panic!("{other:?}"),
     }
     let many: Vec<NewEvent> = (0..10_001).map(|_| ev("T", "1")).collect();
-    assert!(matches!(store.append("a", ExpectedVersion::Any, &many), Err(AppendError::BadEventCount { count: 10_001, max: 10_000 })));
+    assert!(matches!(
+        store.append("a", ExpectedVersion::Any, &many),
+        Err(AppendError::BadEventCount {
+            count: 10_001,
+            max: 10_000
+        })
+    ));
     assert_eq!(store.next_seq(), 0);
     let exactly_max: Vec<NewEvent> = (0..10_000).map(|_| ev("T", "1")).collect();
-    assert_eq!(store.append("a", ExpectedVersion::Any, &exactly_max).unwrap().last_version, 10_000);
+    assert_eq!(
+        store
+            .append("a", ExpectedVersion::Any, &exactly_max)
+            .unwrap()
+            .last_version,
+        10_000
+    );
 }
 
 #[test]
 fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    store.append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")]).unwrap();
+    store
+        .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
+        .unwrap();
     let ids = [Uuid::from_u128(1), Uuid::from_u128(2)];
-    let events: Vec<NewEvent> = ids.iter().map(|&id| ev("Deposited", "{}").with_id(id)).collect();
-    let first = store.append("acct", ExpectedVersion::Exact(1), &events).unwrap();
-    store.append("acct", ExpectedVersion::Any, &[ev("Withdrawn", "{}")]).unwrap();
-    let retry = store.append("acct", ExpectedVersion::Exact(1), &events).unwrap();
+    let events: Vec<NewEvent> = ids
+        .iter()
+        .map(|&id| ev("Deposited", "{}").with_id(id))
+        .collect();
+    let first = store
+        .append("acct", ExpectedVersion::Exact(1), &events)
+        .unwrap();
+    store
+        .append("acct", ExpectedVersion::Any, &[ev("Withdrawn", "{}")])
+        .unwrap();
+    let retry = store
+        .append("acct", ExpectedVersion::Exact(1), &events)
+        .unwrap();
     assert_eq!(retry, first);
     assert_eq!(store.next_seq(), 4, "the retry stored nothing");
     // Reusing one of the ids for a different event is an error.
-    match store.append("acct", ExpectedVersion::Any, &[ev("Deposited", "{\"other\":1}").with_id(ids[1])]) {
-        Err(AppendError::DuplicateEventId { event_id, version, .. }) => assert_eq!((event_id, version), (ids[1], 3)),
+    match store.append(
+        "acct",
+        ExpectedVersion::Any,
+        &[ev("Deposited", "{\"other\":1}").with_id(ids[1])],
+    ) {
+        Err(AppendError::DuplicateEventId {
+            event_id, version, ..
+        }) => assert_eq!((event_id, version), (ids[1], 3)),
         other => panic!("{other:?}"),
     }
     // The same id twice in one append is an error too.
-    let twice = [ev("X", "{}").with_id(Uuid::from_u128(9)), ev("X", "{}").with_id(Uuid::from_u128(9))];
-    assert!(matches!(store.append("acct", ExpectedVersion::Any, &twice), Err(AppendError::DuplicateEventId { .. })));
+    let twice = [
+        ev("X", "{}").with_id(Uuid::from_u128(9)),
+        ev("X", "{}").with_id(Uuid::from_u128(9)),
+    ];
+    assert!(matches!(
+        store.append("acct", ExpectedVersion::Any, &twice),
+        Err(AppendError::DuplicateEventId { .. })
+    ));
     // Ids stay idempotent after a reopen (they live in the log).
     drop(store);
     let store = open_store(dir.path());
-    assert_eq!(store.append("acct", ExpectedVersion::Exact(1), &events).unwrap(), first);
+    assert_eq!(
+        store
+            .append("acct", ExpectedVersion::Exact(1), &events)
+            .unwrap(),
+        first
+    );
     let recorded = history(&store, "acct");
     assert_eq!(recorded.len(), 4);
 }
@@ -121,23 +261,50 @@ fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
 fn multi_aggregate_batch_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    store.append("b", ExpectedVersion::NoStream, &[ev("T", "1")]).unwrap();
+    store
+        .append("b", ExpectedVersion::NoStream, &[ev("T", "1")])
+        .unwrap();
     let e1 = [ev("T", "a1")];
     let e2 = [ev("T", "b2")];
     let bad = store.append_batch(&[
-        AppendRequest { aggregate_id: "a", expected: ExpectedVersion::NoStream, events: &e1 },
-        AppendRequest { aggregate_id: "b", expected: ExpectedVersion::NoStream, events: &e2 },
+        AppendRequest {
+            aggregate_id: "a",
+            expected: ExpectedVersion::NoStream,
+            events: &e1,
+        },
+        AppendRequest {
+            aggregate_id: "b",
+            expected: ExpectedVersion::NoStream,
+            events: &e2,
+        },
     ]);
     assert!(matches!(bad, Err(AppendError::WrongExpectedVersion { .. })));
     assert_eq!(store.next_seq(), 1);
     let ok = store
         .append_batch(&[
-            AppendRequest { aggregate_id: "a", expected: ExpectedVersion::NoStream, events: &e1 },
-            AppendRequest { aggregate_id: "b", expected: ExpectedVersion::Exact(1), events: &e2 },
-            AppendRequest { aggregate_id: "a", expected: ExpectedVersion::Exact(1), events: &e2 },
+            AppendRequest {
+                aggregate_id: "a",
+                expected: ExpectedVersion::NoStream,
+                events: &e1,
+            },
+            AppendRequest {
+                aggregate_id: "b",
+                expected: ExpectedVersion::Exact(1),
+                events: &e2,
+            },
+            AppendRequest {
+                aggregate_id: "a",
+                expected: ExpectedVersion::Exact(1),
+                events: &e2,
+            },
         ])
         .unwrap();
-    assert_eq!(ok.iter().map(|a| (a.first_seq, a.last_version)).collect::<Vec<_>>(), vec![(1, 1), (2, 2), (3, 2)]);
+    assert_eq!(
+        ok.iter()
+            .map(|a| (a.first_seq, a.last_version))
+            .collect::<Vec<_>>(),
+        vec![(1, 1), (2, 2), (3, 2)]
+    );
 }
 
 #[test]
@@ -151,7 +318,11 @@ fn concurrent_appends_to_one_aggregate_never_lose_or_duplicate_a_version() {
                 let mut done = 0;
                 while done < 50 {
                     let v = store.aggregate_version("counter").unwrap();
-                    match store.append("counter", ExpectedVersion::Exact(v), &[ev("Inc", &format!("{t}"))]) {
+                    match store.append(
+                        "counter",
+                        ExpectedVersion::Exact(v),
+                        &[ev("Inc", &format!("{t}"))],
+                    ) {
                         Ok(a) => {
                             assert_eq!(a.last_version, v + 1);
                             done += 1;
@@ -160,7 +331,13 @@ fn concurrent_appends_to_one_aggregate_never_lose_or_duplicate_a_version() {
                         Err(e) => panic!("{e}"),
                     }
                     // Appends to other aggregates run alongside.
-                    store.append(&format!("other-{t}"), ExpectedVersion::Any, &[ev("X", "{}")]).unwrap();
+                    store
+                        .append(
+                            &format!("other-{t}"),
+                            ExpectedVersion::Any,
+                            &[ev("X", "{}")],
+                        )
+                        .unwrap();
                 }
             })
         })
@@ -173,7 +350,10 @@ fn concurrent_appends_to_one_aggregate_never_lose_or_duplicate_a_version() {
     for (i, e) in h.iter().enumerate() {
         assert_eq!(e.0, i as u64 + 1, "versions contiguous");
     }
-    assert!(h.windows(2).all(|w| w[0].1 < w[1].1), "seqs increase with versions");
+    assert!(
+        h.windows(2).all(|w| w[0].1 < w[1].1),
+        "seqs increase with versions"
+    );
 }
 
 #[test]
@@ -213,8 +393,15 @@ fn readers_on_threads_see_consistent_histories_while_writers_append() {
                 for i in 0..300u64 {
                     let agg = format!("agg-{}", (i * 2 + w) % 10);
                     let v = store.aggregate_version(&agg).unwrap();
-                    let r = store.append(&agg, ExpectedVersion::Exact(v), &[NewEvent::binary("T", format!("{agg}:{}", v + 1))]);
-                    assert!(matches!(r, Ok(_) | Err(AppendError::WrongExpectedVersion { .. })));
+                    let r = store.append(
+                        &agg,
+                        ExpectedVersion::Exact(v),
+                        &[NewEvent::binary("T", format!("{agg}:{}", v + 1))],
+                    );
+                    assert!(matches!(
+                        r,
+                        Ok(_) | Err(AppendError::WrongExpectedVersion { .. })
+                    ));
                 }
             })
         })
@@ -232,16 +419,38 @@ fn readers_on_threads_see_consistent_histories_while_writers_append() {
 fn follower_yields_stored_then_live_events_filtered_and_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    store.append("order-1", ExpectedVersion::Any, &[ev("Placed", "1"), ev("Noise", "x")]).unwrap();
-    let mut f = store.follow(0, Filter::types(["Placed", "Shipped"]).with_aggregate_prefix("order-"));
-    assert_eq!(f.next_timeout(Duration::from_millis(10)).unwrap().unwrap().seq(), 0);
-    assert!(f.next_timeout(Duration::from_millis(20)).unwrap().is_none(), "times out when caught up");
+    store
+        .append(
+            "order-1",
+            ExpectedVersion::Any,
+            &[ev("Placed", "1"), ev("Noise", "x")],
+        )
+        .unwrap();
+    let mut f = store.follow(
+        0,
+        Filter::types(["Placed", "Shipped"]).with_aggregate_prefix("order-"),
+    );
+    assert_eq!(
+        f.next_timeout(Duration::from_millis(10))
+            .unwrap()
+            .unwrap()
+            .seq(),
+        0
+    );
+    assert!(
+        f.next_timeout(Duration::from_millis(20)).unwrap().is_none(),
+        "times out when caught up"
+    );
     let writer = {
         let store = store.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            store.append("user-1", ExpectedVersion::Any, &[ev("Placed", "no")]).unwrap();
-            store.append("order-2", ExpectedVersion::Any, &[ev("Shipped", "yes")]).unwrap();
+            store
+                .append("user-1", ExpectedVersion::Any, &[ev("Placed", "no")])
+                .unwrap();
+            store
+                .append("order-2", ExpectedVersion::Any, &[ev("Shipped", "yes")])
+                .unwrap();
         })
     };
     let got = f.next_timeout(Duration::from_secs(10)).unwrap().unwrap();
@@ -253,37 +462,60 @@ fn follower_yields_stored_then_live_events_filtered_and_times_out() {
 }
 
 fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
 fn ten_thousand_followers_created_and_dropped_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    store.append("a", ExpectedVersion::Any, &[ev("T", "1")]).unwrap();
+    store
+        .append("a", ExpectedVersion::Any, &[ev("T", "1")])
+        .unwrap();
     let handles_before = store.handle_count();
     let threads_before = thread_count();
     let mut alive = Vec::new();
     for i in 0..10_000u64 {
         let mut f = store.follow(i % 2, Filter::all());
         let got = f.next_timeout(Duration::from_micros(50)).unwrap();
-        assert_eq!(got.map(|e| e.seq()), if i % 2 == 0 { Some(0) } else { None });
+        assert_eq!(
+            got.map(|e| e.seq()),
+            if i % 2 == 0 { Some(0) } else { None }
+        );
         alive.push(f);
     }
     assert_eq!(store.handle_count(), handles_before + 10_000);
     // Other tests run in this process too, so allow their threads, but not one per follower.
-    assert!(thread_count() < threads_before + 100, "threads grew from {threads_before} to {}", thread_count());
+    assert!(
+        thread_count() < threads_before + 100,
+        "threads grew from {threads_before} to {}",
+        thread_count()
+    );
     drop(alive);
-    assert_eq!(store.handle_count(), handles_before, "dropped followers hold nothing");
+    assert_eq!(
+        store.handle_count(),
+        handles_before,
+        "dropped followers hold nothing"
+    );
     // A waiting follower that is dropped leaves no waiter behind: the next commit still
     // wakes a new one promptly.
     let mut f = store.follow(1, Filter::all());
     assert!(f.next_timeout(Duration::from_millis(1)).unwrap().is_none());
     drop(f);
     let store2 = store.clone();
-    let t = std::thread::spawn(move || store2.follow(1, Filter::all()).next_timeout(Duration::from_secs(10)).unwrap().map(|e| e.seq()));
+    let t = std::thread::spawn(move || {
+        store2
+            .follow(1, Filter::all())
+            .next_timeout(Duration::from_secs(10))
+            .unwrap()
+            .map(|e| e.seq())
+    });
     std::thread::sleep(Duration::from_millis(20));
-    store.append("a", ExpectedVersion::Any, &[ev("T", "2")]).unwrap();
+    store
+        .append("a", ExpectedVersion::Any, &[ev("T", "2")])
+        .unwrap();
     assert_eq!(t.join().unwrap(), Some(1));
 }
 
@@ -305,16 +537,46 @@ fn typed_events_round_trip_with_both_codecs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let events = vec![Account::Opened { owner: "ann".into() }, Account::Deposited { cents: 250 }];
-    store.append_typed::<JsonCodec, _>("acct-json", ExpectedVersion::NoStream, &events).unwrap();
-    store.append_typed::<BincodeCodec, _>("acct-bin", ExpectedVersion::NoStream, &events).unwrap();
-    let json: Vec<Account> = store.read_typed::<JsonCodec, Account>("acct-json").unwrap().into_iter().map(|e| e.data).collect();
-    let bin: Vec<Account> = store.read_typed::<BincodeCodec, Account>("acct-bin").unwrap().into_iter().map(|e| e.data).collect();
+    let events = vec![
+        Account::Opened {
+            owner: "ann".into(),
+        },
+        Account::Deposited { cents: 250 },
+    ];
+    store
+        .append_typed::<JsonCodec, _>("acct-json", ExpectedVersion::NoStream, &events)
+        .unwrap();
+    store
+        .append_typed::<BincodeCodec, _>("acct-bin", ExpectedVersion::NoStream, &events)
+        .unwrap();
+    let json: Vec<Account> = store
+        .read_typed::<JsonCodec, Account>("acct-json")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    let bin: Vec<Account> = store
+        .read_typed::<BincodeCodec, Account>("acct-bin")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
     assert_eq!(json, events);
     assert_eq!(bin, events);
-    let raw = store.read_aggregate("acct-json", 2, Direction::Forward, 1).unwrap().next().unwrap().unwrap();
-    assert_eq!(raw.event().unwrap().payload, br#"{"Deposited":{"cents":250}}"#);
-    assert!(store.read_typed::<JsonCodec, Account>("acct-bin").is_err(), "wrong codec is an error, not garbage");
+    let raw = store
+        .read_aggregate("acct-json", 2, Direction::Forward, 1)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        raw.event().unwrap().payload,
+        br#"{"Deposited":{"cents":250}}"#
+    );
+    assert!(
+        store.read_typed::<JsonCodec, Account>("acct-bin").is_err(),
+        "wrong codec is an error, not garbage"
+    );
     let _: Option<Store> = None;
 }
 
@@ -326,24 +588,51 @@ fn long_aggregates_read_from_any_version_in_both_directions() {
     let mut batch = 1usize;
     while version < 300 {
         let n = batch.min(300 - version as usize);
-        let events: Vec<NewEvent> = (0..n).map(|i| ev("T", &format!("{}", version + 1 + i as u64))).collect();
-        store.append("long", ExpectedVersion::Exact(version), &events).unwrap();
-        store.append("noise", ExpectedVersion::Any, &[ev("N", "x")]).unwrap();
+        let events: Vec<NewEvent> = (0..n)
+            .map(|i| ev("T", &format!("{}", version + 1 + i as u64)))
+            .collect();
+        store
+            .append("long", ExpectedVersion::Exact(version), &events)
+            .unwrap();
+        store
+            .append("noise", ExpectedVersion::Any, &[ev("N", "x")])
+            .unwrap();
         version += n as u64;
         batch = batch % 7 + 1;
     }
     let check = |store: &Store, when: &str| {
-        for from in [1u64, 2, 63, 64, 65, 66, 128, 129, 130, 200, 299, 300, 301, 1000] {
-            let fwd: Vec<u64> = store.read_aggregate("long", from, Direction::Forward, usize::MAX).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+        for from in [
+            1u64, 2, 63, 64, 65, 66, 128, 129, 130, 200, 299, 300, 301, 1000,
+        ] {
+            let fwd: Vec<u64> = store
+                .read_aggregate("long", from, Direction::Forward, usize::MAX)
+                .unwrap()
+                .map(|e| e.unwrap().event().unwrap().version)
+                .collect();
             let want: Vec<u64> = (from.max(1)..=300).collect();
             assert_eq!(fwd, want, "{when}: forward from {from}");
-            let back: Vec<u64> = store.read_aggregate("long", from, Direction::Backward, usize::MAX).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
+            let back: Vec<u64> = store
+                .read_aggregate("long", from, Direction::Backward, usize::MAX)
+                .unwrap()
+                .map(|e| e.unwrap().event().unwrap().version)
+                .collect();
             let want: Vec<u64> = (1..=from.min(300)).rev().collect();
             assert_eq!(back, want, "{when}: backward from {from}");
-            let limited: Vec<u64> = store.read_aggregate("long", from, Direction::Forward, 70).unwrap().map(|e| e.unwrap().event().unwrap().version).collect();
-            assert_eq!(limited.len(), 70.min(301usize.saturating_sub(from as usize)), "{when}: limit from {from}");
+            let limited: Vec<u64> = store
+                .read_aggregate("long", from, Direction::Forward, 70)
+                .unwrap()
+                .map(|e| e.unwrap().event().unwrap().version)
+                .collect();
+            assert_eq!(
+                limited.len(),
+                70.min(301usize.saturating_sub(from as usize)),
+                "{when}: limit from {from}"
+            );
         }
-        for e in store.read_aggregate("long", 1, Direction::Forward, usize::MAX).unwrap() {
+        for e in store
+            .read_aggregate("long", 1, Direction::Forward, usize::MAX)
+            .unwrap()
+        {
             let e = e.unwrap().to_recorded().unwrap();
             assert_eq!(e.payload, e.version.to_string().into_bytes());
         }

@@ -7,7 +7,14 @@ fn fill(store: &Store, from: u64, n: u64) {
     for i in from..from + n {
         let agg = format!("agg-{}", i % 37);
         store
-            .append(&agg, ExpectedVersion::Any, &[NewEvent::binary(format!("type-{}", i % 5), i.to_le_bytes().to_vec())])
+            .append(
+                &agg,
+                ExpectedVersion::Any,
+                &[NewEvent::binary(
+                    format!("type-{}", i % 5),
+                    i.to_le_bytes().to_vec(),
+                )],
+            )
             .unwrap();
     }
 }
@@ -17,16 +24,23 @@ fn index_catches_up_after_a_crash_between_log_write_and_index_update() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     fill(&store, 0, 3000);
-    let before: Vec<_> = (0..37).map(|a| history(&store, &format!("agg-{a}"))).collect();
+    let before: Vec<_> = (0..37)
+        .map(|a| history(&store, &format!("agg-{a}")))
+        .collect();
     let lag = store.stats().unwrap().index_lag_events;
     store.crash();
     let store = open_store(dir.path());
     let report = store.open_report().index.clone();
     assert!(report.caught_up_events >= lag, "{report:?} lag {lag}");
-    let after: Vec<_> = (0..37).map(|a| history(&store, &format!("agg-{a}"))).collect();
+    let after: Vec<_> = (0..37)
+        .map(|a| history(&store, &format!("agg-{a}")))
+        .collect();
     assert_eq!(before, after);
     fill(&store, 3000, 10);
-    assert_eq!(store.aggregate_version("agg-0").unwrap(), (3010 + 36) / 37);
+    assert_eq!(
+        store.aggregate_version("agg-0").unwrap(),
+        3010_u64.div_ceil(37)
+    );
 }
 
 #[test]
@@ -36,7 +50,13 @@ fn deleted_index_is_rebuilt_identical_to_the_incremental_one() {
     fill(&store, 0, 5000);
     // Long aggregates span several postings chunks; one type has many buckets.
     for _ in 0..200 {
-        store.append("long", ExpectedVersion::Any, &[NewEvent::binary("type-0", vec![1])]).unwrap();
+        store
+            .append(
+                "long",
+                ExpectedVersion::Any,
+                &[NewEvent::binary("type-0", vec![1])],
+            )
+            .unwrap();
     }
     let incremental = store.index_dump().unwrap();
     let hist_long = history(&store, "long");
@@ -65,6 +85,10 @@ fn damaged_index_directory_is_rebuilt_from_the_log() {
         }
     }
     let store = open_store(dir.path());
-    assert!(store.open_report().index.rebuilt, "{:?}", store.open_report());
+    assert!(
+        store.open_report().index.rebuilt,
+        "{:?}",
+        store.open_report()
+    );
     assert_eq!(history(&store, "agg-3"), h);
 }

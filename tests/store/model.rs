@@ -9,10 +9,24 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { agg: u8, expected: u8, count: u8, ty: u8 },
-    ReadAggregate { agg: u8, from: u8, backward: bool },
-    ReadType { ty: u8, from: u16 },
-    Follow { from: u16 },
+    Append {
+        agg: u8,
+        expected: u8,
+        count: u8,
+        ty: u8,
+    },
+    ReadAggregate {
+        agg: u8,
+        from: u8,
+        backward: bool,
+    },
+    ReadType {
+        ty: u8,
+        from: u16,
+    },
+    Follow {
+        from: u16,
+    },
     Reopen,
     Crash,
 }
