@@ -13,11 +13,17 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { events: 1_000_000, reps: 3, aggregates: 100_000 };
+    let mut a = Args {
+        events: 1_000_000,
+        reps: 3,
+        aggregates: 100_000,
+    };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
-        let next = argv.get(i + 1).and_then(|v| v.replace('_', "").parse::<u64>().ok());
+        let next = argv
+            .get(i + 1)
+            .and_then(|v| v.replace('_', "").parse::<u64>().ok());
         match (argv[i].as_str(), next) {
             ("--events", Some(n)) => a.events = n,
             ("--reps", Some(n)) => a.reps = n as usize,
@@ -74,7 +80,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let a = args();
-    let base = std::env::var("EVENTLOG_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::current_dir().unwrap().join("target"));
+    let base = std::env::var("EVENTLOG_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::current_dir().unwrap().join("target"));
     std::fs::create_dir_all(&base).unwrap();
     let payload = vec![b'x'; 200];
     let types: Vec<String> = (0..20).map(|t| format!("Type{t:02}")).collect();
@@ -88,7 +96,10 @@ fn main() {
     for rep in 0..a.reps {
         let dir = tempfile::tempdir_in(&base).unwrap();
         let mut options = Options::default();
-        if let Some(n) = std::env::var("EVENTLOG_BENCH_FLUSH_EVENTS").ok().and_then(|v| v.parse().ok()) {
+        if let Some(n) = std::env::var("EVENTLOG_BENCH_FLUSH_EVENTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             options.index.flush_events = n;
             options.index.flush_interval_ms = 1_000_000;
         }
@@ -108,7 +119,11 @@ fn main() {
                 .collect();
             let requests: Vec<AppendRequest<'_>> = events
                 .iter()
-                .map(|(agg, e)| AppendRequest { aggregate_id: &aggs[*agg], expected: ExpectedVersion::Any, events: std::slice::from_ref(e) })
+                .map(|(agg, e)| AppendRequest {
+                    aggregate_id: &aggs[*agg],
+                    expected: ExpectedVersion::Any,
+                    events: std::slice::from_ref(e),
+                })
                 .collect();
             store.append_batch(&requests).unwrap();
             done += n;
@@ -147,12 +162,18 @@ fn main() {
             let agg = &aggs[(rng.next() % a.aggregates) as usize];
             let t = Instant::now();
             let mut k = 0;
-            for e in store.read_aggregate(agg, 1, Direction::Forward, usize::MAX).unwrap() {
+            for e in store
+                .read_aggregate(agg, 1, Direction::Forward, usize::MAX)
+                .unwrap()
+            {
                 let e = e.unwrap();
                 k += e.event().unwrap().payload.len();
             }
             lat.push(t.elapsed().as_secs_f64() * 1e6);
-            assert!(k > 0 || a.events < 20 * a.aggregates, "an aggregate with no events at this density");
+            assert!(
+                k > 0 || a.events < 20 * a.aggregates,
+                "an aggregate with no events at this density"
+            );
         }
         lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
         p50s.push(lat[lat.len() / 2]);
@@ -166,14 +187,35 @@ fn main() {
         reopen_s.push(t.elapsed().as_secs_f64());
         eprintln!("rep {rep}: append {:.0} ev/s (index lag at end {lag}, peak RSS after append {} MB, {:?})", append_rates[rep], rss_after_append / 1_000_000, store.index_counters());
     }
-    println!("| workload ({} events, {} aggregates, 20 types, 200 B payload) | median of {} |", a.events, a.aggregates, a.reps);
+    println!(
+        "| workload ({} events, {} aggregates, 20 types, 200 B payload) | median of {} |",
+        a.events, a.aggregates, a.reps
+    );
     println!("|---|---:|");
-    println!("| batched durable append (1,000 per append_batch) | {:.0} events/s |", median(append_rates));
-    println!("| full replay (read_all + zero-copy decode) | {:.0} events/s |", median(replay_rates));
-    println!("| read one type from the start | {:.0} events/s |", median(type_rates));
+    println!(
+        "| batched durable append (1,000 per append_batch) | {:.0} events/s |",
+        median(append_rates)
+    );
+    println!(
+        "| full replay (read_all + zero-copy decode) | {:.0} events/s |",
+        median(replay_rates)
+    );
+    println!(
+        "| read one type from the start | {:.0} events/s |",
+        median(type_rates)
+    );
     println!("| aggregate history read p50 | {:.1} us |", median(p50s));
     println!("| aggregate history read p99 | {:.1} us |", median(p99s));
-    println!("| disk bytes per event (log + index, allocated blocks) | {:.0} |", median(bytes_per_event));
-    println!("| reopen after clean close until first read | {:.3} s |", median(reopen_s));
-    println!("| peak RSS of the whole run | {:.0} MB |", peak_rss_bytes() as f64 / 1e6);
+    println!(
+        "| disk bytes per event (log + index, allocated blocks) | {:.0} |",
+        median(bytes_per_event)
+    );
+    println!(
+        "| reopen after clean close until first read | {:.3} s |",
+        median(reopen_s)
+    );
+    println!(
+        "| peak RSS of the whole run | {:.0} MB |",
+        peak_rss_bytes() as f64 / 1e6
+    );
 }

@@ -56,7 +56,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64() * 1e3
     );
     let last = log.read(log.next_seq() - 1)?;
-    println!("last record, seq {}: {}", last.seq(), String::from_utf8_lossy(last.payload()));
+    println!(
+        "last record, seq {}: {}",
+        last.seq(),
+        String::from_utf8_lossy(last.payload())
+    );
     assert_eq!(count, appended, "every appended record reads back");
     Ok(())
 }
