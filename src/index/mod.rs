@@ -140,8 +140,8 @@ impl Memtable {
         }
     }
 
-    /// Adds the event at `seq`; returns its aggregate (interned) and version.
-    fn insert(&mut self, seq: u64, payload: &[u8]) -> Option<(Arc<str>, u64)> {
+    /// Adds the event at `seq`.
+    fn insert(&mut self, seq: u64, payload: &[u8]) {
         debug_assert_eq!(seq, self.next_seq, "memtable must be fed in seq order");
         self.next_seq = seq + 1;
         let head = match event::decode_head(payload) {
@@ -149,17 +149,19 @@ impl Memtable {
             Err(e) => {
                 self.error
                     .get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
-                return None;
+                return;
             }
         };
-        let agg = match self.latest.get_key_value(head.aggregate_id) {
-            Some((k, _)) => Arc::clone(k),
-            None => Arc::from(head.aggregate_id),
-        };
-        self.latest.insert(Arc::clone(&agg), (head.version, seq));
+        match self.latest.get_mut(head.aggregate_id) {
+            Some(v) => *v = (head.version, seq),
+            None => {
+                self.latest
+                    .insert(Arc::from(head.aggregate_id), (head.version, seq));
+            }
+        }
         if is_checkpoint_version(head.version) {
             self.checkpoints
-                .entry(Arc::clone(&agg))
+                .entry(Arc::from(head.aggregate_id))
                 .or_default()
                 .push((head.version, seq));
         }
@@ -170,7 +172,6 @@ impl Memtable {
             }
         }
         self.len += 1;
-        Some((agg, head.version))
     }
 }
 
@@ -178,27 +179,31 @@ impl Memtable {
 struct MemState {
     active: Memtable,
     flushing: Option<Arc<Memtable>>,
-    /// Latest (version, seq) of recently appended or looked-up aggregates. Every commit
-    /// updates it, so an entry is never stale.
-    latest_cache: HashMap<Arc<str>, (u64, u64)>,
-    latest_cache_max: usize,
 }
 
 impl MemState {
     fn insert(&mut self, seq: u64, payload: &[u8]) {
-        if let Some((agg, version)) = self.active.insert(seq, payload) {
-            self.cache_latest(agg, (version, seq));
-        }
+        self.active.insert(seq, payload);
     }
+}
 
-    fn cache_latest(&mut self, agg: Arc<str>, latest: (u64, u64)) {
-        if self.latest_cache.len() >= self.latest_cache_max && !self.latest_cache.contains_key(&agg)
-        {
+/// Latest (version, seq) of aggregates whose entries already moved to sled, so appends
+/// need not ask sled. Filled when a flush completes (and on append-path misses); looked
+/// at only after the memtables, which hold anything newer.
+#[derive(Debug)]
+struct LatestCache {
+    map: HashMap<Arc<str>, (u64, u64)>,
+    max: usize,
+}
+
+impl LatestCache {
+    fn insert(&mut self, agg: Arc<str>, latest: (u64, u64)) {
+        if self.map.len() >= self.max && !self.map.contains_key(&agg) {
             // Emptying is the whole eviction policy: cheap, bounded, and a miss only costs
             // one sled read.
-            self.latest_cache.clear();
+            self.map.clear();
         }
-        self.latest_cache.insert(agg, latest);
+        self.map.insert(agg, latest);
     }
 }
 
@@ -221,6 +226,7 @@ struct Shared {
     dir: PathBuf,
     trees: Trees,
     mem: RwLock<MemState>,
+    cache: RwLock<LatestCache>,
     indexed_next: AtomicU64,
     signal: Mutex<Signal>,
     wake_cv: Condvar,
@@ -392,8 +398,10 @@ impl Index {
             mem: RwLock::new(MemState {
                 active: Memtable::empty_at(indexed_next),
                 flushing: None,
-                latest_cache: HashMap::default(),
-                latest_cache_max: options.latest_cache_aggregates.max(1),
+            }),
+            cache: RwLock::new(LatestCache {
+                map: HashMap::default(),
+                max: options.latest_cache_aggregates.max(1),
             }),
             indexed_next: AtomicU64::new(indexed_next),
             signal: Mutex::new(Signal::default()),
@@ -514,19 +522,24 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn latest(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
+        Ok(match self.latest_in_memory(aggregate) {
+            Some(v) => Some(v),
+            None => self.shared.latest_in_sled(aggregate)?,
+        })
+    }
+
+    /// Newest first: the active memtable, the one being flushed, the cache.
+    fn latest_in_memory(&self, aggregate: &str) -> Option<(u64, u64)> {
         {
             let mem = self.shared.mem.read();
-            if let Some(&v) = mem.latest_cache.get(aggregate) {
-                return Ok(Some(v));
-            }
             if let Some(&v) = mem.active.latest.get(aggregate) {
-                return Ok(Some(v));
+                return Some(v);
             }
             if let Some(&v) = mem.flushing.as_ref().and_then(|f| f.latest.get(aggregate)) {
-                return Ok(Some(v));
+                return Some(v);
             }
         }
-        self.shared.latest_in_sled(aggregate)
+        self.shared.cache.read().map.get(aggregate).copied()
     }
 
     /// Like [`Index::latest`], and remembers the answer in the latest-version cache.
@@ -537,12 +550,12 @@ impl Index {
     /// # Errors
     /// As [`Index::latest`].
     pub fn latest_for_append(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        let latest = self.latest(aggregate)?;
+        if let Some(v) = self.latest_in_memory(aggregate) {
+            return Ok(Some(v));
+        }
+        let latest = self.shared.latest_in_sled(aggregate)?;
         if let Some(l) = latest {
-            let mut mem = self.shared.mem.write();
-            if !mem.latest_cache.contains_key(aggregate) {
-                mem.cache_latest(Arc::from(aggregate), l);
-            }
+            self.shared.cache.write().insert(Arc::from(aggregate), l);
         }
         Ok(latest)
     }
@@ -817,6 +830,14 @@ impl Shared {
         }
         self.apply(&batch)?;
         self.indexed_next.store(batch.next_seq, Ordering::Release);
+        // Into the cache before leaving the memtables: a lookup meanwhile still finds the
+        // flushing batch first, so it never sees an older cached value.
+        {
+            let mut cache = self.cache.write();
+            for (agg, &latest) in &batch.latest {
+                cache.insert(Arc::clone(agg), latest);
+            }
+        }
         self.mem.write().flushing = None;
         self.flushed_batches.fetch_add(1, Ordering::Relaxed);
         let _g = self.signal.lock();

@@ -1071,7 +1071,11 @@ impl Iterator for LogIter {
         }
         let seq = self.next_seq;
         let (segment, offset) = match self.cursor.take() {
-            Some((segment, offset)) if seq < segment.base_seq + segment.record_count() => {
+            // Seqs below `visible_next` are published, so a record starting below the
+            // segment's published end is there; past it, it is in a later segment.
+            Some((segment, offset))
+                if (offset as u64) < segment.end_bytes.load(Ordering::Acquire) =>
+            {
                 (segment, offset)
             }
             _ => {

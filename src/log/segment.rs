@@ -111,11 +111,6 @@ impl Segment {
         let bytes = self.map.bytes();
         &bytes[..end.min(bytes.len())]
     }
-
-    /// The number of records this segment holds.
-    pub fn record_count(&self) -> u64 {
-        self.offsets.read().len() as u64
-    }
 }
 
 /// How a scan of a segment's records ended.
