@@ -508,6 +508,59 @@ impl Log {
         }
     }
 
+    /// The first seq still in the log: 0 unless old segments were removed with
+    /// [`Log::remove_segments_before`].
+    pub fn first_seq(&self) -> u64 {
+        self.inner.segments.read().first().map_or(0, |s| s.base_seq)
+    }
+
+    /// Removes whole sealed segments whose records all lie below `seq` (oldest first),
+    /// keeping at least the active segment. Returns how many records were removed.
+    /// Readers holding records of a removed segment keep them readable (the map stays
+    /// alive); later reads of those seqs get [`ReadError::NotFound`].
+    ///
+    /// # Errors
+    /// [`SyncError::Poisoned`] if a file cannot be removed or the directory not synced;
+    /// the log stays usable, and the next open sees a consistent prefix removed.
+    pub fn remove_segments_before(&self, seq: u64) -> Result<u64, SyncError> {
+        let inner = &self.inner;
+        let removable: Vec<Arc<Segment>> = {
+            let segments = inner.segments.read();
+            let mut out = Vec::new();
+            for pair in segments.windows(2) {
+                // pair[1].base_seq is where pair[0] ends.
+                if pair[1].base_seq <= seq {
+                    out.push(Arc::clone(&pair[0]));
+                } else {
+                    break;
+                }
+            }
+            out
+        };
+        let mut removed = 0;
+        for segment in removable {
+            // Oldest first, each removal made durable before the next, so a crash leaves a
+            // contiguous log that starts later.
+            let fail = |e: std::io::Error| SyncError::Poisoned {
+                cause: format!("removing {}: {e}", segment.path.display()),
+            };
+            inner.storage.remove_file(&segment.path).map_err(fail)?;
+            let idx = inner
+                .log_dir
+                .join(segment::index_file_name(segment.base_seq));
+            if inner.storage.exists(&idx).unwrap_or(false) {
+                inner.storage.remove_file(&idx).map_err(fail)?;
+            }
+            inner.storage.sync_dir(&inner.log_dir).map_err(fail)?;
+            let mut segments = inner.segments.write();
+            if segments.first().is_some_and(|s| Arc::ptr_eq(s, &segment)) && segments.len() > 1 {
+                let gone = segments.remove(0);
+                removed += segments[0].base_seq - gone.base_seq;
+            }
+        }
+        Ok(removed)
+    }
+
     /// The log directory (`<dir>/log`).
     pub fn log_dir(&self) -> &Path {
         &self.inner.log_dir

@@ -697,6 +697,7 @@ impl Store {
             store: Arc::clone(&self.inner),
             next_seq: from_seq,
             filter,
+            cursor: None,
         }
     }
 
@@ -1020,6 +1021,9 @@ pub struct Follower {
     store: Arc<Inner>,
     next_seq: u64,
     filter: Filter,
+    /// A cursor over the log from `next_seq`, so catching up walks the segments
+    /// sequentially instead of looking every seq up.
+    cursor: Option<log::LogIter>,
 }
 
 impl Follower {
@@ -1031,12 +1035,25 @@ impl Follower {
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<StoredEvent>, ReadError> {
         let deadline = Instant::now() + timeout;
         loop {
-            while self.next_seq < self.store.log.next_seq() {
-                let stored = StoredEvent {
-                    record: self.store.log.read(self.next_seq)?,
+            let cursor = self
+                .cursor
+                .get_or_insert_with(|| self.store.log.iter_from(self.next_seq));
+            for record in cursor.by_ref() {
+                let stored = match record {
+                    Ok(record) => StoredEvent { record },
+                    Err(e) => {
+                        self.cursor = None;
+                        return Err(e.into());
+                    }
                 };
-                let head = stored.head()?;
-                self.next_seq += 1;
+                let head = match stored.head() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.cursor = None;
+                        return Err(e);
+                    }
+                };
+                self.next_seq = stored.seq() + 1;
                 if self.filter.matches(head.aggregate_id, head.event_type) {
                     return Ok(Some(stored));
                 }
@@ -1052,5 +1069,11 @@ impl Follower {
     /// The seq the follower will look at next.
     pub fn position(&self) -> u64 {
         self.next_seq
+    }
+
+    /// Moves the follower to `seq`.
+    pub fn seek(&mut self, seq: u64) {
+        self.next_seq = seq;
+        self.cursor = None;
     }
 }

@@ -108,3 +108,43 @@ fn concurrent_appenders_get_dense_unique_seqs_and_share_fsyncs() {
     assert_eq!(stats.next_seq, 800);
     assert!(stats.fsync_count <= 800, "{stats:?}");
 }
+
+#[test]
+fn removing_old_segments_keeps_the_rest_readable_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_options();
+    let log = open(dir.path(), options.clone());
+    for seq in 0..3000u64 {
+        log.append(&[payload_for(seq, 100)]).unwrap();
+    }
+    let segments_before = log.stats().segment_count;
+    let held = log.read(5).unwrap();
+    let removed = log.remove_segments_before(1500).unwrap();
+    assert!(removed > 0 && removed <= 1500, "removed {removed}");
+    assert_eq!(log.first_seq(), removed);
+    assert!(log.stats().segment_count < segments_before);
+    assert_eq!(
+        held.payload(),
+        payload_for(5, 100),
+        "a record read before removal stays valid"
+    );
+    assert!(matches!(
+        log.read(removed - 1),
+        Err(ReadError::NotFound { .. })
+    ));
+    assert_eq!(
+        log.read(removed).unwrap().payload(),
+        payload_for(removed, 100)
+    );
+    assert_eq!(log.iter_from(removed).count() as u64, 3000 - removed);
+    // Removing everything keeps the active segment.
+    log.remove_segments_before(u64::MAX).unwrap();
+    assert_eq!(log.stats().segment_count, 1);
+    let first = log.first_seq();
+    drop(log);
+    let log = open(dir.path(), options);
+    assert_eq!(log.first_seq(), first);
+    assert_eq!(log.next_seq(), 3000);
+    assert_eq!(log.read(2999).unwrap().payload(), payload_for(2999, 100));
+    assert_eq!(log.append(&[b"x"]).unwrap(), 3000..3001);
+}
