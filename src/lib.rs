@@ -9,7 +9,8 @@
 //!   crash recovery;
 //! - [`index`]: secondary indexes in sled (aggregate, type), derived from the log;
 //! - [`store`]: the event store API: typed events, optimistic concurrency, reads, live
-//!   follow.
+//!   follow;
+//! - [`publisher`]: durable subscriptions with bounded retry and dead letters.
 //!
 //! What it is not (yet): a networked database. Everything runs in the embedding process.
 //!
@@ -22,5 +23,6 @@
 pub mod fuzzing;
 pub mod index;
 pub mod log;
+pub mod publisher;
 pub mod storage;
 pub mod store;

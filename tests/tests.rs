@@ -2,4 +2,5 @@
 
 mod common;
 mod log;
+mod publisher;
 mod store;

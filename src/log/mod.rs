@@ -514,6 +514,16 @@ impl Log {
         self.inner.segments.read().first().map_or(0, |s| s.base_seq)
     }
 
+    /// The first seq of each segment, oldest first.
+    pub fn segment_first_seqs(&self) -> Vec<u64> {
+        self.inner
+            .segments
+            .read()
+            .iter()
+            .map(|s| s.base_seq)
+            .collect()
+    }
+
     /// Removes whole sealed segments whose records all lie below `seq` (oldest first),
     /// keeping at least the active segment. Returns how many records were removed.
     /// Readers holding records of a removed segment keep them readable (the map stays

@@ -1,0 +1,960 @@
+//! The publisher: named, durable subscriptions that deliver events to handlers at least
+//! once, in seq order, from stored checkpoints, with bounded retry and dead letters.
+//!
+//! # Delivery guarantees
+//! - Each subscription runs on its own thread, following the store from its checkpoint:
+//!   stored events first, then new ones as they commit (woken by commits, not polling).
+//! - An event is *handled* when the handler returned `Ok`, or when it was parked in the
+//!   dead letters. The checkpoint (kept in `<dir>/subscriptions`, a sled database, as the
+//!   next seq to deliver) only ever moves past handled events, so nothing is skipped, even
+//!   across a crash.
+//! - The checkpoint is written every `checkpoint_every_events` handled events or every
+//!   `checkpoint_interval_ms`, whichever comes first, and when the subscription stops. A
+//!   crash therefore re-delivers at most the events handled since the last checkpoint:
+//!   at most `checkpoint_every_events` events or `checkpoint_interval_ms` of them.
+//! - A handler that panics has failed that attempt; the panic is caught and the
+//!   subscription goes on.
+//!
+//! The publisher's sled database is not the index's: the index can be deleted and
+//! rebuilt, checkpoints cannot.
+
+pub mod deadletter;
+pub mod retry;
+
+pub use deadletter::{DeadLetter, DeadLetterOptions, DeadLetters};
+pub use retry::RetryPolicy;
+
+use crate::store::{EventRef, Filter, Store, StoredEvent};
+use parking_lot::{Condvar, Mutex};
+use retry::Jitter;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Name of the publisher's sled database inside a store directory.
+pub const SUBSCRIPTIONS_DIR_NAME: &str = "subscriptions";
+/// Name of the directory holding each subscription's dead letters.
+pub const DEAD_LETTER_DIR_NAME: &str = "deadletter";
+/// Longest subscription name, in bytes.
+pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
+/// How long a worker waits for new events before it looks at its controls again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+/// Errors of the publisher.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// A subscription name must be 1..=64 characters of `A-Z a-z 0-9 _ - .`, not `.` or `..`.
+    #[error("invalid subscription name {name:?}: use 1..=64 of A-Z a-z 0-9 _ - .")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// A subscription of this name is already running in this publisher.
+    #[error("subscription {name} is already running")]
+    AlreadyRunning {
+        /// The name.
+        name: String,
+    },
+    /// The options are inconsistent.
+    #[error("invalid subscription options: {0}")]
+    InvalidOptions(String),
+    /// The checkpoint database failed.
+    #[error("subscription checkpoints in {dir}: {source}")]
+    Checkpoints {
+        /// The database directory.
+        dir: PathBuf,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// The dead-letter log failed.
+    #[error("dead letters in {dir}: {message}")]
+    DeadLetters {
+        /// The dead-letter directory.
+        dir: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The worker did not finish its in-flight event within the timeout. It stops after
+    /// that event; nothing is lost (the event is delivered again at the next start if it
+    /// was not handled).
+    #[error("subscription {name} did not stop within {timeout_ms} ms")]
+    StopTimeout {
+        /// The name.
+        name: String,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// No dead letter with this id.
+    #[error("subscription {name} has no dead letter {id}")]
+    NoSuchDeadLetter {
+        /// The subscription.
+        name: String,
+        /// The id asked for.
+        id: u64,
+    },
+    /// Reading the store failed.
+    #[error(transparent)]
+    Read(#[from] crate::store::ReadError),
+}
+
+/// What a handler says about one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Try again later (up to the retry policy's attempts).
+    Retryable(String),
+    /// Retrying will not help: park the event now.
+    Permanent(String),
+}
+
+/// Receives a subscription's events.
+///
+/// # Examples
+/// ```
+/// use eventlog::publisher::{Handler, HandlerError};
+/// use eventlog::store::EventRef;
+/// struct Counter(u64);
+/// impl Handler for Counter {
+///     fn handle(&mut self, event: &EventRef<'_>, attempt: u32) -> Result<(), HandlerError> {
+///         self.0 += 1;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler: Send {
+    /// Handles one event; `attempt` is 1 for the first delivery.
+    ///
+    /// # Errors
+    /// [`HandlerError::Retryable`] to be called again after a backoff,
+    /// [`HandlerError::Permanent`] to park the event in the dead letters at once.
+    fn handle(&mut self, event: &EventRef<'_>, attempt: u32) -> Result<(), HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: FnMut(&EventRef<'_>, u32) -> Result<(), HandlerError> + Send,
+{
+    fn handle(&mut self, event: &EventRef<'_>, attempt: u32) -> Result<(), HandlerError> {
+        self(event, attempt)
+    }
+}
+
+/// What to do with an event whose attempts are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExhausted {
+    /// Park it in the dead letters and go on (default).
+    #[default]
+    DeadLetter,
+    /// Stop the subscription at that event and report it ([`Status::Failed`]).
+    Stop,
+}
+
+/// A subscription's settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SubscriptionOptions {
+    /// Which events to deliver. Default: all.
+    pub filter: Filter,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// What to do when attempts are used up.
+    pub on_exhausted: OnExhausted,
+    /// Bounds of the dead letters.
+    pub dead_letters: DeadLetterOptions,
+    /// Write the checkpoint after this many handled events. Default 1,000.
+    pub checkpoint_every_events: u64,
+    /// ... or after this much time with unsaved progress. Default 1,000 ms.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for SubscriptionOptions {
+    fn default() -> Self {
+        SubscriptionOptions {
+            filter: Filter::all(),
+            retry: RetryPolicy::default(),
+            on_exhausted: OnExhausted::DeadLetter,
+            dead_letters: DeadLetterOptions::default(),
+            checkpoint_every_events: 1_000,
+            checkpoint_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Where a subscription is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Delivering (or waiting for events).
+    Running,
+    /// Paused by [`Subscription::pause`].
+    Paused,
+    /// Stopped by [`Subscription::stop`].
+    Stopped,
+    /// Stopped at an event whose attempts ran out (with [`OnExhausted::Stop`]), or on an
+    /// error it cannot get past.
+    Failed {
+        /// The event it stopped at.
+        seq: u64,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Counters of a subscription, from [`Subscription::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionStats {
+    /// The subscription's name.
+    pub name: String,
+    /// Its status.
+    pub status: Status,
+    /// The next seq it will deliver (everything below is handled).
+    pub position: u64,
+    /// The last durably stored checkpoint (next seq to deliver after a restart).
+    pub checkpoint: u64,
+    /// Events stored but not yet handled: the store's next seq minus `position`.
+    pub lag_events: u64,
+    /// Events handed to the handler successfully since start.
+    pub delivered: u64,
+    /// Failed attempts that were retried since start.
+    pub retried: u64,
+    /// Events parked in the dead letters since start.
+    pub dead_lettered: u64,
+    /// Live dead letters.
+    pub dead_letters: u64,
+    /// Dead letters lost to the bounds, ever.
+    pub dead_letters_evicted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    position: AtomicU64,
+    checkpoint: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Control {
+    status: Status,
+    stop: bool,
+    pause: bool,
+    reset_to: Option<u64>,
+    finished: bool,
+}
+
+struct Shared {
+    name: String,
+    store: Store,
+    db: Arc<Db>,
+    options: SubscriptionOptions,
+    control: Mutex<Control>,
+    control_cv: Condvar,
+    counters: Counters,
+    handler: Mutex<Box<dyn Handler>>,
+    dead_letters: Mutex<DeadLetters>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The publisher's sled database: checkpoints and evicted counts, per subscription.
+#[derive(Debug)]
+struct Db {
+    dir: PathBuf,
+    db: sled::Db,
+    checkpoints: sled::Tree,
+    evicted: sled::Tree,
+}
+
+impl Db {
+    fn err(&self) -> impl FnOnce(sled::Error) -> PublishError + '_ {
+        move |source| PublishError::Checkpoints {
+            dir: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn get(&self, tree: &sled::Tree, name: &str) -> Result<Option<u64>, PublishError> {
+        Ok(tree
+            .get(name.as_bytes())
+            .map_err(self.err())?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Stores and makes durable.
+    fn put(&self, tree: &sled::Tree, name: &str, value: u64) -> Result<(), PublishError> {
+        tree.insert(name.as_bytes(), &value.to_be_bytes())
+            .map_err(self.err())?;
+        self.db.flush().map_err(self.err())?;
+        Ok(())
+    }
+}
+
+/// Runs subscriptions on a store.
+///
+/// # Examples
+/// ```
+/// use eventlog::publisher::{HandlerError, Publisher, SubscriptionOptions};
+/// use eventlog::store::{EventRef, ExpectedVersion, NewEvent, Options, Store};
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path(), Options::default())?;
+/// store.append("order-1", ExpectedVersion::Any, &[NewEvent::json_text("Placed", "{}")])?;
+/// let publisher = Publisher::open(&store)?;
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let sink = seen.clone();
+/// let sub = publisher.subscribe("mailer", SubscriptionOptions::default(), move |e: &EventRef<'_>, _attempt: u32| {
+///     sink.lock().unwrap().push(e.seq);
+///     Ok::<(), HandlerError>(())
+/// })?;
+/// assert!(sub.wait_until_handled(0, Duration::from_secs(10)));
+/// sub.stop(Duration::from_secs(10))?;
+/// assert_eq!(*seen.lock().unwrap(), vec![0]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    store: Store,
+    db: Arc<Db>,
+    running: Arc<Mutex<HashMap<String, Arc<Shared>>>>,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Checks a subscription name (it names a directory).
+pub fn check_subscription_name(name: &str) -> Result<(), PublishError> {
+    let ok = !name.is_empty()
+        && name.len() <= SUBSCRIPTION_NAME_LEN_MAX
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(PublishError::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// What is stored about a subscription, running or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSubscription {
+    /// The name.
+    pub name: String,
+    /// The next seq it will deliver.
+    pub checkpoint: u64,
+    /// Dead letters lost to the bounds, ever.
+    pub dead_letters_evicted: u64,
+}
+
+impl Publisher {
+    /// Opens the publisher's checkpoint database in the store's directory.
+    ///
+    /// # Errors
+    /// [`PublishError::Checkpoints`] if sled cannot open it.
+    pub fn open(store: &Store) -> Result<Publisher, PublishError> {
+        let dir = store.dir().join(SUBSCRIPTIONS_DIR_NAME);
+        let err = |source| PublishError::Checkpoints {
+            dir: dir.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(1 << 20)
+            .open()
+            .map_err(err)?;
+        let checkpoints = db.open_tree("checkpoints").map_err(err)?;
+        let evicted = db.open_tree("dead_letters_evicted").map_err(err)?;
+        Ok(Publisher {
+            store: store.clone(),
+            db: Arc::new(Db {
+                dir: dir.clone(),
+                db,
+                checkpoints,
+                evicted,
+            }),
+            running: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Starts subscription `name` (resuming from its checkpoint, or from seq 0 if it is
+    /// new) with `handler`.
+    ///
+    /// # Errors
+    /// [`PublishError::InvalidName`], [`PublishError::AlreadyRunning`],
+    /// [`PublishError::InvalidOptions`], or failures opening its checkpoint or dead letters.
+    pub fn subscribe<H: Handler + 'static>(
+        &self,
+        name: &str,
+        options: SubscriptionOptions,
+        handler: H,
+    ) -> Result<Subscription, PublishError> {
+        check_subscription_name(name)?;
+        if options.retry.attempts_max == 0 {
+            return Err(PublishError::InvalidOptions(
+                "retry.attempts_max must be at least 1".into(),
+            ));
+        }
+        if options.checkpoint_every_events == 0 {
+            return Err(PublishError::InvalidOptions(
+                "checkpoint_every_events must be at least 1".into(),
+            ));
+        }
+        let mut running = self.running.lock();
+        if let Some(s) = running.get(name) {
+            if !s.control.lock().finished {
+                return Err(PublishError::AlreadyRunning {
+                    name: name.to_string(),
+                });
+            }
+        }
+        let checkpoint = self.db.get(&self.db.checkpoints, name)?.unwrap_or(0);
+        let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
+        let dead_letters = DeadLetters::open(
+            &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
+            options.dead_letters.clone(),
+            evicted,
+        )?;
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            store: self.store.clone(),
+            db: Arc::clone(&self.db),
+            options,
+            control: Mutex::new(Control {
+                status: Status::Running,
+                stop: false,
+                pause: false,
+                reset_to: None,
+                finished: false,
+            }),
+            control_cv: Condvar::new(),
+            counters: Counters::default(),
+            handler: Mutex::new(Box::new(handler)),
+            dead_letters: Mutex::new(dead_letters),
+        });
+        shared
+            .counters
+            .position
+            .store(checkpoint, Ordering::Relaxed);
+        shared
+            .counters
+            .checkpoint
+            .store(checkpoint, Ordering::Relaxed);
+        let worker = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("eventlog-sub-{name}"))
+                .spawn(move || shared.run(checkpoint))
+                .map_err(|e| PublishError::InvalidOptions(format!("cannot start a thread: {e}")))?
+        };
+        running.insert(name.to_string(), Arc::clone(&shared));
+        tracing::info!(
+            subscription = name,
+            from_seq = checkpoint,
+            "subscription started"
+        );
+        Ok(Subscription {
+            shared,
+            worker: Mutex::new(Some(worker)),
+            running: Arc::clone(&self.running),
+        })
+    }
+
+    /// Every subscription with a stored checkpoint, running or not.
+    ///
+    /// # Errors
+    /// [`PublishError::Checkpoints`].
+    pub fn stored_subscriptions(&self) -> Result<Vec<StoredSubscription>, PublishError> {
+        let mut out = Vec::new();
+        for kv in self.db.checkpoints.iter() {
+            let (k, v) = kv.map_err(self.db.err())?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let checkpoint = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let evicted = self.db.get(&self.db.evicted, &name)?.unwrap_or(0);
+            out.push(StoredSubscription {
+                name,
+                checkpoint,
+                dead_letters_evicted: evicted,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Opens a subscription's dead letters when it is not running (to inspect, purge).
+    ///
+    /// # Errors
+    /// [`PublishError::DeadLetters`] (for instance locked by the running subscription).
+    pub fn open_dead_letters(
+        &self,
+        name: &str,
+        options: DeadLetterOptions,
+    ) -> Result<DeadLetters, PublishError> {
+        check_subscription_name(name)?;
+        let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
+        DeadLetters::open(
+            &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
+            options,
+            evicted,
+        )
+    }
+
+    /// Sets a stopped subscription's checkpoint (the next seq it will deliver).
+    ///
+    /// # Errors
+    /// [`PublishError::AlreadyRunning`] if it runs (use [`Subscription::reset_to`]).
+    pub fn set_checkpoint(&self, name: &str, next_seq: u64) -> Result<(), PublishError> {
+        check_subscription_name(name)?;
+        if self
+            .running
+            .lock()
+            .get(name)
+            .is_some_and(|s| !s.control.lock().finished)
+        {
+            return Err(PublishError::AlreadyRunning {
+                name: name.to_string(),
+            });
+        }
+        self.db.put(&self.db.checkpoints, name, next_seq)
+    }
+}
+
+/// A running subscription. Dropping the handle stops it (waiting up to 30 s).
+#[derive(Debug)]
+pub struct Subscription {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    running: Arc<Mutex<HashMap<String, Arc<Shared>>>>,
+}
+
+/// Which dead letters to redrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    /// All of them, oldest first.
+    All,
+    /// These ids.
+    Ids(Vec<u64>),
+}
+
+/// The outcome of a redrive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Delivered and removed from the dead letters.
+    pub delivered: Vec<u64>,
+    /// Failed again and kept, with their attempt count raised.
+    pub failed: Vec<u64>,
+}
+
+impl Subscription {
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Counters and status.
+    pub fn stats(&self) -> SubscriptionStats {
+        let c = &self.shared.counters;
+        let position = c.position.load(Ordering::Acquire);
+        let dl = self.shared.dead_letters.lock();
+        SubscriptionStats {
+            name: self.shared.name.clone(),
+            status: self.shared.control.lock().status.clone(),
+            position,
+            checkpoint: c.checkpoint.load(Ordering::Acquire),
+            lag_events: self.shared.store.next_seq().saturating_sub(position),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            dead_letters: dl.len(),
+            dead_letters_evicted: dl.evicted(),
+        }
+    }
+
+    /// Pauses delivery after the in-flight event.
+    pub fn pause(&self) {
+        let mut c = self.shared.control.lock();
+        c.pause = true;
+        if c.status == Status::Running {
+            c.status = Status::Paused;
+        }
+        self.shared.control_cv.notify_all();
+    }
+
+    /// Resumes after [`Subscription::pause`].
+    pub fn resume(&self) {
+        let mut c = self.shared.control.lock();
+        c.pause = false;
+        if c.status == Status::Paused {
+            c.status = Status::Running;
+        }
+        self.shared.control_cv.notify_all();
+    }
+
+    /// Moves the subscription to deliver from `seq` next (durably, before delivering).
+    pub fn reset_to(&self, seq: u64) {
+        let mut c = self.shared.control.lock();
+        c.reset_to = Some(seq);
+        self.shared.control_cv.notify_all();
+    }
+
+    /// Waits until every event up to `seq` is handled (or `timeout` passes). Returns
+    /// whether it was.
+    pub fn wait_until_handled(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.control.lock();
+        loop {
+            if self.shared.counters.position.load(Ordering::Acquire) > seq {
+                return true;
+            }
+            if c.finished
+                || self
+                    .shared
+                    .control_cv
+                    .wait_until(&mut c, deadline)
+                    .timed_out()
+            {
+                return self.shared.counters.position.load(Ordering::Acquire) > seq;
+            }
+        }
+    }
+
+    /// Stops after the in-flight event, saves the checkpoint, and waits up to `timeout`.
+    ///
+    /// # Errors
+    /// [`PublishError::StopTimeout`] if the worker is still busy after `timeout`.
+    pub fn stop(&self, timeout: Duration) -> Result<(), PublishError> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut c = self.shared.control.lock();
+            c.stop = true;
+            self.shared.control_cv.notify_all();
+            while !c.finished {
+                if self
+                    .shared
+                    .control_cv
+                    .wait_until(&mut c, deadline)
+                    .timed_out()
+                    && !c.finished
+                {
+                    return Err(PublishError::StopTimeout {
+                        name: self.shared.name.clone(),
+                        timeout_ms: timeout.as_millis() as u64,
+                    });
+                }
+            }
+        }
+        if let Some(worker) = self.worker.lock().take() {
+            let _ = worker.join();
+        }
+        let mut running = self.running.lock();
+        if running
+            .get(&self.shared.name)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.shared))
+        {
+            running.remove(&self.shared.name);
+        }
+        Ok(())
+    }
+
+    /// The live dead letters, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.shared.dead_letters.lock().list()
+    }
+
+    /// Delivers dead letters to the handler again (one attempt each, now). Delivered ones
+    /// are removed; failed ones stay with their attempt count raised.
+    ///
+    /// # Errors
+    /// [`PublishError::NoSuchDeadLetter`] for an unknown id (nothing is redriven then);
+    /// [`PublishError::DeadLetters`] or [`PublishError::Read`] on I/O failures.
+    pub fn redrive(&self, which: Redrive) -> Result<RedriveReport, PublishError> {
+        let entries = {
+            let dl = self.shared.dead_letters.lock();
+            match which {
+                Redrive::All => dl.list(),
+                Redrive::Ids(ids) => {
+                    let mut v = Vec::new();
+                    for id in ids {
+                        v.push(dl.get(id).cloned().ok_or(PublishError::NoSuchDeadLetter {
+                            name: self.shared.name.clone(),
+                            id,
+                        })?);
+                    }
+                    v
+                }
+            }
+        };
+        let mut report = RedriveReport::default();
+        for entry in entries {
+            let stored = self.shared.store.read_seq(entry.seq)?;
+            let attempt = entry.attempts + 1;
+            let outcome = self.shared.attempt(&stored, attempt);
+            let mut dl = self.shared.dead_letters.lock();
+            match outcome {
+                Ok(()) => {
+                    dl.resolve(entry.id)?;
+                    report.delivered.push(entry.id);
+                }
+                Err(e) => {
+                    let text = match e {
+                        HandlerError::Retryable(t) | HandlerError::Permanent(t) => t,
+                    };
+                    dl.update(entry.id, attempt, &text, now_us())?;
+                    report.failed.push(entry.id);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Removes every dead letter.
+    ///
+    /// # Errors
+    /// [`PublishError::DeadLetters`] if the write fails.
+    pub fn purge_dead_letters(&self) -> Result<u64, PublishError> {
+        let mut dl = self.shared.dead_letters.lock();
+        let ids: Vec<u64> = dl.list().iter().map(|d| d.id).collect();
+        for id in &ids {
+            dl.resolve(*id)?;
+        }
+        Ok(ids.len() as u64)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.worker.lock().is_some() {
+            let _ = self.stop(Duration::from_secs(30));
+        }
+    }
+}
+
+enum Outcome {
+    Handled,
+    Parked,
+    Interrupted,
+    Poison(String),
+}
+
+impl Shared {
+    fn run(&self, from: u64) {
+        let mut follower = self.store.follow(from, self.options.filter.clone());
+        let mut jitter = Jitter::new(now_us() as u64 ^ (self as *const Shared as u64));
+        let mut unsaved = 0u64;
+        let mut last_save = Instant::now();
+        let interval = Duration::from_millis(self.options.checkpoint_interval_ms);
+        loop {
+            // Controls: stop, pause, reset.
+            {
+                let mut c = self.control.lock();
+                if let Some(seq) = c.reset_to.take() {
+                    follower.seek(seq);
+                    self.counters.position.store(seq, Ordering::Release);
+                    drop(c);
+                    if let Err(e) = self.save_checkpoint(seq) {
+                        self.fail(seq, e.to_string());
+                        return;
+                    }
+                    unsaved = 0;
+                    continue;
+                }
+                while c.pause && !c.stop && c.reset_to.is_none() {
+                    self.control_cv.wait_for(&mut c, IDLE_WAIT);
+                }
+                if c.stop {
+                    break;
+                }
+            }
+            let next = match follower.next_timeout(IDLE_WAIT) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(subscription = %self.name, error = %e, "reading the store failed; retrying");
+                    let mut c = self.control.lock();
+                    self.control_cv.wait_for(&mut c, IDLE_WAIT);
+                    continue;
+                }
+            };
+            match next {
+                Some(stored) => match self.deliver(&stored, &mut jitter) {
+                    Outcome::Handled | Outcome::Parked => {
+                        unsaved += 1;
+                        self.counters
+                            .position
+                            .store(follower.position(), Ordering::Release);
+                        self.notify();
+                    }
+                    Outcome::Interrupted => {
+                        // Stopped during a backoff: the event is not handled; the
+                        // checkpoint stays before it.
+                        break;
+                    }
+                    Outcome::Poison(error) => {
+                        let _ = self.save_checkpoint(stored.seq());
+                        self.fail(stored.seq(), error);
+                        return;
+                    }
+                },
+                None => {
+                    // Caught up: events skipped by the filter are handled too.
+                    let position = follower.position();
+                    if position != self.counters.position.load(Ordering::Acquire) {
+                        self.counters.position.store(position, Ordering::Release);
+                        unsaved += 1;
+                        self.notify();
+                    }
+                }
+            }
+            let due = unsaved >= self.options.checkpoint_every_events
+                || (unsaved > 0 && last_save.elapsed() >= interval);
+            if due {
+                let position = self.counters.position.load(Ordering::Acquire);
+                if let Err(e) = self.save_checkpoint(position) {
+                    self.fail(position, e.to_string());
+                    return;
+                }
+                unsaved = 0;
+                last_save = Instant::now();
+            }
+        }
+        let position = self.counters.position.load(Ordering::Acquire);
+        let saved = self.save_checkpoint(position);
+        let mut c = self.control.lock();
+        c.status = match saved {
+            Ok(()) => Status::Stopped,
+            Err(e) => Status::Failed {
+                seq: position,
+                error: e.to_string(),
+            },
+        };
+        c.finished = true;
+        self.control_cv.notify_all();
+        tracing::info!(subscription = %self.name, position, "subscription stopped");
+    }
+
+    fn notify(&self) {
+        let _c = self.control.lock();
+        self.control_cv.notify_all();
+    }
+
+    fn fail(&self, seq: u64, error: String) {
+        tracing::error!(subscription = %self.name, seq, %error, "subscription stopped at a poison event");
+        let mut c = self.control.lock();
+        c.status = Status::Failed { seq, error };
+        c.finished = true;
+        self.control_cv.notify_all();
+    }
+
+    fn save_checkpoint(&self, next_seq: u64) -> Result<(), PublishError> {
+        self.db.put(&self.db.checkpoints, &self.name, next_seq)?;
+        self.counters.checkpoint.store(next_seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// One attempt, with panics turned into a retryable failure.
+    fn attempt(&self, stored: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
+        let event = stored
+            .event()
+            .map_err(|e| HandlerError::Permanent(format!("event cannot be decoded: {e}")))?;
+        let mut handler = self.handler.lock();
+        match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, attempt))) {
+            Ok(r) => r,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".into());
+                tracing::warn!(subscription = %self.name, seq = stored.seq(), attempt, panic = %msg, "handler panicked");
+                Err(HandlerError::Retryable(format!("handler panicked: {msg}")))
+            }
+        }
+    }
+
+    fn deliver(&self, stored: &StoredEvent, jitter: &mut Jitter) -> Outcome {
+        let policy = &self.options.retry;
+        let first_failure = now_us();
+        let mut attempt = 1;
+        let error = loop {
+            match self.attempt(stored, attempt) {
+                Ok(()) => {
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::Handled;
+                }
+                Err(HandlerError::Permanent(e)) => break e,
+                Err(HandlerError::Retryable(e)) if attempt >= policy.attempts_max => break e,
+                Err(HandlerError::Retryable(e)) => {
+                    self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                    let delay = policy.delay_after(attempt, jitter.next());
+                    tracing::debug!(subscription = %self.name, seq = stored.seq(), attempt, delay_ms = delay.as_millis() as u64, error = %e, "delivery failed; retrying");
+                    // Back off without blocking other subscriptions (each has its own
+                    // thread), waking early only to stop.
+                    let deadline = Instant::now() + delay;
+                    let mut c = self.control.lock();
+                    while !c.stop {
+                        if self.control_cv.wait_until(&mut c, deadline).timed_out() {
+                            break;
+                        }
+                    }
+                    if c.stop {
+                        return Outcome::Interrupted;
+                    }
+                    attempt += 1;
+                }
+            }
+        };
+        if self.options.on_exhausted == OnExhausted::Stop {
+            return Outcome::Poison(format!("attempt {attempt}: {error}"));
+        }
+        let head = match stored.event() {
+            Ok(e) => (
+                e.aggregate_id.to_string(),
+                e.version,
+                e.event_type.to_string(),
+            ),
+            Err(e) => (String::new(), 0, format!("undecodable: {e}")),
+        };
+        let entry = DeadLetter {
+            id: 0,
+            seq: stored.seq(),
+            aggregate_id: head.0,
+            version: head.1,
+            event_type: head.2,
+            attempts: attempt,
+            last_error: error,
+            first_failure_us: first_failure,
+            last_failure_us: now_us(),
+        };
+        let parked = self.dead_letters.lock().park(entry);
+        match parked {
+            Ok((_, evicted)) => {
+                if evicted > 0 {
+                    let total = self.dead_letters.lock().evicted();
+                    if let Err(e) = self.db.put(&self.db.evicted, &self.name, total) {
+                        tracing::error!(subscription = %self.name, error = %e, "saving the evicted count failed");
+                    }
+                }
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Outcome::Parked
+            }
+            Err(e) => Outcome::Poison(format!("parking the event failed: {e}")),
+        }
+    }
+}
