@@ -43,6 +43,10 @@ pub const DEAD_LETTER_DIR_NAME: &str = "deadletter";
 pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
 /// How long a worker waits for new events before it looks at its controls again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// While busy, a worker wakes `wait_until_handled` callers every this many events.
+const NOTIFY_EVERY_EVENTS: u64 = 256;
+/// `wait_until_handled` re-checks the position at least this often.
+const WAIT_SLICE: Duration = Duration::from_millis(5);
 
 /// Errors of the publisher.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +170,9 @@ pub struct SubscriptionOptions {
     pub on_exhausted: OnExhausted,
     /// Bounds of the dead letters.
     pub dead_letters: DeadLetterOptions,
-    /// Write the checkpoint after this many handled events. Default 1,000.
+    /// Write the checkpoint after this many handled events. Default 100,000: each write
+    /// is a sled flush (an fsync, about a millisecond), so catching up at millions of
+    /// events a second wants it rare; the interval below bounds it in time.
     pub checkpoint_every_events: u64,
     /// ... or after this much time with unsaved progress. Default 1,000 ms.
     pub checkpoint_interval_ms: u64,
@@ -179,7 +185,7 @@ impl Default for SubscriptionOptions {
             retry: RetryPolicy::default(),
             on_exhausted: OnExhausted::DeadLetter,
             dead_letters: DeadLetterOptions::default(),
-            checkpoint_every_events: 1_000,
+            checkpoint_every_events: 100_000,
             checkpoint_interval_ms: 1_000,
         }
     }
@@ -624,15 +630,13 @@ impl Subscription {
             if self.shared.counters.position.load(Ordering::Acquire) > seq {
                 return true;
             }
-            if c.finished
-                || self
-                    .shared
-                    .control_cv
-                    .wait_until(&mut c, deadline)
-                    .timed_out()
-            {
+            let now = Instant::now();
+            if c.finished || now >= deadline {
                 return self.shared.counters.position.load(Ordering::Acquire) > seq;
             }
+            self.shared
+                .control_cv
+                .wait_for(&mut c, (deadline - now).min(WAIT_SLICE));
         }
     }
 
@@ -799,7 +803,11 @@ impl Shared {
                         self.counters
                             .position
                             .store(follower.position(), Ordering::Release);
-                        self.notify();
+                        // Waiters re-check in short slices anyway, so waking them on
+                        // every event would only cost the hot path.
+                        if unsaved % NOTIFY_EVERY_EVENTS == 0 {
+                            self.notify();
+                        }
                     }
                     Outcome::Interrupted => {
                         // Stopped during a backoff: the event is not handled; the
@@ -818,8 +826,8 @@ impl Shared {
                     if position != self.counters.position.load(Ordering::Acquire) {
                         self.counters.position.store(position, Ordering::Release);
                         unsaved += 1;
-                        self.notify();
                     }
+                    self.notify();
                 }
             }
             let due = unsaved >= self.options.checkpoint_every_events
