@@ -433,7 +433,21 @@ impl Publisher {
                 });
             }
         }
-        let checkpoint = self.db.get(&self.db.checkpoints, name)?.unwrap_or(0);
+        let mut checkpoint = self.db.get(&self.db.checkpoints, name)?.unwrap_or(0);
+        let head = self.store.next_seq();
+        if checkpoint > head {
+            // The log is shorter than when the checkpoint was saved (a repair cut it, or a
+            // power loss took unsynced appends). New events will reuse those seqs, so
+            // resume at the head rather than skip them.
+            tracing::warn!(
+                subscription = name,
+                checkpoint,
+                head,
+                "checkpoint is past the end of the log; resuming at the end"
+            );
+            checkpoint = head;
+            self.db.put(&self.db.checkpoints, name, checkpoint)?;
+        }
         let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
         let dead_letters = DeadLetters::open(
             &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),

@@ -12,6 +12,7 @@
 mod codec;
 mod error;
 pub mod event;
+mod verify;
 
 pub use codec::{
     BincodeCodec, Codec, CodecError, DomainEvent, JsonCodec, TypedAppendError, TypedEvent,
@@ -19,6 +20,7 @@ pub use codec::{
 };
 pub use error::{AppendError, OpenError, ReadError};
 pub use event::{ContentType, EventRef, Metadata, NewEvent, RecordedEvent};
+pub use verify::{VerifyReport, VERIFY_PROBLEMS_LISTED_MAX};
 
 use crate::index::{keys, Index, IndexCounters, IndexOpenReport, IndexOptions};
 use crate::log::{self, Log, LogOptions, RecoveryReport};
@@ -336,6 +338,19 @@ impl Store {
     /// [`OpenError::Log`] (locked, corrupt, I/O), [`OpenError::Index`],
     /// [`OpenError::InvalidOptions`].
     pub fn open(dir: &Path, options: Options) -> Result<Store, OpenError> {
+        Self::open_inner(dir, options, false)
+    }
+
+    /// Opens the store like [`Store::open`], but first deletes the index so that it is
+    /// rebuilt from the log (what `eventlog reindex` does).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_rebuilding_index(dir: &Path, options: Options) -> Result<Store, OpenError> {
+        Self::open_inner(dir, options, true)
+    }
+
+    fn open_inner(dir: &Path, options: Options, rebuild_index: bool) -> Result<Store, OpenError> {
         let mut options = options;
         if options.events_per_append_max == 0 || options.payload_size_bytes_max == 0 {
             return Err(OpenError::InvalidOptions(
@@ -353,6 +368,20 @@ impl Store {
             .batch_records_max
             .max(options.events_per_append_max);
         let log = Log::open(dir, options.log.clone())?;
+        if rebuild_index {
+            // The log's lock is held, so no other process uses the index now.
+            let index_dir = dir.join(crate::index::INDEX_DIR_NAME);
+            match std::fs::remove_dir_all(&index_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(OpenError::InvalidOptions(format!(
+                        "cannot remove {} to rebuild it: {e}",
+                        index_dir.display()
+                    )))
+                }
+            }
+        }
         let (index, index_report) = Index::open(dir, &log, options.index.clone())?;
         let report = OpenReport {
             log: log.recovery_report().clone(),

@@ -92,3 +92,88 @@ fn damaged_index_directory_is_rebuilt_from_the_log() {
     );
     assert_eq!(history(&store, "agg-3"), h);
 }
+
+#[test]
+fn verify_is_clean_on_a_good_store_and_names_index_disagreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 0, 2000);
+    for _ in 0..150 {
+        store
+            .append(
+                "long",
+                ExpectedVersion::Any,
+                &[NewEvent::binary("type-0", vec![1])],
+            )
+            .unwrap();
+    }
+    let mut calls = 0;
+    let report = store.verify(|_, _| calls += 1).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(
+        (report.events_checked, report.aggregates, report.types),
+        (2150, 38, 5)
+    );
+    assert!(calls >= 2);
+    drop(store);
+
+    // Another store of the same length, different contents: its index does not fit.
+    let other = tempfile::tempdir().unwrap();
+    let s2 = open_store(other.path());
+    for i in 0..2150u64 {
+        s2.append(
+            &format!("x-{}", i % 11),
+            ExpectedVersion::Any,
+            &[NewEvent::binary("other", vec![2])],
+        )
+        .unwrap();
+    }
+    drop(s2);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    crate::common::copy_dir(&other.path().join("index"), &dir.path().join("index"));
+    let store = open_store(dir.path());
+    let report = store.verify(|_, _| {}).unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("index: aggregate agg-0 latest")),
+        "{:?}",
+        &report.problems[..3]
+    );
+    assert!(report
+        .problems
+        .iter()
+        .any(|p| p.contains("index: type type-0")));
+    drop(store);
+
+    // Rebuilding the index fixes it.
+    let store = Store::open_rebuilding_index(dir.path(), crate::common::store_options()).unwrap();
+    assert!(store.open_report().index.rebuilt);
+    assert!(store.verify(|_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn verify_reports_a_corrupt_record_and_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    options.log.segment_size_bytes = 256 << 10;
+    options.payload_size_bytes_max = 64 << 10;
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    fill(&store, 0, 3000);
+    drop(store);
+    let seg = crate::common::segment_files(dir.path())[0].clone();
+    let bytes = std::fs::read(&seg).unwrap();
+    let mut damaged = bytes.clone();
+    damaged[1000] ^= 0x01;
+    std::fs::write(&seg, &damaged).unwrap();
+    let store = Store::open(dir.path(), options).unwrap();
+    let report = store.verify(|_, _| {}).unwrap();
+    assert_eq!(report.events_checked, 3000);
+    assert!(
+        report.problems.iter().any(|p| p.contains("checksum")),
+        "{:?}",
+        report.problems
+    );
+}
