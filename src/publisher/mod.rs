@@ -819,7 +819,7 @@ impl Shared {
                             .store(follower.position(), Ordering::Release);
                         // Waiters re-check in short slices anyway, so waking them on
                         // every event would only cost the hot path.
-                        if unsaved % NOTIFY_EVERY_EVENTS == 0 {
+                        if unsaved.is_multiple_of(NOTIFY_EVERY_EVENTS) {
                             self.notify();
                         }
                     }

@@ -56,7 +56,7 @@ impl Store {
         let mut types: HashMap<String, Vec<u64>> = HashMap::default();
         let index = &self.inner.index;
         for seq in first..next {
-            if (seq - first) % 65_536 == 0 {
+            if (seq - first).is_multiple_of(65_536) {
                 progress(seq - first, total);
             }
             report.events_checked += 1;
