@@ -66,6 +66,9 @@ pub struct DeadLetter {
     pub first_failure_us: i64,
     /// When delivery last failed.
     pub last_failure_us: i64,
+    /// A redrive was requested (say by `eventlog deadletters redrive`) and the running
+    /// subscription has not tried it yet.
+    pub redrive_requested: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +81,9 @@ enum DeadLetterRecord {
         last_failure_us: i64,
     },
     Resolved {
+        id: u64,
+    },
+    RedriveRequested {
         id: u64,
     },
 }
@@ -161,6 +167,12 @@ impl DeadLetters {
                         d.attempts = attempts;
                         d.last_error = last_error;
                         d.last_failure_us = last_failure_us;
+                        d.redrive_requested = false;
+                    }
+                }
+                Some(DeadLetterRecord::RedriveRequested { id }) => {
+                    if let Some(d) = entries.get_mut(&id) {
+                        d.redrive_requested = true;
                     }
                 }
                 Some(DeadLetterRecord::Resolved { id }) => {
@@ -215,8 +227,37 @@ impl DeadLetters {
             d.attempts = attempts;
             d.last_error = last_error;
             d.last_failure_us = now_us;
+            d.redrive_requested = false;
         }
         Ok(())
+    }
+
+    /// Marks entries for redelivery by the subscription when it runs (next time it is
+    /// idle). Returns the ids marked; unknown ids are skipped.
+    ///
+    /// # Errors
+    /// [`PublishError::DeadLetters`] if the write fails.
+    pub fn request_redrive(&mut self, ids: &[u64]) -> Result<Vec<u64>, PublishError> {
+        let mut marked = Vec::new();
+        for &id in ids {
+            if self.entries.get(&id).is_some_and(|d| !d.redrive_requested) {
+                self.append(&DeadLetterRecord::RedriveRequested { id })?;
+                if let Some(d) = self.entries.get_mut(&id) {
+                    d.redrive_requested = true;
+                }
+                marked.push(id);
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Entries marked by [`DeadLetters::request_redrive`], oldest first.
+    pub fn redrive_requested(&self) -> Vec<DeadLetter> {
+        self.entries
+            .values()
+            .filter(|d| d.redrive_requested)
+            .cloned()
+            .collect()
     }
 
     /// Removes entry `id` (delivered by a redrive, or purged).

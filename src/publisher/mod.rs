@@ -835,6 +835,7 @@ impl Shared {
                     }
                 },
                 None => {
+                    self.redrive_requested();
                     // Caught up: events skipped by the filter are handled too.
                     let position = follower.position();
                     if position != self.counters.position.load(Ordering::Acquire) {
@@ -869,6 +870,33 @@ impl Shared {
         c.finished = true;
         self.control_cv.notify_all();
         tracing::info!(subscription = %self.name, position, "subscription stopped");
+    }
+
+    /// Delivers dead letters marked for redrive (one attempt each), when idle.
+    fn redrive_requested(&self) {
+        let wanted = self.dead_letters.lock().redrive_requested();
+        for entry in wanted {
+            if self.control.lock().stop {
+                return;
+            }
+            let outcome = match self.store.read_seq(entry.seq) {
+                Ok(stored) => self.attempt(&stored, entry.attempts + 1),
+                Err(e) => Err(HandlerError::Permanent(format!(
+                    "event cannot be read: {e}"
+                ))),
+            };
+            let mut dl = self.dead_letters.lock();
+            let written = match outcome {
+                Ok(()) => dl.resolve(entry.id),
+                Err(HandlerError::Retryable(t) | HandlerError::Permanent(t)) => {
+                    dl.update(entry.id, entry.attempts + 1, &t, now_us())
+                }
+            };
+            if let Err(e) = written {
+                tracing::error!(subscription = %self.name, error = %e, "recording a redrive failed");
+                return;
+            }
+        }
     }
 
     fn notify(&self) {
@@ -963,6 +991,7 @@ impl Shared {
             last_error: error,
             first_failure_us: first_failure,
             last_failure_us: now_us(),
+            redrive_requested: false,
         };
         let parked = self.dead_letters.lock().park(entry);
         match parked {

@@ -328,6 +328,7 @@ fn dead_letters_past_the_bound_evict_oldest_first_and_count_exactly() {
         last_error: "x".repeat(40),
         first_failure_us: 1,
         last_failure_us: 2,
+        redrive_requested: false,
     };
     let mut total_evicted = 0;
     {
@@ -484,4 +485,50 @@ fn invalid_names_and_double_subscribe_are_refused() {
         ),
         Err(eventlog::publisher::PublishError::AlreadyRunning { .. })
     ));
+}
+
+#[test]
+fn redrive_requested_offline_is_delivered_when_the_subscription_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 3);
+    let publisher = Publisher::open(&store).unwrap();
+    {
+        let sub = publisher
+            .subscribe("s", fast_retry(1), |e: &EventRef<'_>, _a: u32| {
+                if e.seq == 1 {
+                    Err(HandlerError::Permanent("later".into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert!(sub.wait_until_handled(2, WAIT));
+        sub.stop(WAIT).unwrap();
+    }
+    // As the CLI does while the subscription is not running.
+    let ids = {
+        let mut dl = publisher
+            .open_dead_letters("s", DeadLetterOptions::default())
+            .unwrap();
+        let ids: Vec<u64> = dl.list().iter().map(|d| d.id).collect();
+        assert_eq!(dl.request_redrive(&ids).unwrap(), ids);
+        assert_eq!(
+            dl.request_redrive(&ids).unwrap(),
+            Vec::<u64>::new(),
+            "marking twice is a no-op"
+        );
+        ids
+    };
+    assert_eq!(ids.len(), 1);
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("s", fast_retry(1), recorder(&seen))
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !sub.dead_letters().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(sub.dead_letters().is_empty());
+    assert_eq!(*seen.lock().unwrap(), vec![(1, 2)]);
 }
