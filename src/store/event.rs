@@ -487,6 +487,14 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
+    // Most names are ASCII: check bytes, and decode characters only when there is more.
+    let ascii_control = |b: &u8| *b < 0x20 || *b == 0x7f;
+    if name.is_ascii() {
+        if let Some(b) = name.bytes().find(ascii_control) {
+            return Err(format!("contains the control character {:?}", char::from(b)));
+        }
+        return Ok(());
+    }
     if let Some(c) = name.chars().find(|c| c.is_control()) {
         return Err(format!("contains the control character {:?}", c));
     }

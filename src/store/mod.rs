@@ -26,7 +26,7 @@ use crate::index::{keys, Index, IndexCounters, IndexOpenReport, IndexOptions};
 use crate::log::{self, Log, LogOptions, RecoveryReport};
 use event::{EventHead, Prev, ResolvedEvent};
 use parking_lot::{Mutex, MutexGuard};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -502,7 +502,7 @@ impl Store {
         let now = now_us();
         // Where each aggregate touched by this append stands: its version, and where its
         // last event is (stored at a seq, or an earlier payload of this append).
-        let mut heads: HashMap<&str, (u64, Tail)> = HashMap::new();
+        let mut heads: HashMap<&str, (u64, Tail)> = HashMap::default();
         let mut results: Vec<Option<Appended>> = vec![None; requests.len()];
         let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(total);
         // (request index, first payload index, count, last version)
@@ -531,7 +531,7 @@ impl Store {
                     actual: current,
                 });
             }
-            let mut ids_in_request = HashMap::new();
+            let mut ids_in_request = HashMap::default();
             for (i, e) in r.events.iter().enumerate() {
                 if let Some(id) = e.event_id {
                     if ids_in_request.insert(id, i).is_some() {
