@@ -167,7 +167,8 @@ pub fn scan_records(
     let mut next_seq = first_seq;
     let bad_reason = loop {
         match record::decode(&bytes[pos..], payload_len_max) {
-            Decoded::Record(h) if h.seq == seq && pos <= u32::MAX as usize => {
+            // The last seq, u64::MAX, is never used: the next one could not be named.
+            Decoded::Record(h) if h.seq == seq && seq < u64::MAX && pos <= u32::MAX as usize => {
                 offsets.push(pos as u32);
                 pos += h.framed_len();
                 seq += 1;
@@ -245,9 +246,12 @@ pub fn walk_headers(
     let mut offsets = Vec::new();
     let mut pos = start_bytes;
     let mut seq = first_seq;
+    if stop_bytes > bytes.len() {
+        return Err(bytes.len() as u64);
+    }
     while pos < stop_bytes {
         let header: RecordHeader = match record::peek_header(&bytes[pos..], payload_len_max) {
-            Some(h) if h.seq == seq && pos + h.framed_len() <= stop_bytes => h,
+            Some(h) if h.seq == seq && seq < u64::MAX && pos + h.framed_len() <= stop_bytes => h,
             _ => return Err(pos as u64),
         };
         offsets.push(pos as u32);
@@ -432,6 +436,20 @@ mod tests {
             matches!(scan.stop, ScanStop::Damage { .. }),
             "{:?}",
             scan.stop
+        );
+    }
+
+    #[test]
+    fn the_largest_seq_is_never_accepted_so_seqs_cannot_wrap() {
+        let mut buf = encode_segment_header(u64::MAX).to_vec();
+        encode_into(&mut buf, u64::MAX, FLAG_BATCH_END, b"x");
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, u64::MAX, 1024);
+        assert!(scan.offsets.is_empty());
+        assert_eq!(scan.next_seq, u64::MAX);
+        assert!(walk_headers(&buf, SEGMENT_HEADER_SIZE_BYTES, buf.len(), u64::MAX, 1024).is_err());
+        assert!(
+            walk_headers(&buf, SEGMENT_HEADER_SIZE_BYTES, buf.len() + 1, 0, 1024).is_err(),
+            "a stop past the end is refused"
         );
     }
 
