@@ -491,7 +491,10 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ascii_control = |b: &u8| *b < 0x20 || *b == 0x7f;
     if name.is_ascii() {
         if let Some(b) = name.bytes().find(ascii_control) {
-            return Err(format!("contains the control character {:?}", char::from(b)));
+            return Err(format!(
+                "contains the control character {:?}",
+                char::from(b)
+            ));
         }
         return Ok(());
     }
