@@ -156,6 +156,8 @@ fn bench_read(c: &mut Criterion) {
         })
     });
 
+    // One pass takes tens of milliseconds: fewer samples keep the group short.
+    g.sample_size(10);
     g.throughput(Throughput::Bytes(READ_RECORDS * PAYLOAD_SIZE_BYTES as u64));
     g.bench_function("iter_from_0/250k_x_256B", |b| {
         b.iter_batched(

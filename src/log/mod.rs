@@ -98,9 +98,9 @@ pub struct LogOptions {
     pub batch_records_max: usize,
     /// When appends become durable. Default [`Durability::Sync`].
     pub durability: Durability,
-    /// Disk space is reserved (fallocate) this far ahead of the writer, so a full disk
-    /// shows up before a record is written and `fdatasync` rarely has to grow the file.
-    /// Default 8 MiB; 0 turns preallocation off.
+    /// Disk space is reserved (by writing zeros) this far ahead of the writer, so a full
+    /// disk shows up before a record is written and `fdatasync` overwrites data blocks
+    /// instead of growing the file. Default 8 MiB; 0 turns preallocation off.
     pub preallocate_chunk_bytes: u64,
     /// On open, quarantine damaged parts of the log instead of refusing to open. Records
     /// from the damage on are lost; [`Log::recovery_report`] says which. Default false.

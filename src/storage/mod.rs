@@ -1,7 +1,7 @@
 //! The storage seam: every byte the log reads or writes goes through [`Storage`].
 //!
 //! The log never touches `std::fs` directly. [`FsStorage`] is the real implementation
-//! (files, `pwrite`, `fdatasync`, `fallocate`, memmap2); a simulated, fault-injecting
+//! (files, `pwrite`, `fdatasync`, memmap2); a simulated, fault-injecting
 //! implementation can stand in for it in tests without the log changing.
 //!
 //! The trait is deliberately small and synchronous. Its contract is POSIX-like:
@@ -59,7 +59,8 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Truncates or extends (with zeros) the file to `len_bytes`.
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
     /// Reserves disk space so that the file is at least `len_bytes` long and writes below
-    /// that length cannot fail for lack of space. New bytes read as zeros.
+    /// that length cannot fail for lack of space. New bytes read as zeros. The log calls
+    /// it ahead of the writer, so that `sync_data` rarely has to grow the file.
     fn allocate(&self, len_bytes: u64) -> io::Result<()>;
     /// Maps `[0, len_bytes)` of the file read-only. `len_bytes` may exceed the current file
     /// length: the caller promises never to read mapped bytes past the file's end.
