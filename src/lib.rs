@@ -22,6 +22,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod index;
+pub mod json;
 pub mod log;
 pub mod publisher;
 pub mod storage;

@@ -139,7 +139,7 @@ impl StorageFile for FsFile {
         // extent conversion, which measured slower than writing the zeros up front (see
         // benches/log_vs_raw.rs). Written zeros make later syncs pure data overwrites, and
         // a full disk still shows up here, before any record is written.
-        const ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+        static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
         let mut at = self.len_bytes()?;
         while at < len_bytes {
             let n = (len_bytes - at).min(ZEROS.len() as u64) as usize;
