@@ -21,9 +21,11 @@
 /// Bodies of the cargo-fuzz targets in `fuzz/`, shared with the corpus replay test.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hooks;
 pub mod index;
 pub mod json;
 pub mod log;
+pub mod metrics;
 pub mod publisher;
 pub mod storage;
 pub mod store;

@@ -202,6 +202,15 @@ pub trait CommitObserver: Send + Sync + std::fmt::Debug {
     fn committed(&self, first_seq: u64, payloads: &[&[u8]]);
 }
 
+/// Histograms of the log's work, from [`Log::metrics`].
+#[derive(Debug)]
+pub struct LogMetrics {
+    /// `fdatasync` latency of appends, in microseconds.
+    pub fsync_us: crate::metrics::Histogram,
+    /// Records written per group commit.
+    pub group_commit_records: crate::metrics::Histogram,
+}
+
 /// Counts and sizes of the log, from [`Log::stats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -303,6 +312,7 @@ struct Inner {
     sync_thread_stop: Mutex<bool>,
     sync_thread_cv: Condvar,
     observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
+    metrics: LogMetrics,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -419,6 +429,10 @@ impl Log {
             sync_thread_stop: Mutex::new(false),
             sync_thread_cv: Condvar::new(),
             observer: std::sync::OnceLock::new(),
+            metrics: LogMetrics {
+                fsync_us: crate::metrics::Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
+                group_commit_records: crate::metrics::Histogram::new(crate::metrics::SIZE_BOUNDS),
+            },
             _lock: lock,
             options,
         });
@@ -585,6 +599,11 @@ impl Log {
             }
         }
         Ok(removed)
+    }
+
+    /// Histograms: fsync latency and group-commit sizes.
+    pub fn metrics(&self) -> &LogMetrics {
+        &self.inner.metrics
     }
 
     /// The log directory (`<dir>/log`).
@@ -852,6 +871,9 @@ impl Inner {
             byte_pos += chunk_bytes as usize;
             rec_pos += chunk_records;
             self.commit_count.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .group_commit_records
+                .observe(chunk_records as u64);
             self.records_written
                 .fetch_add(chunk_records as u64, Ordering::Relaxed);
             if sync {
@@ -885,7 +907,12 @@ impl Inner {
 
     fn fsync(&self, active: &mut ActiveSegment) -> Result<(), FailKind> {
         self.fsync_count.fetch_add(1, Ordering::Relaxed);
-        match active.segment.file.sync_data() {
+        let started = Instant::now();
+        let synced = active.segment.file.sync_data();
+        self.metrics
+            .fsync_us
+            .observe(started.elapsed().as_micros() as u64);
+        match synced {
             Ok(()) => {
                 active.synced_next = active.written_next;
                 Ok(())

@@ -13,7 +13,7 @@
 
 use crate::log::{Durability, Log, LogOptions};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::PublishError;
@@ -121,6 +121,8 @@ pub struct DeadLetters {
     log: Log,
     dir: PathBuf,
     entries: BTreeMap<u64, DeadLetter>,
+    /// Store seq -> how many live entries hold it (normally one).
+    parked_seqs: HashMap<u64, u32>,
     options: DeadLetterOptions,
     evicted: u64,
 }
@@ -181,10 +183,15 @@ impl DeadLetters {
                 None => return Err(err(format!("record {} is not a dead letter", record.seq()))),
             }
         }
+        let mut parked_seqs = HashMap::new();
+        for d in entries.values() {
+            *parked_seqs.entry(d.seq).or_insert(0) += 1;
+        }
         Ok(DeadLetters {
             log,
             dir: dir.to_path_buf(),
             entries,
+            parked_seqs,
             options,
             evicted,
         })
@@ -200,6 +207,7 @@ impl DeadLetters {
         entry.last_error = clip_error(&entry.last_error);
         let id = self.append(&DeadLetterRecord::Entry(entry.clone()))?;
         entry.id = id;
+        *self.parked_seqs.entry(entry.seq).or_insert(0) += 1;
         self.entries.insert(id, entry);
         let evicted = self.enforce_bounds()?;
         Ok((id, evicted))
@@ -267,7 +275,7 @@ impl DeadLetters {
     pub fn resolve(&mut self, id: u64) -> Result<(), PublishError> {
         if self.entries.contains_key(&id) {
             self.append(&DeadLetterRecord::Resolved { id })?;
-            self.entries.remove(&id);
+            self.remove_entry(id);
         }
         Ok(())
     }
@@ -275,6 +283,11 @@ impl DeadLetters {
     /// The live entries, oldest first.
     pub fn list(&self) -> Vec<DeadLetter> {
         self.entries.values().cloned().collect()
+    }
+
+    /// Whether the event with store seq `seq` is parked (a live entry).
+    pub fn contains_seq(&self, seq: u64) -> bool {
+        self.parked_seqs.contains_key(&seq)
     }
 
     /// One entry.
@@ -300,6 +313,17 @@ impl DeadLetters {
     /// Bytes of dead-letter segments.
     pub fn size_bytes(&self) -> u64 {
         self.log.stats().log_bytes
+    }
+
+    fn remove_entry(&mut self, id: u64) {
+        if let Some(d) = self.entries.remove(&id) {
+            if let Some(n) = self.parked_seqs.get_mut(&d.seq) {
+                *n -= 1;
+                if *n == 0 {
+                    self.parked_seqs.remove(&d.seq);
+                }
+            }
+        }
     }
 
     fn append(&mut self, r: &DeadLetterRecord) -> Result<u64, PublishError> {
@@ -335,8 +359,8 @@ impl DeadLetters {
                 break;
             }
             let gone: Vec<u64> = self.entries.range(..removed).map(|(&id, _)| id).collect();
-            for id in &gone {
-                self.entries.remove(id);
+            for &id in &gone {
+                self.remove_entry(id);
             }
             dropped += gone.len() as u64;
         }

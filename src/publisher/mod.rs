@@ -939,6 +939,11 @@ impl Shared {
     }
 
     fn deliver(&self, stored: &StoredEvent, jitter: &mut Jitter) -> Outcome {
+        // Already parked (delivered again after a crash before the checkpoint moved past
+        // it): it stays a single dead letter; redrive is how it is delivered again.
+        if self.dead_letters.lock().contains_seq(stored.seq()) {
+            return Outcome::Parked;
+        }
         let policy = &self.options.retry;
         let first_failure = now_us();
         let mut attempt = 1;

@@ -22,8 +22,10 @@ pub use error::{AppendError, OpenError, ReadError};
 pub use event::{ContentType, EventRef, Metadata, NewEvent, RecordedEvent};
 pub use verify::{VerifyReport, VERIFY_PROBLEMS_LISTED_MAX};
 
+use crate::hooks::{HookError, PendingAppend, Plugin, Plugins};
 use crate::index::{keys, Index, IndexCounters, IndexOpenReport, IndexOptions};
 use crate::log::{self, Log, LogOptions, RecoveryReport};
+use crate::metrics::{Counter, Histogram};
 use event::{EventHead, Prev, ResolvedEvent};
 use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap as HashMap;
@@ -278,6 +280,30 @@ struct Inner {
     options: Options,
     stripes: Box<[Mutex<()>]>,
     report: OpenReport,
+    plugins: Plugins,
+    metrics: StoreMetrics,
+}
+
+/// The store's own counters (the log and index keep theirs).
+#[derive(Debug)]
+struct StoreMetrics {
+    appends: Counter,
+    append_errors: Counter,
+    events_appended: Counter,
+    bytes_appended: Counter,
+    append_us: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            appends: Counter::default(),
+            append_errors: Counter::default(),
+            events_appended: Counter::default(),
+            bytes_appended: Counter::default(),
+            append_us: Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
+        }
+    }
 }
 
 /// An embedded event store.
@@ -338,7 +364,20 @@ impl Store {
     /// [`OpenError::Log`] (locked, corrupt, I/O), [`OpenError::Index`],
     /// [`OpenError::InvalidOptions`].
     pub fn open(dir: &Path, options: Options) -> Result<Store, OpenError> {
-        Self::open_inner(dir, options, false)
+        Self::open_inner(dir, options, false, Vec::new())
+    }
+
+    /// Opens the store like [`Store::open`] with plugins that run around every append,
+    /// in this order (see [`crate::hooks`]).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with_plugins(
+        dir: &Path,
+        options: Options,
+        plugins: Vec<Arc<dyn Plugin>>,
+    ) -> Result<Store, OpenError> {
+        Self::open_inner(dir, options, false, plugins)
     }
 
     /// Opens the store like [`Store::open`], but first deletes the index so that it is
@@ -347,10 +386,15 @@ impl Store {
     /// # Errors
     /// As [`Store::open`].
     pub fn open_rebuilding_index(dir: &Path, options: Options) -> Result<Store, OpenError> {
-        Self::open_inner(dir, options, true)
+        Self::open_inner(dir, options, true, Vec::new())
     }
 
-    fn open_inner(dir: &Path, options: Options, rebuild_index: bool) -> Result<Store, OpenError> {
+    fn open_inner(
+        dir: &Path,
+        options: Options,
+        rebuild_index: bool,
+        plugins: Vec<Arc<dyn Plugin>>,
+    ) -> Result<Store, OpenError> {
         let mut options = options;
         if options.events_per_append_max == 0 || options.payload_size_bytes_max == 0 {
             return Err(OpenError::InvalidOptions(
@@ -395,6 +439,8 @@ impl Store {
                 options,
                 stripes: (0..APPEND_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
                 report,
+                plugins: Plugins::new(plugins),
+                metrics: StoreMetrics::default(),
             }),
         })
     }
@@ -449,6 +495,100 @@ impl Store {
         &self,
         requests: &[AppendRequest<'_>],
     ) -> Result<Vec<Appended>, AppendError> {
+        let started = Instant::now();
+        let correlation_id = requests
+            .first()
+            .and_then(|r| r.events.first())
+            .and_then(|e| e.metadata.correlation_id.as_deref())
+            .unwrap_or("");
+        let span = tracing::debug_span!("append", correlation_id, aggregates = requests.len());
+        let _entered = span.enter();
+        let outcome = if self.inner.plugins.is_empty() {
+            self.append_batch_inner(requests)
+        } else {
+            self.append_with_plugins(requests)
+        };
+        let m = &self.inner.metrics;
+        match &outcome {
+            Ok(results) => {
+                m.appends.add(1);
+                let new: u64 = results
+                    .iter()
+                    .filter(|r| r.1)
+                    .map(|r| r.0.last_seq - r.0.first_seq + 1)
+                    .sum();
+                m.events_appended.add(new);
+                m.bytes_appended.add(
+                    requests
+                        .iter()
+                        .flat_map(|r| r.events)
+                        .map(|e| e.payload.len() as u64)
+                        .sum(),
+                );
+                m.append_us.observe(started.elapsed().as_micros() as u64);
+            }
+            Err(e) => {
+                m.append_errors.add(1);
+                tracing::debug!(error = %e, "append failed");
+            }
+        }
+        outcome.map(|results| results.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Runs the plugins before and after the append.
+    fn append_with_plugins(
+        &self,
+        requests: &[AppendRequest<'_>],
+    ) -> Result<Vec<(Appended, bool)>, AppendError> {
+        let mut pending: Vec<PendingAppend> = requests
+            .iter()
+            .map(|r| PendingAppend::new(r.aggregate_id, r.expected, r.events))
+            .collect();
+        self.inner
+            .plugins
+            .run_before(&mut pending)
+            .map_err(|e| match e {
+                HookError::Rejected { plugin, reason } => AppendError::Rejected { plugin, reason },
+                HookError::Failed { plugin, message } => {
+                    AppendError::PluginFailed { plugin, message }
+                }
+            })?;
+        let requests: Vec<AppendRequest<'_>> = pending
+            .iter()
+            .map(|p| AppendRequest {
+                aggregate_id: p.aggregate_id(),
+                expected: p.expected(),
+                events: &p.events,
+            })
+            .collect();
+        let results = self.append_batch_inner(&requests)?;
+        // after_commit sees the events as stored, read back from the log's maps.
+        let mut stored = Vec::new();
+        for (appended, new) in &results {
+            if *new {
+                for seq in appended.first_seq..=appended.last_seq {
+                    match self.read_seq(seq) {
+                        Ok(e) => stored.push(e),
+                        Err(e) => {
+                            tracing::error!(seq, error = %e, "reading a committed event for after_commit failed")
+                        }
+                    }
+                }
+            }
+        }
+        let events: Vec<EventRef<'_>> = stored.iter().filter_map(|e| e.event().ok()).collect();
+        if !events.is_empty() {
+            self.inner.plugins.run_after(&events);
+        }
+        Ok(results)
+    }
+
+    /// The append itself: checks, version control, encoding, the log write. Each result
+    /// says whether it stored new events (false: a recognized retry).
+    fn append_batch_inner(
+        &self,
+        requests: &[AppendRequest<'_>],
+    ) -> Result<Vec<(Appended, bool)>, AppendError> {
         let inner = &self.inner;
         let total: usize = requests.iter().map(|r| r.events.len()).sum();
         let max = inner.options.events_per_append_max;
@@ -503,7 +643,7 @@ impl Store {
         // Where each aggregate touched by this append stands: its version, and where its
         // last event is (stored at a seq, or an earlier payload of this append).
         let mut heads: HashMap<&str, (u64, Tail)> = HashMap::default();
-        let mut results: Vec<Option<Appended>> = vec![None; requests.len()];
+        let mut results: Vec<Option<(Appended, bool)>> = vec![None; requests.len()];
         let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(total);
         // (request index, first payload index, count, last version)
         let mut placed: Vec<(usize, usize, usize, u64)> = Vec::new();
@@ -520,7 +660,7 @@ impl Store {
                 && !heads.contains_key(r.aggregate_id)
             {
                 if let Some(original) = self.find_retry(r, current)? {
-                    results[ri] = Some(original);
+                    results[ri] = Some((original, false));
                     continue;
                 }
             }
@@ -568,11 +708,14 @@ impl Store {
         if !payloads.is_empty() {
             let seqs = inner.log.append(&payloads)?;
             for (ri, first, count, last_version) in placed {
-                results[ri] = Some(Appended {
-                    first_seq: seqs.start + first as u64,
-                    last_seq: seqs.start + (first + count) as u64 - 1,
-                    last_version,
-                });
+                results[ri] = Some((
+                    Appended {
+                        first_seq: seqs.start + first as u64,
+                        last_seq: seqs.start + (first + count) as u64 - 1,
+                        last_version,
+                    },
+                    true,
+                ));
             }
         }
         Ok(results
@@ -758,6 +901,101 @@ impl Store {
             index_disk_bytes: self.inner.index.disk_bytes(),
             index_lag_events: self.inner.index.lag_events() as u64,
         })
+    }
+
+    /// Every metric of the store in the Prometheus text format: appends, events and bytes
+    /// appended, append latency, fsync latency, group-commit sizes, index lag and sled
+    /// writes, plugin timings and failures. Servers add their own and expose it.
+    pub fn metrics_text(&self) -> String {
+        use crate::metrics::render_value;
+        let mut out = String::new();
+        let m = &self.inner.metrics;
+        render_value(
+            &mut out,
+            "eventlog_appends_total",
+            "counter",
+            "Successful append calls.",
+            m.appends.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_append_errors_total",
+            "counter",
+            "Failed append calls (nothing stored).",
+            m.append_errors.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_events_appended_total",
+            "counter",
+            "Events stored by appends.",
+            m.events_appended.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_bytes_appended_total",
+            "counter",
+            "Payload bytes passed to successful appends.",
+            m.bytes_appended.get(),
+        );
+        m.append_us.render(
+            &mut out,
+            "eventlog_append_latency_us",
+            "Append call latency, microseconds.",
+            "",
+        );
+        let log = self.inner.log.metrics();
+        log.fsync_us.render(
+            &mut out,
+            "eventlog_fsync_latency_us",
+            "fdatasync latency of the log, microseconds.",
+            "",
+        );
+        log.group_commit_records.render(
+            &mut out,
+            "eventlog_group_commit_records",
+            "Records written per group commit.",
+            "",
+        );
+        let stats = self.inner.log.stats();
+        render_value(
+            &mut out,
+            "eventlog_head_seq_next",
+            "gauge",
+            "The next seq to be written.",
+            stats.next_seq,
+        );
+        render_value(
+            &mut out,
+            "eventlog_log_bytes",
+            "gauge",
+            "Bytes of log records and headers.",
+            stats.log_bytes,
+        );
+        render_value(
+            &mut out,
+            "eventlog_log_segments",
+            "gauge",
+            "Segment files of the log.",
+            stats.segment_count,
+        );
+        let ix = self.inner.index.counters();
+        render_value(
+            &mut out,
+            "eventlog_index_lag_events",
+            "gauge",
+            "Events committed but not yet in sled.",
+            ix.lag_events,
+        );
+        render_value(
+            &mut out,
+            "eventlog_index_sled_writes_total",
+            "counter",
+            "sled entries written by the indexer.",
+            ix.sled_writes,
+        );
+        self.inner.plugins.render_metrics(&mut out);
+        out
     }
 
     /// Counters of the index's work (lag, sled batches and writes).
