@@ -287,6 +287,8 @@ struct ActiveSegment {
     allocated_bytes: u64,
     /// Seqs below this are fdatasync'ed.
     synced_next: u64,
+    /// Bytes of the active segment known durable.
+    synced_offset_bytes: u64,
     written_next: u64,
 }
 
@@ -367,6 +369,16 @@ impl Log {
                 action: "creating the log directory",
                 source,
             })?;
+        // Make the directories' entries durable too: a log whose directory vanishes at a
+        // power loss has lost everything in it.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = storage.sync_dir(parent);
+        }
+        storage.sync_dir(dir).map_err(|source| OpenError::Io {
+            path: dir.to_path_buf(),
+            action: "syncing the store directory",
+            source,
+        })?;
         let lock_path = log_dir.join(LOCK_FILE);
         let lock = storage
             .try_lock(&lock_path)
@@ -420,6 +432,7 @@ impl Log {
                 write_offset_bytes: recovered.write_offset_bytes,
                 allocated_bytes,
                 synced_next: next_seq,
+                synced_offset_bytes: recovered.write_offset_bytes,
                 written_next: next_seq,
             }),
             report: recovered.report,
@@ -915,14 +928,25 @@ impl Inner {
         match synced {
             Ok(()) => {
                 active.synced_next = active.written_next;
+                active.synced_offset_bytes = active.write_offset_bytes;
                 Ok(())
             }
             // Never retried: after a failed fsync the kernel may have dropped the dirty
             // pages, so a retry could "succeed" without the data (fsyncgate).
-            Err(e) => Err(FailKind::Poisoned(format!(
-                "fdatasync of {} failed: {e}",
-                active.segment.path.display()
-            ))),
+            Err(e) => {
+                // Under Sync, unsynced records were never published, so they can be cut:
+                // otherwise the page cache could still hold them at the next open, which
+                // would take them for durable records the disk never got.
+                if self.options.durability == Durability::Sync
+                    && active.synced_offset_bytes < active.write_offset_bytes
+                {
+                    let _ = active.segment.file.set_len(active.synced_offset_bytes);
+                }
+                Err(FailKind::Poisoned(format!(
+                    "fdatasync of {} failed: {e}",
+                    active.segment.path.display()
+                )))
+            }
         }
     }
 
@@ -1004,11 +1028,9 @@ impl Inner {
                     OpenError::Io { source, path, .. } if is_disk_full(&source) => {
                         FailKind::DiskFull(path)
                     }
-                    other => FailKind::Io(
-                        self.log_dir.clone(),
-                        "creating a segment",
-                        other.to_string(),
-                    ),
+                    // A failed directory sync or rename leaves the directory in an unknown
+                    // state: stop, as after a failed fsync.
+                    other => FailKind::Poisoned(format!("creating a segment failed: {other}")),
                 })?;
         let old = Arc::clone(&active.segment);
         let index =
@@ -1029,6 +1051,7 @@ impl Inner {
         self.segments.write().push(Arc::clone(&new));
         active.segment = new;
         active.write_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;
+        active.synced_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;
         active.allocated_bytes = allocated;
         let rp = RecoveryPoint {
             base_seq: base,

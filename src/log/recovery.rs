@@ -438,6 +438,11 @@ fn attempt(
                 .write(storage, log_dir)
                 .map_err(io_err(log_dir, "writing the recovery point"))?;
             }
+            // Records recovered from the page cache after a process crash may never have
+            // been synced; sync them now, before anything is appended after them, so a
+            // later power loss cannot leave a hole before newer, synced records.
+            file.sync_data()
+                .map_err(io_err(&path, "syncing the recovered tail"))?;
             walked.extend_from_slice(&scan.offsets);
             (walked, scan.end_bytes)
         };
