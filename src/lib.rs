@@ -29,3 +29,5 @@ pub mod metrics;
 pub mod publisher;
 pub mod storage;
 pub mod store;
+/// Test support: a simulated, fault-injecting disk ([`testing::SimDisk`]) for crash tests.
+pub mod testing;

@@ -362,6 +362,17 @@ impl Log {
     ) -> Result<Log, OpenError> {
         options.validate()?;
         let log_dir = dir.join(LOG_DIR_NAME);
+        // The directories this open creates (deepest last) must become durable entries
+        // of their parents: a log whose directory vanishes at a power loss lost it all.
+        let mut created = Vec::new();
+        let mut probe = Some(log_dir.as_path());
+        while let Some(p) = probe.filter(|p| !p.as_os_str().is_empty()) {
+            if storage.exists(p).unwrap_or(false) {
+                break;
+            }
+            created.push(p.to_path_buf());
+            probe = p.parent();
+        }
         storage
             .create_dir_all(&log_dir)
             .map_err(|source| OpenError::Io {
@@ -369,16 +380,15 @@ impl Log {
                 action: "creating the log directory",
                 source,
             })?;
-        // Make the directories' entries durable too: a log whose directory vanishes at a
-        // power loss has lost everything in it.
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = storage.sync_dir(parent);
+        for child in created.iter().rev() {
+            if let Some(parent) = child.parent().filter(|p| !p.as_os_str().is_empty()) {
+                storage.sync_dir(parent).map_err(|source| OpenError::Io {
+                    path: parent.to_path_buf(),
+                    action: "syncing a new directory's parent",
+                    source,
+                })?;
+            }
         }
-        storage.sync_dir(dir).map_err(|source| OpenError::Io {
-            path: dir.to_path_buf(),
-            action: "syncing the store directory",
-            source,
-        })?;
         let lock_path = log_dir.join(LOCK_FILE);
         let lock = storage
             .try_lock(&lock_path)
@@ -1002,6 +1012,9 @@ impl Inner {
                     .segment
                     .file
                     .write_at(&vec![0u8; (end - offset) as usize], offset)?;
+                // Synced, so a crash cannot bring back whole records of the failed
+                // group, whose appenders were told it failed.
+                active.segment.file.sync_data()?;
             }
             Ok(())
         });
