@@ -436,7 +436,9 @@ impl Index {
                 );
             }
         }
-        shared.flush_once()?;
+        // What was caught up stays in the memtable, which answers reads at once; the
+        // indexer writes it to sled in the background, so reopening after a crash costs
+        // only reading the log tail.
         if total > 0 {
             tracing::info!(
                 events = report.caught_up_events,

@@ -261,9 +261,14 @@ struct Shared {
     options: SubscriptionOptions,
     control: Mutex<Control>,
     control_cv: Condvar,
+    /// Set whenever a control (stop, pause, reset) is requested; the worker then looks.
+    control_pending: std::sync::atomic::AtomicBool,
     counters: Counters,
     handler: Mutex<Box<dyn Handler>>,
     dead_letters: Mutex<DeadLetters>,
+    /// Whether any dead letter was ever live: until then delivery skips the dead-letter
+    /// lookup on the hot path.
+    parked_any: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -467,8 +472,10 @@ impl Publisher {
                 finished: false,
             }),
             control_cv: Condvar::new(),
+            control_pending: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
             handler: Mutex::new(Box::new(handler)),
+            parked_any: std::sync::atomic::AtomicBool::new(!dead_letters.is_empty()),
             dead_letters: Mutex::new(dead_letters),
         });
         shared
@@ -612,6 +619,7 @@ impl Subscription {
     pub fn pause(&self) {
         let mut c = self.shared.control.lock();
         c.pause = true;
+        self.shared.control_pending.store(true, Ordering::Release);
         if c.status == Status::Running {
             c.status = Status::Paused;
         }
@@ -622,6 +630,7 @@ impl Subscription {
     pub fn resume(&self) {
         let mut c = self.shared.control.lock();
         c.pause = false;
+        self.shared.control_pending.store(true, Ordering::Release);
         if c.status == Status::Paused {
             c.status = Status::Running;
         }
@@ -632,6 +641,7 @@ impl Subscription {
     pub fn reset_to(&self, seq: u64) {
         let mut c = self.shared.control.lock();
         c.reset_to = Some(seq);
+        self.shared.control_pending.store(true, Ordering::Release);
         self.shared.control_cv.notify_all();
     }
 
@@ -663,6 +673,7 @@ impl Subscription {
         {
             let mut c = self.shared.control.lock();
             c.stop = true;
+            self.shared.control_pending.store(true, Ordering::Release);
             self.shared.control_cv.notify_all();
             while !c.finished {
                 if self
@@ -780,8 +791,9 @@ impl Shared {
         let mut last_save = Instant::now();
         let interval = Duration::from_millis(self.options.checkpoint_interval_ms);
         loop {
-            // Controls: stop, pause, reset.
-            {
+            // Controls: stop, pause, reset. Flagged by an atomic so that the hot path does
+            // not take the control lock for every event.
+            if self.control_pending.load(Ordering::Acquire) {
                 let mut c = self.control.lock();
                 if let Some(seq) = c.reset_to.take() {
                     follower.seek(seq);
@@ -800,6 +812,9 @@ impl Shared {
                 if c.stop {
                     break;
                 }
+                if c.reset_to.is_none() && !c.pause {
+                    self.control_pending.store(false, Ordering::Release);
+                }
             }
             let next = match follower.next_timeout(IDLE_WAIT) {
                 Ok(n) => n,
@@ -810,6 +825,7 @@ impl Shared {
                     continue;
                 }
             };
+            let next_was_idle = next.is_none();
             match next {
                 Some(stored) => match self.deliver(&stored, &mut jitter) {
                     Outcome::Handled | Outcome::Parked => {
@@ -845,8 +861,11 @@ impl Shared {
                     self.notify();
                 }
             }
+            // Reading the clock costs more than delivering an event: look every 64.
             let due = unsaved >= self.options.checkpoint_every_events
-                || (unsaved > 0 && last_save.elapsed() >= interval);
+                || (unsaved > 0
+                    && (unsaved % 64 == 0 || next_was_idle)
+                    && last_save.elapsed() >= interval);
             if due {
                 let position = self.counters.position.load(Ordering::Acquire);
                 if let Err(e) = self.save_checkpoint(position) {
@@ -941,14 +960,20 @@ impl Shared {
     fn deliver(&self, stored: &StoredEvent, jitter: &mut Jitter) -> Outcome {
         // Already parked (delivered again after a crash before the checkpoint moved past
         // it): it stays a single dead letter; redrive is how it is delivered again.
-        if self.dead_letters.lock().contains_seq(stored.seq()) {
+        if self.parked_any.load(Ordering::Acquire)
+            && self.dead_letters.lock().contains_seq(stored.seq())
+        {
             return Outcome::Parked;
         }
         let policy = &self.options.retry;
-        let first_failure = now_us();
+        let mut first_failure = None;
         let mut attempt = 1;
         let error = loop {
-            match self.attempt(stored, attempt) {
+            let outcome = self.attempt(stored, attempt);
+            if outcome.is_err() && first_failure.is_none() {
+                first_failure = Some(now_us());
+            }
+            match outcome {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                     return Outcome::Handled;
@@ -994,10 +1019,11 @@ impl Shared {
             event_type: head.2,
             attempts: attempt,
             last_error: error,
-            first_failure_us: first_failure,
+            first_failure_us: first_failure.unwrap_or_else(now_us),
             last_failure_us: now_us(),
             redrive_requested: false,
         };
+        self.parked_any.store(true, Ordering::Release);
         let parked = self.dead_letters.lock().park(entry);
         match parked {
             Ok((_, evicted)) => {

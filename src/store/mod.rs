@@ -1300,7 +1300,8 @@ impl Follower {
     /// # Errors
     /// [`ReadError`] if a record cannot be read; the follower stays at that seq.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<StoredEvent>, ReadError> {
-        let deadline = Instant::now() + timeout;
+        // The clock is read only when there is nothing to return at once.
+        let mut deadline: Option<Instant> = None;
         loop {
             let cursor = self
                 .cursor
@@ -1326,6 +1327,7 @@ impl Follower {
                 }
             }
             let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + timeout);
             if now >= deadline {
                 return Ok(None);
             }
