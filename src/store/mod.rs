@@ -1314,14 +1314,18 @@ impl Follower {
                         return Err(e.into());
                     }
                 };
+                self.next_seq = stored.seq() + 1;
+                if self.filter.event_types.is_none() && self.filter.aggregate_prefix.is_none() {
+                    return Ok(Some(stored));
+                }
                 let head = match stored.head() {
                     Ok(h) => h,
                     Err(e) => {
+                        self.next_seq -= 1;
                         self.cursor = None;
                         return Err(e);
                     }
                 };
-                self.next_seq = stored.seq() + 1;
                 if self.filter.matches(head.aggregate_id, head.event_type) {
                     return Ok(Some(stored));
                 }
