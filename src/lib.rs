@@ -27,6 +27,10 @@ pub mod json;
 pub mod log;
 pub mod metrics;
 pub mod publisher;
+/// The WebSocket server: appends, reads and live subscriptions over JSON messages, with
+/// bearer-token authentication and Prometheus metrics (feature `server`).
+#[cfg(feature = "server")]
+pub mod server;
 pub mod storage;
 pub mod store;
 /// Test support: a simulated, fault-injecting disk ([`testing::SimDisk`]) for crash tests.

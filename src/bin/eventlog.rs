@@ -13,10 +13,15 @@ mod demo;
 mod error;
 #[path = "eventlog/import.rs"]
 mod import;
+#[path = "eventlog/logging.rs"]
+mod logging;
 #[path = "eventlog/output.rs"]
 mod output;
 #[path = "eventlog/read.rs"]
 mod read;
+#[cfg(feature = "server")]
+#[path = "eventlog/serve.rs"]
+mod serve;
 #[path = "eventlog/tail.rs"]
 mod tail;
 
@@ -46,6 +51,8 @@ Exit codes:
 
 Environment:
   EVENTLOG_DIR  the store directory when --dir is not given
+  RUST_LOG      which logs to print on stderr, e.g. info or eventlog=debug (default: info
+                for `serve`, none for the other commands, whose errors are one line)
 
 Start with `eventlog demo`: it imports a real incident log into a fresh store and shows
 what the store does with it.";
@@ -72,6 +79,17 @@ struct Cli {
     /// Print tables for people instead of JSON lines
     #[arg(long, global = true, display_order = 101)]
     pretty: bool,
+
+    /// How logs look on stderr: text for people, or one JSON object per line
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "text",
+        display_order = 102
+    )]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -161,6 +179,116 @@ enriched event log\" (Amaral, Fantinato, Peres 2018; CC BY 4.0), normalized to J
 The store goes to a new temporary folder (named in the output and kept afterwards), or to
 --dir, which must be new or empty.")]
     Demo,
+
+    /// Serve the store over WebSocket (/ws), with /metrics and /health, until SIGINT or
+    /// SIGTERM
+    #[cfg(feature = "server")]
+    #[command(after_help = "\
+Prints {\"listening\":ADDR,\"url\":..} on stdout once it listens; logs go to stderr.
+Clients send the bearer token in the upgrade request's Authorization header; the tokens
+are in the token file (see `eventlog token`), reread when it changes. Without any token
+the server lets everyone in, which it allows only on a loopback address.
+docs/PROTOCOL.md describes the messages.
+
+SIGINT or SIGTERM stops it gracefully: no new connections, in-flight requests finish,
+subscriptions end with a reason, queues are flushed, the store is synced.
+
+Examples:
+  eventlog token add app --read --append
+  eventlog serve --listen 127.0.0.1:7070
+  eventlog serve --listen 0.0.0.0:7443 --tls-cert cert.pem --tls-key key.pem")]
+    Serve(ServeArgs),
+
+    /// Manage the server's bearer tokens (add, list, remove)
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[cfg(feature = "server")]
+#[derive(Debug, Args)]
+struct TokensFileArg {
+    /// The token file [default: DIR/tokens.json]
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<PathBuf>,
+}
+
+#[cfg(feature = "server")]
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The address to listen on; port 0 picks a free port
+    #[arg(long, value_name = "ADDR", default_value_t = eventlog::server::LISTEN_DEFAULT)]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    tokens: TokensFileArg,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest request message, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = eventlog::server::MESSAGE_SIZE_BYTES_MAX_DEFAULT)]
+    max_message_bytes: usize,
+    /// Most open WebSocket connections
+    #[arg(long, value_name = "N", default_value_t = eventlog::server::CONNECTIONS_MAX_DEFAULT)]
+    max_connections: usize,
+    /// Most subscriptions per connection
+    #[arg(long, value_name = "N", default_value_t = eventlog::server::SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT)]
+    max_subscriptions: usize,
+    /// Messages waiting to be sent to one connection
+    #[arg(long, value_name = "N", default_value_t = eventlog::server::SEND_QUEUE_LEN_MAX_DEFAULT)]
+    send_queue: usize,
+    /// How long a full send queue may stay full before its client is disconnected as a
+    /// slow consumer, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = eventlog::server::SEND_QUEUE_WAIT_MS_DEFAULT)]
+    send_queue_wait_ms: u64,
+    /// Worker threads of the server's runtime
+    #[arg(long, value_name = "N", default_value_t = eventlog::server::WORKER_THREADS_DEFAULT)]
+    workers: usize,
+}
+
+#[cfg(feature = "server")]
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints it once, alone on the last line (only its hash is kept)
+    #[command(after_help = "\
+Example:
+  eventlog token add billing --read --append --scope billing- --expires-in 90
+  TOKEN=$(eventlog token add ci --read | tail -n 1)")]
+    Add {
+        /// The token's name (letters, digits, '.', '_', '-')
+        name: String,
+        /// Allow read and subscribe
+        #[arg(long)]
+        read: bool,
+        /// Allow append
+        #[arg(long)]
+        append: bool,
+        /// Allow everything, and GET /metrics
+        #[arg(long)]
+        admin: bool,
+        /// Only aggregates whose id starts with this
+        #[arg(long, value_name = "PREFIX")]
+        scope: Option<String>,
+        /// The token stops working after this many days
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        expires_in: Option<u32>,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// List the tokens (names, permissions, scopes, expiry; never the tokens)
+    List {
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
+    /// Remove a token; a running server refuses it from its next connection on
+    Remove {
+        /// The token's name
+        name: String,
+        #[command(flatten)]
+        file: TokensFileArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +467,11 @@ fn require_store(dir: &Path) -> Result<(), CliError> {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
+    #[cfg(feature = "server")]
+    let serving = matches!(cli.command, Some(Command::Serve(_)));
+    #[cfg(not(feature = "server"))]
+    let serving = false;
+    logging::init(cli.log_format, if serving { "info" } else { "off" })?;
     let ctx = Context {
         dir_given: cli.dir.is_some(),
         dir: cli.dir.unwrap_or_else(|| PathBuf::from(DIR_DEFAULT)),
@@ -363,6 +496,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Subscriptions => admin::subscriptions(&ctx),
         Command::Deadletters(c) => admin::deadletters(&ctx, c),
         Command::Demo => demo::demo(&ctx),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => serve::serve(&ctx, a),
+        #[cfg(feature = "server")]
+        Command::Token(c) => serve::token(&ctx, c),
     }
 }
 

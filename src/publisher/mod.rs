@@ -864,7 +864,7 @@ impl Shared {
             // Reading the clock costs more than delivering an event: look every 64.
             let due = unsaved >= self.options.checkpoint_every_events
                 || (unsaved > 0
-                    && (unsaved % 64 == 0 || next_was_idle)
+                    && (unsaved.is_multiple_of(64) || next_was_idle)
                     && last_save.elapsed() >= interval);
             if due {
                 let position = self.counters.position.load(Ordering::Acquire);
