@@ -506,6 +506,82 @@ impl Publisher {
         })
     }
 
+    /// The running subscriptions' metrics in the Prometheus text format, labelled by
+    /// subscription: lag, deliveries, retries, dead letters parked, live and evicted.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let subs: Vec<Arc<Shared>> = {
+            let running = self.running.lock();
+            let mut v: Vec<Arc<Shared>> = running.values().cloned().collect();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        let head = self.store.next_seq();
+        let rows: Vec<(String, [u64; 6])> = subs
+            .iter()
+            .map(|s| {
+                let c = &s.counters;
+                let (live, evicted) = {
+                    let dl = s.dead_letters.lock();
+                    (dl.len(), dl.evicted())
+                };
+                let label = crate::metrics::escape_label(&s.name);
+                (
+                    label,
+                    [
+                        head.saturating_sub(c.position.load(Ordering::Acquire)),
+                        c.delivered.load(Ordering::Relaxed),
+                        c.retried.load(Ordering::Relaxed),
+                        c.dead_lettered.load(Ordering::Relaxed),
+                        live,
+                        evicted,
+                    ],
+                )
+            })
+            .collect();
+        let families = [
+            (
+                "eventlog_subscription_lag_events",
+                "gauge",
+                "Events stored but not yet handled by the subscription.",
+            ),
+            (
+                "eventlog_subscription_delivered_total",
+                "counter",
+                "Events the handler accepted since the subscription started.",
+            ),
+            (
+                "eventlog_subscription_retries_total",
+                "counter",
+                "Failed delivery attempts that were retried.",
+            ),
+            (
+                "eventlog_subscription_dead_lettered_total",
+                "counter",
+                "Events parked in the dead letters since start.",
+            ),
+            (
+                "eventlog_subscription_dead_letters",
+                "gauge",
+                "Live dead letters.",
+            ),
+            (
+                "eventlog_subscription_dead_letters_evicted_total",
+                "counter",
+                "Dead letters lost to the bounds, ever.",
+            ),
+        ];
+        let mut out = String::new();
+        for (i, (name, kind, help)) in families.iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (label, values) in &rows {
+                let _ = writeln!(out, "{name}{{subscription=\"{label}\"}} {}", values[i]);
+            }
+        }
+        out
+    }
+
     /// Every subscription with a stored checkpoint, running or not.
     ///
     /// # Errors
@@ -942,6 +1018,14 @@ impl Shared {
         let event = stored
             .event()
             .map_err(|e| HandlerError::Permanent(format!("event cannot be decoded: {e}")))?;
+        let span = tracing::debug_span!(
+            "deliver",
+            subscription = %self.name,
+            seq = event.seq,
+            attempt,
+            correlation_id = event.correlation_id.unwrap_or("")
+        );
+        let _entered = span.enter();
         let mut handler = self.handler.lock();
         match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, attempt))) {
             Ok(r) => r,

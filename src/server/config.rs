@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Worker threads of the runtime made by [`super::runtime`]. Default 2.
     pub worker_threads: usize,
+    /// An embedding application's publisher: its running subscriptions' lag, deliveries,
+    /// retries and dead letters are added to `/metrics`. Default `None`.
+    pub publisher: Option<crate::publisher::Publisher>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +105,7 @@ impl Default for ServerConfig {
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
             shutdown_timeout_ms: SHUTDOWN_TIMEOUT_MS_DEFAULT,
             worker_threads: WORKER_THREADS_DEFAULT,
+            publisher: None,
         }
     }
 }

@@ -537,6 +537,9 @@ fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Respo
             ),
             Ok(_) => {
                 let mut text = shared.store.metrics_text();
+                if let Some(publisher) = &shared.config.publisher {
+                    text.push_str(&publisher.metrics_text());
+                }
                 shared.metrics.render(&mut text, shared.store.next_seq());
                 response(
                     StatusCode::OK,

@@ -532,3 +532,95 @@ fn redrive_requested_offline_is_delivered_when_the_subscription_runs() {
     assert!(sub.dead_letters().is_empty());
     assert_eq!(*seen.lock().unwrap(), vec![(1, 2)]);
 }
+
+#[test]
+fn publisher_metrics_and_delivery_spans_carry_what_an_operator_needs() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    store
+        .append(
+            "order-1",
+            ExpectedVersion::Any,
+            &[
+                NewEvent::json_text("A", "1").with_correlation_id("corr-9"),
+                NewEvent::json_text("B", "2"),
+            ],
+        )
+        .unwrap();
+    let publisher = Publisher::open(&store).unwrap();
+    let sub = publisher
+        .subscribe("ops", fast_retry(2), |e: &EventRef<'_>, _a: u32| {
+            tracing::info!(seq = e.seq, "handling");
+            if e.seq == 0 {
+                Err(HandlerError::Retryable("down".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    assert!(sub.wait_until_handled(1, WAIT));
+    let text = publisher.metrics_text();
+    assert!(
+        text.contains("eventlog_subscription_lag_events{subscription=\"ops\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("eventlog_subscription_delivered_total{subscription=\"ops\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("eventlog_subscription_retries_total{subscription=\"ops\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("eventlog_subscription_dead_lettered_total{subscription=\"ops\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("eventlog_subscription_dead_letters{subscription=\"ops\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("eventlog_subscription_dead_letters_evicted_total{subscription=\"ops\"} 0\n"),
+        "{text}"
+    );
+
+    // A redrive runs the handler on this thread, inside the delivery span: its log lines
+    // carry the subscription, seq, attempt and the event's correlation id.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        sub.redrive(Redrive::All).unwrap();
+    });
+    let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("handling"))
+        .unwrap_or_else(|| panic!("no handler line in {logged}"));
+    for field in [
+        "deliver{",
+        "subscription=ops",
+        "seq=0",
+        "attempt=3",
+        "correlation_id=\"corr-9\"",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}
