@@ -44,7 +44,7 @@ pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
 /// How long a worker waits for new events before it looks at its controls again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// While busy, a worker wakes `wait_until_handled` callers every this many events.
-const NOTIFY_EVERY_EVENTS: u64 = 256;
+const NOTIFY_EVERY_EVENTS: u64 = 4_096;
 /// `wait_until_handled` re-checks the position at least this often.
 const WAIT_SLICE: Duration = Duration::from_millis(5);
 
