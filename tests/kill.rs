@@ -29,6 +29,10 @@
 //! the clock; always printed so a failing run can be repeated with the same choices —
 //! the kill timing itself is not reproducible).
 
+#[path = "kill_harness/mod.rs"]
+mod kill_harness;
+use kill_harness::{env_u64, splitmix, Rng, ENV_CYCLES, ENV_SEED};
+
 use eventlog::log::{Log, LogOptions, ReadError};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -41,8 +45,6 @@ use std::time::{Duration, Instant};
 const ENV_CHILD_DIR: &str = "EVENTLOG_KILL_CHILD";
 const ENV_CHILD_RUN: &str = "EVENTLOG_KILL_CHILD_RUN";
 const ENV_CHILD_SEED: &str = "EVENTLOG_KILL_CHILD_SEED";
-const ENV_CYCLES: &str = "EVENTLOG_KILL_CYCLES";
-const ENV_SEED: &str = "EVENTLOG_KILL_SEED";
 
 const CYCLES_DEFAULT: u64 = 50;
 const THREADS: u32 = 4;
@@ -67,42 +69,6 @@ fn options() -> LogOptions {
     // Must fit in a segment; the test's payloads are at most PAYLOAD_LEN_MAX anyway.
     o.record_size_bytes_max = 16 << 10;
     o
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// xorshift64*: small, seeded, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
 }
 
 /// What a record is: which append of which child thread, and its place in that append.
@@ -221,14 +187,6 @@ impl Desc {
             ));
         }
         Ok(d)
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
     }
 }
 
@@ -678,57 +636,18 @@ fn check_and_resume(
     Ok(())
 }
 
-struct Args {
-    list: bool,
-    filtered_out: bool,
-}
-
-fn parse_args() -> Args {
-    let mut list = false;
-    let mut ignored_only = false;
-    let mut filters = Vec::new();
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--list" => list = true,
-            "--ignored" => ignored_only = true,
-            s if s.starts_with('-') => {}
-            s => filters.push(s.to_string()),
-        }
-    }
-    let name_matches = filters.is_empty() || filters.iter().any(|f| "kill".contains(f.as_str()));
-    Args {
-        list,
-        filtered_out: ignored_only || !name_matches,
-    }
-}
-
 fn main() {
     if let Ok(dir) = std::env::var(ENV_CHILD_DIR) {
         child_main(&dir);
     }
-    let args = parse_args();
-    if args.list {
-        println!("kill: test");
+    let Some(kill_harness::Run {
+        started,
+        seed,
+        cycles,
+    }) = kill_harness::begin("kill", CYCLES_DEFAULT)
+    else {
         return;
-    }
-    println!();
-    if args.filtered_out {
-        println!("running 0 tests");
-        println!();
-        println!("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s");
-        println!();
-        return;
-    }
-    println!("running 1 test");
-    let started = Instant::now();
-    let cycles = env_u64(ENV_CYCLES).unwrap_or(CYCLES_DEFAULT);
-    let seed = env_u64(ENV_SEED).unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        splitmix(nanos ^ u64::from(std::process::id()))
-    });
+    };
     let exe = std::env::current_exe().expect("current_exe");
     let tmp = tempfile::tempdir().expect("creating a temp dir");
     let dir = tmp.path().to_path_buf();

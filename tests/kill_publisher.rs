@@ -85,6 +85,10 @@
 //! the clock; always printed so a failing run can be repeated with the same choices —
 //! the kill timing itself is not reproducible).
 
+#[path = "kill_harness/mod.rs"]
+mod kill_harness;
+use kill_harness::{env_u64, Rng, ENV_CYCLES, ENV_SEED};
+
 use eventlog::publisher::{
     DeadLetter, DeadLetterOptions, HandlerError, Publisher, Redrive, RetryPolicy,
     SubscriptionOptions,
@@ -103,8 +107,6 @@ const ENV_CHILD_RUN: &str = "EVENTLOG_KILL_PUB_RUN";
 const ENV_CHILD_MODE: &str = "EVENTLOG_KILL_PUB_MODE";
 const ENV_CHILD_SEED: &str = "EVENTLOG_KILL_PUB_SEED";
 const ENV_CHILD_INTERVAL: &str = "EVENTLOG_KILL_PUB_INTERVAL_MS";
-const ENV_CYCLES: &str = "EVENTLOG_KILL_CYCLES";
-const ENV_SEED: &str = "EVENTLOG_KILL_SEED";
 
 const TEST_NAME: &str = "kill_publisher";
 const SUB: &str = "sub";
@@ -126,50 +128,6 @@ const SIGKILL: i32 = 9;
 /// The publisher skips events that already have a live dead letter, so this is `false`:
 /// one dead letter per event.
 const DUPLICATE_DEAD_LETTERS_ALLOWED: bool = false;
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// xorshift64*: small, seeded, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
-    }
-}
 
 /// What the handler does with an event: its event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1422,30 +1380,6 @@ fn check_redrive_run(
     Ok(())
 }
 
-struct Args {
-    list: bool,
-    filtered_out: bool,
-}
-
-fn parse_args() -> Args {
-    let mut list = false;
-    let mut ignored_only = false;
-    let mut filters = Vec::new();
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--list" => list = true,
-            "--ignored" => ignored_only = true,
-            s if s.starts_with('-') => {}
-            s => filters.push(s.to_string()),
-        }
-    }
-    let name_matches = filters.is_empty() || filters.iter().any(|f| TEST_NAME.contains(f.as_str()));
-    Args {
-        list,
-        filtered_out: ignored_only || !name_matches,
-    }
-}
-
 /// Runs a `drain` child to completion and checks that every event up to the head was
 /// handled and the checkpoint is at the head.
 fn drain(
@@ -1763,29 +1697,14 @@ fn main() {
     if let Ok(dir) = std::env::var(ENV_CHILD_DIR) {
         child_main(&dir);
     }
-    let args = parse_args();
-    if args.list {
-        println!("{TEST_NAME}: test");
+    let Some(kill_harness::Run {
+        started,
+        seed,
+        cycles,
+    }) = kill_harness::begin(TEST_NAME, CYCLES_DEFAULT)
+    else {
         return;
-    }
-    println!();
-    if args.filtered_out {
-        println!("running 0 tests");
-        println!();
-        println!("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s");
-        println!();
-        return;
-    }
-    println!("running 1 test");
-    let started = Instant::now();
-    let cycles = env_u64(ENV_CYCLES).unwrap_or(CYCLES_DEFAULT);
-    let seed = env_u64(ENV_SEED).unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        splitmix(nanos ^ u64::from(std::process::id()))
-    });
+    };
     let exe = std::env::current_exe().expect("current_exe");
     let tmp = tempfile::tempdir().expect("creating a temp dir");
     let root = tmp.path().to_path_buf();

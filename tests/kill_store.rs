@@ -56,6 +56,10 @@
 //! the clock; always printed so a failing run can be repeated with the same choices —
 //! the kill timing itself is not reproducible).
 
+#[path = "kill_harness/mod.rs"]
+mod kill_harness;
+use kill_harness::{env_u64, splitmix, Rng, ENV_CYCLES, ENV_SEED};
+
 use eventlog::store::{
     AppendError, AppendRequest, ContentType, Direction, EventRef, ExpectedVersion, NewEvent,
     Options, Store,
@@ -73,8 +77,6 @@ use uuid::Uuid;
 const ENV_CHILD_DIR: &str = "EVENTLOG_KILL_STORE_CHILD";
 const ENV_CHILD_RUN: &str = "EVENTLOG_KILL_STORE_CHILD_RUN";
 const ENV_CHILD_SEED: &str = "EVENTLOG_KILL_STORE_CHILD_SEED";
-const ENV_CYCLES: &str = "EVENTLOG_KILL_CYCLES";
-const ENV_SEED: &str = "EVENTLOG_KILL_SEED";
 
 const TEST_NAME: &str = "kill_store";
 const CYCLES_DEFAULT: u64 = 30;
@@ -123,42 +125,6 @@ fn options() -> Options {
     o.index.latest_cache_aggregates = 8;
     o.payload_size_bytes_max = PAYLOAD_SIZE_BYTES_MAX;
     o
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// xorshift64*: small, seeded, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(splitmix(seed) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
 }
 
 /// What an event is: which append of which child thread, its place in that append, and
@@ -393,14 +359,6 @@ impl Desc {
             ));
         }
         Ok(())
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{name}={v:?} is not a number: {e}"),
     }
 }
 
@@ -1464,30 +1422,6 @@ fn check_and_resume(
     Ok(())
 }
 
-struct Args {
-    list: bool,
-    filtered_out: bool,
-}
-
-fn parse_args() -> Args {
-    let mut list = false;
-    let mut ignored_only = false;
-    let mut filters = Vec::new();
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--list" => list = true,
-            "--ignored" => ignored_only = true,
-            s if s.starts_with('-') => {}
-            s => filters.push(s.to_string()),
-        }
-    }
-    let name_matches = filters.is_empty() || filters.iter().any(|f| TEST_NAME.contains(f.as_str()));
-    Args {
-        list,
-        filtered_out: ignored_only || !name_matches,
-    }
-}
-
 fn choose_kill(rng: &mut Rng, last: bool) -> KillAt {
     if rng.chance(if last { 10 } else { 40 }) {
         // In startup or log recovery.
@@ -1504,29 +1438,14 @@ fn main() {
     if let Ok(dir) = std::env::var(ENV_CHILD_DIR) {
         child_main(&dir);
     }
-    let args = parse_args();
-    if args.list {
-        println!("{TEST_NAME}: test");
+    let Some(kill_harness::Run {
+        started,
+        seed,
+        cycles,
+    }) = kill_harness::begin(TEST_NAME, CYCLES_DEFAULT)
+    else {
         return;
-    }
-    println!();
-    if args.filtered_out {
-        println!("running 0 tests");
-        println!();
-        println!("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 0.00s");
-        println!();
-        return;
-    }
-    println!("running 1 test");
-    let started = Instant::now();
-    let cycles = env_u64(ENV_CYCLES).unwrap_or(CYCLES_DEFAULT);
-    let seed = env_u64(ENV_SEED).unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        splitmix(nanos ^ u64::from(std::process::id()))
-    });
+    };
     let exe = std::env::current_exe().expect("current_exe");
     let tmp = tempfile::tempdir().expect("creating a temp dir");
     let dir = tmp.path().to_path_buf();
