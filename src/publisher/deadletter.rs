@@ -12,9 +12,11 @@
 //! logged, and the count is kept durably.
 
 use crate::log::{Durability, Log, LogOptions};
+use crate::storage::Storage;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::PublishError;
 
@@ -135,6 +137,7 @@ impl DeadLetters {
     /// [`PublishError::DeadLetters`] if the log cannot be opened or holds a record that is
     /// not a dead letter.
     pub fn open(
+        storage: Arc<dyn Storage>,
         dir: &Path,
         options: DeadLetterOptions,
         evicted: u64,
@@ -150,7 +153,8 @@ impl DeadLetters {
             dir: dir.to_path_buf(),
             message: e,
         };
-        let log = Log::open(dir, log_options).map_err(|e| err(e.to_string()))?;
+        let log =
+            Log::open_with_storage(storage, dir, log_options).map_err(|e| err(e.to_string()))?;
         let mut entries = BTreeMap::new();
         for record in log.iter_from(log.first_seq()) {
             let record = record.map_err(|e| err(e.to_string()))?;

@@ -383,7 +383,7 @@ impl Publisher {
     /// # Errors
     /// [`PublishError::Checkpoints`] if sled cannot open it.
     pub fn open(store: &Store) -> Result<Publisher, PublishError> {
-        let dir = store.dir().join(SUBSCRIPTIONS_DIR_NAME);
+        let dir = store.sled_dir().join(SUBSCRIPTIONS_DIR_NAME);
         let err = |source| PublishError::Checkpoints {
             dir: dir.clone(),
             source,
@@ -455,6 +455,7 @@ impl Publisher {
         }
         let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
         let dead_letters = DeadLetters::open(
+            Arc::clone(self.store.storage()),
             &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
             options.dead_letters.clone(),
             evicted,
@@ -614,6 +615,7 @@ impl Publisher {
         check_subscription_name(name)?;
         let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
         DeadLetters::open(
+            Arc::clone(self.store.storage()),
             &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
             options,
             evicted,

@@ -54,6 +54,10 @@ impl MappedRegion for FsMap {
 }
 
 impl Storage for FsStorage {
+    fn is_real_file_system(&self) -> bool {
+        true
+    }
+
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         fs::create_dir_all(path)
     }

@@ -41,6 +41,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Returns `Ok(None)` when another holder (another process, or another open in this
     /// process) has it.
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>>;
+    /// Whether paths name real files of the operating system (so that other code, such
+    /// as sled, may open them directly). False for simulated storage.
+    fn is_real_file_system(&self) -> bool {
+        false
+    }
 }
 
 /// Held while a lock taken with [`Storage::try_lock`] is held; dropping it releases the lock.

@@ -26,6 +26,7 @@ use crate::hooks::{HookError, PendingAppend, Plugin, Plugins};
 use crate::index::{keys, Index, IndexCounters, IndexOpenReport, IndexOptions};
 use crate::log::{self, Log, LogOptions, RecoveryReport};
 use crate::metrics::{Counter, Histogram};
+use crate::storage::{FsStorage, Storage};
 use event::{EventHead, Prev, ResolvedEvent};
 use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap as HashMap;
@@ -65,6 +66,14 @@ pub struct Options {
     pub events_per_append_max: usize,
     /// How long an append may wait for the index to make room. Default 30 s.
     pub append_timeout_ms: u64,
+    /// The real directory that holds sled's databases (the index in `index/`, the
+    /// publisher's checkpoints in `subscriptions/`). `None` (the default) means the store
+    /// directory itself. Set it when the log lives on a simulated disk
+    /// ([`Store::open_with_storage`] with a [`crate::testing::SimDisk`]): sled always
+    /// writes real files, and since everything in it is derived from the log (or, for
+    /// checkpoints, clamped to it), a test may delete it at a simulated crash to model
+    /// its loss.
+    pub sled_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -75,6 +84,7 @@ impl Default for Options {
             payload_size_bytes_max: PAYLOAD_SIZE_BYTES_MAX_DEFAULT,
             events_per_append_max: EVENTS_PER_APPEND_MAX_DEFAULT,
             append_timeout_ms: 30_000,
+            sled_dir: None,
         }
     }
 }
@@ -275,6 +285,9 @@ pub struct OpenReport {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// Where sled's databases live (the store dir unless `Options::sled_dir` says).
+    sled_dir: PathBuf,
+    storage: Arc<dyn Storage>,
     log: Log,
     index: Index,
     options: Options,
@@ -364,7 +377,48 @@ impl Store {
     /// [`OpenError::Log`] (locked, corrupt, I/O), [`OpenError::Index`],
     /// [`OpenError::InvalidOptions`].
     pub fn open(dir: &Path, options: Options) -> Result<Store, OpenError> {
-        Self::open_inner(dir, options, false, Vec::new())
+        Self::open_inner(Arc::new(FsStorage), dir, options, false, Vec::new())
+    }
+
+    /// Opens the store like [`Store::open`], with its log (and the publisher's dead
+    /// letters) on `storage` instead of the real file system: a
+    /// [`crate::testing::SimDisk`] lets a test cut the power and check what survives.
+    /// sled's databases stay on the real disk, in [`Options::sled_dir`] (required here
+    /// unless `storage` is the real file system).
+    ///
+    /// # Examples
+    /// ```
+    /// use eventlog::store::{ExpectedVersion, NewEvent, Options, Store};
+    /// use eventlog::testing::SimDisk;
+    /// use std::path::Path;
+    ///
+    /// let sled_dir = tempfile::tempdir()?;
+    /// let mut options = Options::default();
+    /// options.sled_dir = Some(sled_dir.path().to_path_buf());
+    /// options.log.segment_size_bytes = 1 << 20; // the simulated disk holds files in memory
+    /// options.payload_size_bytes_max = 4 << 10;
+    ///
+    /// let disk = SimDisk::new(42);
+    /// let store = Store::open_with_storage(disk.clone(), Path::new("/sim/app"), options.clone())?;
+    /// disk.sync_all_dirs(); // the directories existed, durably, before the test
+    /// store.append("cart-1", ExpectedVersion::NoStream, &[NewEvent::json_text("Added", "{}")])?;
+    ///
+    /// let (disk, _fault) = disk.crash_random(); // power loss: unsynced writes go wrong
+    /// drop(store);
+    /// let store = Store::open_with_storage(disk, Path::new("/sim/app"), options)?;
+    /// assert_eq!(store.aggregate_version("cart-1")?, 1); // acknowledged, so it survived
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Store::open`]; [`OpenError::InvalidOptions`] if `storage` is not the real file
+    /// system and `options.sled_dir` is `None`.
+    pub fn open_with_storage(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        options: Options,
+    ) -> Result<Store, OpenError> {
+        Self::open_inner(storage, dir, options, false, Vec::new())
     }
 
     /// Opens the store like [`Store::open`] with plugins that run around every append,
@@ -377,7 +431,7 @@ impl Store {
         options: Options,
         plugins: Vec<Arc<dyn Plugin>>,
     ) -> Result<Store, OpenError> {
-        Self::open_inner(dir, options, false, plugins)
+        Self::open_inner(Arc::new(FsStorage), dir, options, false, plugins)
     }
 
     /// Opens the store like [`Store::open`], but first deletes the index so that it is
@@ -386,10 +440,11 @@ impl Store {
     /// # Errors
     /// As [`Store::open`].
     pub fn open_rebuilding_index(dir: &Path, options: Options) -> Result<Store, OpenError> {
-        Self::open_inner(dir, options, true, Vec::new())
+        Self::open_inner(Arc::new(FsStorage), dir, options, true, Vec::new())
     }
 
     fn open_inner(
+        storage: Arc<dyn Storage>,
         dir: &Path,
         options: Options,
         rebuild_index: bool,
@@ -411,10 +466,21 @@ impl Store {
             .log
             .batch_records_max
             .max(options.events_per_append_max);
-        let log = Log::open(dir, options.log.clone())?;
+        let sled_dir = match &options.sled_dir {
+            Some(d) => d.clone(),
+            None if storage.is_real_file_system() => dir.to_path_buf(),
+            None => {
+                return Err(OpenError::InvalidOptions(
+                    "a store on simulated storage needs options.sled_dir, a real directory \
+                     for its sled databases"
+                        .into(),
+                ))
+            }
+        };
+        let log = Log::open_with_storage(Arc::clone(&storage), dir, options.log.clone())?;
         if rebuild_index {
             // The log's lock is held, so no other process uses the index now.
-            let index_dir = dir.join(crate::index::INDEX_DIR_NAME);
+            let index_dir = sled_dir.join(crate::index::INDEX_DIR_NAME);
             match std::fs::remove_dir_all(&index_dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -426,7 +492,7 @@ impl Store {
                 }
             }
         }
-        let (index, index_report) = Index::open(dir, &log, options.index.clone())?;
+        let (index, index_report) = Index::open(&sled_dir, &log, options.index.clone())?;
         let report = OpenReport {
             log: log.recovery_report().clone(),
             index: index_report,
@@ -434,6 +500,8 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
+                sled_dir,
+                storage,
                 log,
                 index,
                 options,
@@ -453,6 +521,16 @@ impl Store {
     /// The store's directory.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The real directory holding sled's databases (see [`Options::sled_dir`]).
+    pub fn sled_dir(&self) -> &Path {
+        &self.inner.sled_dir
+    }
+
+    /// The storage the log lives on (the publisher keeps its dead letters there too).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
     }
 
     /// The underlying log (read-only use: appending to it directly would bypass the index).

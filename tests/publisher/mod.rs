@@ -5,6 +5,7 @@ use eventlog::publisher::{
     DeadLetter, DeadLetterOptions, DeadLetters, HandlerError, OnExhausted, Publisher, Redrive,
     RetryPolicy, Status, SubscriptionOptions,
 };
+use eventlog::storage::FsStorage;
 use eventlog::store::{EventRef, ExpectedVersion, Filter, NewEvent, Store};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -332,7 +333,8 @@ fn dead_letters_past_the_bound_evict_oldest_first_and_count_exactly() {
     };
     let mut total_evicted = 0;
     {
-        let mut dl = DeadLetters::open(dir.path(), options.clone(), 0).unwrap();
+        let mut dl =
+            DeadLetters::open(Arc::new(FsStorage), dir.path(), options.clone(), 0).unwrap();
         for seq in 0..300 {
             let (_, evicted) = dl.park(entry(seq)).unwrap();
             total_evicted += evicted;
@@ -357,7 +359,7 @@ fn dead_letters_past_the_bound_evict_oldest_first_and_count_exactly() {
         );
     }
     // The count survives reopening (the publisher stores it; here we pass it back).
-    let dl = DeadLetters::open(dir.path(), options, total_evicted).unwrap();
+    let dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, total_evicted).unwrap();
     assert_eq!(dl.len() + dl.evicted(), 300);
 
     // The size bound too.
@@ -367,7 +369,7 @@ fn dead_letters_past_the_bound_evict_oldest_first_and_count_exactly() {
         size_bytes_max: 16 * 1024,
         segment_size_bytes: 4096,
     };
-    let mut dl = DeadLetters::open(dir.path(), options, 0).unwrap();
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
     for seq in 0..500 {
         dl.park(entry(seq)).unwrap();
         assert!(
