@@ -53,6 +53,8 @@
 //! ```
 
 mod rng;
+#[doc(hidden)]
+pub mod scenario;
 mod simdisk;
 
 pub use rng::SimRng;

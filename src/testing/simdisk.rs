@@ -326,6 +326,8 @@ struct State {
     counters: Counters,
     fault_log: Vec<String>,
     fault_log_dropped: u64,
+    /// Files whose `sync_data` failed by injection, in order (since this disk's crash).
+    failed_fsyncs: Vec<PathBuf>,
 }
 
 fn err_dead() -> io::Error {
@@ -597,6 +599,7 @@ impl State {
                     "are lost: still visible to reads, but they never reach the disk"
                 }
             };
+            self.failed_fsyncs.push(path.to_path_buf());
             let name = self.name_of(ino, path);
             self.note(format!(
                 "injected: fdatasync of {name} failed with EIO; its {dirty} unsynced operations {fate}"
@@ -1081,6 +1084,7 @@ impl SimDisk {
             next_lock_id: 1,
             injected: Injected::default(),
             counters: Counters::default(),
+            failed_fsyncs: Vec::new(),
             fault_log: Vec::new(),
             fault_log_dropped: 0,
         };
@@ -1265,6 +1269,12 @@ impl SimDisk {
             Pending::Data { .. } => true,
         });
         st.durable_ns = durable_ns;
+    }
+
+    /// The files whose `sync_data` failed by injection ([`fail_next_fsync`](Self::fail_next_fsync)
+    /// and friends) since this disk came up, in order: which component took the fault.
+    pub fn injected_fsync_failures(&self) -> Vec<PathBuf> {
+        self.state.lock().failed_fsyncs.clone()
     }
 
     /// Number of `sync_data` calls (including failed ones).

@@ -1,0 +1,168 @@
+//! The whole store (log, index, store API, publisher with dead letters) on the simulated
+//! disk, over many seeds: several logical clients append with random expected versions,
+//! read, follow, retry; a subscription with a flaky handler delivers; faults are injected
+//! (failing fsyncs, full disk, short writes, flipped bits, power cut after a random
+//! number of operations) and the power fails with every crash fault, the index kept
+//! stale or deleted. The invariants are listed in `eventlog::testing::scenario`.
+//!
+//! Environment:
+//! - `EVENTLOG_SIM_SEEDS=<n>`: seeds to run (default 500; 60 in debug builds);
+//! - `EVENTLOG_SIM_SEED_START=<n>`: the first seed (default 0), to split long runs;
+//! - `EVENTLOG_SEED=<n>`: replay only that seed, printing every step.
+//!
+//! A failing seed is printed with the command that replays it.
+
+use eventlog::testing::scenario::{self, SimConfig, SimStats, SIM_HANDLER_PANIC};
+use eventlog::testing::SimRng;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const SEEDS_DEFAULT: u64 = if cfg!(debug_assertions) { 60 } else { 500 };
+const STEPS_PER_SEED: usize = 80;
+/// Failures described in full; the rest only by seed.
+const FAILURES_SHOWN_MAX: usize = 3;
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+/// A real directory for sled, on tmpfs when there is one (sled flushes on every
+/// checkpoint; the simulation is about the log's disk, not sled's).
+fn sled_root() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("eventlog-sim")
+            .tempdir_in(shm)
+        {
+            return d;
+        }
+    }
+    tempfile::Builder::new()
+        .prefix("eventlog-sim")
+        .tempdir()
+        .expect("a temporary directory")
+}
+
+/// Keeps the handler's deliberate panics (the publisher catches them) off stderr.
+fn quiet_handler_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload().downcast_ref::<&str>() == Some(&SIM_HANDLER_PANIC) {
+            return;
+        }
+        default_hook(info);
+    }));
+}
+
+fn run_seed(seed: u64, root: &std::path::Path, verbose: bool) -> Result<SimStats, String> {
+    let sled_dir: PathBuf = root.join(format!("seed-{seed}"));
+    std::fs::create_dir_all(&sled_dir).map_err(|e| e.to_string())?;
+    let config = SimConfig {
+        steps_max: STEPS_PER_SEED,
+        sled_dir: sled_dir.clone(),
+        verbose,
+    };
+    let mut choices = SimRng::new(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        scenario::run(seed, &mut choices, &config)
+    }));
+    let _ = std::fs::remove_dir_all(&sled_dir);
+    match outcome {
+        Ok(Ok(stats)) => Ok(stats),
+        Ok(Err(failure)) => Err(format!(
+            "{}\n  last steps:\n    {}",
+            failure.message,
+            failure.trace.join("\n    ")
+        )),
+        Err(panic) => Err(format!(
+            "panicked: {}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("?")
+        )),
+    }
+}
+
+#[test]
+fn store_survives_crashes_and_faults_over_many_seeds() {
+    quiet_handler_panics();
+    let root = sled_root();
+    let (seeds, verbose) = match env_u64("EVENTLOG_SEED") {
+        Some(seed) => (seed..seed + 1, true),
+        None => {
+            let start = env_u64("EVENTLOG_SIM_SEED_START").unwrap_or(0);
+            let n = env_u64("EVENTLOG_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT);
+            (start..start + n, false)
+        }
+    };
+    let started = Instant::now();
+    let mut total = SimStats::default();
+    let mut failures: Vec<(u64, String)> = Vec::new();
+    for seed in seeds.clone() {
+        match run_seed(seed, root.path(), verbose) {
+            Ok(stats) => total.add(&stats),
+            Err(e) => failures.push((seed, e)),
+        }
+    }
+    eprintln!(
+        "sim_store: seeds {}..{} in {:.1?}, {} failed\n  {total:?}",
+        seeds.start,
+        seeds.end,
+        started.elapsed(),
+        failures.len()
+    );
+    if !failures.is_empty() {
+        let listed: Vec<String> = failures
+            .iter()
+            .map(|(seed, e)| {
+                format!(
+                    "seed {seed}: {}  (replay: EVENTLOG_SEED={seed} cargo test --release \
+                     --test sim_store)",
+                    e.lines().next().unwrap_or("")
+                )
+            })
+            .collect();
+        let shown: Vec<String> = failures
+            .iter()
+            .take(FAILURES_SHOWN_MAX)
+            .map(|(seed, e)| format!("seed {seed}: {e}"))
+            .collect();
+        panic!(
+            "{} of {} seeds failed\n{}\n\n{}",
+            failures.len(),
+            seeds.end - seeds.start,
+            listed.join("\n"),
+            shown.join("\n\n")
+        );
+    }
+    // The mix must actually exercise what it claims to.
+    if seeds.end - seeds.start >= 100 {
+        assert!(
+            total.power_losses > 0 && total.process_crashes > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.appends_acked > 0 && total.appends_failed > 0,
+            "{total:?}"
+        );
+        assert!(total.appends_refused_expected_version > 0, "{total:?}");
+        assert!(total.retries_answered_idempotently > 0, "{total:?}");
+        assert!(
+            total.indexes_deleted > 0 && total.faults_injected > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.deliveries > 0 && total.dead_letters_checked > 0,
+            "{total:?}"
+        );
+        assert!(total.writes_refused_after_fsync_failure > 0, "{total:?}");
+    }
+}
