@@ -8,7 +8,10 @@
 //! The checks are written against the on-disk format (`docs/FORMAT.md`) rather than by
 //! calling the code under test a second time: checksums are recomputed with `crc32fast`
 //! directly, and records are found in segment files by walking their headers by hand.
+//! Events are checked against bincode 1.x, which defines their encoding, and index keys
+//! and values against reference decoders written from their layouts.
 
+use crate::index::keys;
 use crate::log::record::{
     decode, encode_into, framed_len, peek_header, Decoded, InvalidReason, RecordHeader,
     FLAG_BATCH_END, RECORD_HEADER_SIZE_BYTES, RECORD_PAYLOAD_SIZE_BYTES_LIMIT,
@@ -18,8 +21,16 @@ use crate::log::segment::{
     valid_record_after, walk_headers, Scan, ScanStop, SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SUFFIX,
 };
 use crate::log::{Log, LogOptions, OpenError, ReadError, LOG_DIR_NAME, RECOVERY_POINT_FILE};
+use crate::store::event::{
+    self, ContentType, EventHead, EventRef, Metadata, NewEvent, Prev, RecordedEvent, ResolvedEvent,
+    EVENT_FORMAT_VERSION, NAME_LEN_BYTES_MAX,
+};
+use bincode::Options as _;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use uuid::Uuid;
 
 /// Segment size of the logs [`segment_recover`] opens: small, so appends can roll.
 pub const FUZZ_SEGMENT_SIZE_BYTES: u64 = 64 << 10;
@@ -667,6 +678,867 @@ fn check_segment_files(dir: &Path, records: &[Option<Vec<u8>>], strict: bool) {
         }
     }
     assert_eq!(seq, n, "segments hold fewer records than next_seq");
+}
+
+// ---------------------------------------------------------------------------------------
+// Building values from fuzz bytes
+// ---------------------------------------------------------------------------------------
+
+/// A fuzz input read front to back, to build valid values from. Reads past its end give
+/// zeros (and empty slices), so every input builds something.
+pub struct FuzzBytes<'a>(&'a [u8]);
+
+impl<'a> FuzzBytes<'a> {
+    /// Reads `data` from its start.
+    pub fn new(data: &'a [u8]) -> FuzzBytes<'a> {
+        FuzzBytes(data)
+    }
+
+    /// The next byte, or 0.
+    pub fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    /// The next `n` bytes, or as many as are left.
+    pub fn take(&mut self, n: usize) -> &'a [u8] {
+        let (head, rest) = self.0.split_at(n.min(self.0.len()));
+        self.0 = rest;
+        head
+    }
+
+    /// Everything left.
+    pub fn rest(&mut self) -> &'a [u8] {
+        self.take(self.0.len())
+    }
+
+    /// An integer: a selector byte whose low three bits pick a width of 0, 1, 2, 3, 4, 5, 6
+    /// or 8 bytes, read little endian; bit 3 set inverts the value bitwise (so few bytes
+    /// reach values near `u64::MAX`, and negative numbers as `i64`).
+    pub fn int(&mut self) -> u64 {
+        const WIDTHS: [usize; 8] = [0, 1, 2, 3, 4, 5, 6, 8];
+        let s = self.u8();
+        let mut x = [0u8; 8];
+        let b = self.take(WIDTHS[usize::from(s & 7)]);
+        x[..b.len()].copy_from_slice(b);
+        let x = u64::from_le_bytes(x);
+        if s & 8 != 0 {
+            !x
+        } else {
+            x
+        }
+    }
+
+    /// A valid aggregate id or event type (see `check_name`): a length byte, then that many
+    /// bytes read as lossy UTF-8, control characters replaced by `?`, cut to at most
+    /// [`NAME_LEN_BYTES_MAX`] bytes on a character boundary; `"a"` if that leaves nothing.
+    pub fn name(&mut self) -> String {
+        let len = usize::from(self.u8());
+        let raw = String::from_utf8_lossy(self.take(len));
+        let mut name = String::with_capacity(raw.len());
+        for c in raw.chars() {
+            let c = if c.is_control() { '?' } else { c };
+            if name.len() + c.len_utf8() > NAME_LEN_BYTES_MAX {
+                break;
+            }
+            name.push(c);
+        }
+        if name.is_empty() {
+            name.push('a');
+        }
+        name
+    }
+
+    /// Any string: a length byte, then that many bytes read as lossy UTF-8.
+    pub fn string(&mut self) -> String {
+        let len = usize::from(self.u8());
+        String::from_utf8_lossy(self.take(len)).into_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// event_decode
+// ---------------------------------------------------------------------------------------
+
+/// First byte of an [`event_decode`] input that builds an event from the rest (see
+/// [`build_event`]) instead of being the event record itself.
+pub const EVENT_BUILD: u8 = 0;
+
+/// Fuzz target body for the event encoding (`store::event`): `decode`, `decode_head` and
+/// `encode`, against bincode 1.x, which the format is defined by (`docs/FORMAT.md`).
+///
+/// Input layout: if byte 0 is [`EVENT_BUILD`], the rest builds a valid event
+/// ([`build_event`]); otherwise the whole input is an event record payload (its byte 0 is
+/// the format version, so 0 would only be one more unknown version).
+///
+/// Checks on any bytes (see [`check_event_bytes`]): nothing panics; `decode` accepts
+/// exactly what bincode deserializes (with a known version byte and content type) and
+/// returns the same fields; `decode_head` accepts exactly what bincode deserializes as the
+/// head struct, agrees with `decode`, and a `decode` success implies a `decode_head` one.
+/// Re-encoding what was decoded gives bincode's encoding of the decoded event, which
+/// decodes to the same event; it is byte for byte the input exactly when the input is
+/// canonical (every varint in its shortest form and the extra metadata keys strictly
+/// increasing; the format allows other varint forms, and `decode` does not sort or dedup
+/// the extra pairs). Every strict prefix of a decodable input fails to decode, and
+/// `decode_head` fails on the prefixes shorter than the head and succeeds with the same
+/// head on the longer ones.
+///
+/// Checks on built events: the names pass `check_name`; `decode(encode(e)) == e`; the
+/// encoding is bincode's, canonical, and its head is exactly as long as bincode's encoding
+/// of the head; plus every check above on the encoding.
+pub fn event_decode(data: &[u8]) {
+    match data.split_first() {
+        Some((&EVENT_BUILD, rest)) => {
+            let built = build_event(rest);
+            check_built_event(&built);
+        }
+        _ => {
+            check_event_bytes(data.len() as u64, data);
+        }
+    }
+}
+
+/// A valid event built from fuzz bytes, and the back pointer it is stored with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltEvent {
+    /// The event, with the seq to decode it at.
+    pub event: RecordedEvent,
+    /// Its back pointer.
+    pub prev: Prev,
+}
+
+/// Flag bits of the first byte [`build_event`] reads.
+pub mod event_flags {
+    /// Set: binary payload; clear: JSON (not checked to be JSON, like `NewEvent::json_text`).
+    pub const BINARY: u8 = 0x01;
+    /// Bits 1..=2 pick the back pointer: 0 `First`, 1 `Seq`, 2 `Back`, 3 `Seq`.
+    pub const PREV_SHIFT: u32 = 1;
+    /// Set: a correlation id.
+    pub const CORRELATION: u8 = 0x08;
+    /// Set: a causation id.
+    pub const CAUSATION: u8 = 0x10;
+    /// Bits 5..=7: the number of extra metadata pairs read (duplicate keys collapse).
+    pub const EXTRA_SHIFT: u32 = 5;
+}
+
+/// Builds a valid event from `data`, read as [`FuzzBytes`]: a flags byte
+/// ([`event_flags`]), then as integers ([`FuzzBytes::int`]) the seq, version, back pointer
+/// value (cut to `u32` for `Back`) and timestamp (as `i64`), 16 bytes of event id, the
+/// aggregate id and event type ([`FuzzBytes::name`]), the correlation and causation ids if
+/// flagged and the extra pairs ([`FuzzBytes::string`]), and the rest of the input as the
+/// payload.
+pub fn build_event(data: &[u8]) -> BuiltEvent {
+    let mut r = FuzzBytes::new(data);
+    let flags = r.u8();
+    let seq = r.int();
+    let version = r.int();
+    let prev_value = r.int();
+    let prev = match (flags >> event_flags::PREV_SHIFT) & 3 {
+        0 => Prev::First,
+        2 => Prev::Back(prev_value as u32),
+        _ => Prev::Seq(prev_value),
+    };
+    let timestamp_us = r.int() as i64;
+    let mut id = [0u8; 16];
+    let b = r.take(16);
+    id[..b.len()].copy_from_slice(b);
+    let aggregate_id = r.name();
+    let event_type = r.name();
+    let correlation_id = (flags & event_flags::CORRELATION != 0).then(|| r.string());
+    let causation_id = (flags & event_flags::CAUSATION != 0).then(|| r.string());
+    let mut extra = BTreeMap::new();
+    for _ in 0..flags >> event_flags::EXTRA_SHIFT {
+        let k = r.string();
+        extra.insert(k, r.string());
+    }
+    let content_type = if flags & event_flags::BINARY != 0 {
+        ContentType::Binary
+    } else {
+        ContentType::Json
+    };
+    BuiltEvent {
+        event: RecordedEvent {
+            seq,
+            aggregate_id,
+            version,
+            event_type,
+            event_id: Uuid::from_bytes(id),
+            timestamp_us,
+            metadata: Metadata {
+                correlation_id,
+                causation_id,
+                extra,
+            },
+            content_type,
+            payload: r.rest().to_vec(),
+        },
+        prev,
+    }
+}
+
+/// Encodes an event as the store does (`store::event::encode`), with back pointer `prev`.
+pub fn encode_event(e: &RecordedEvent, prev: Prev) -> Vec<u8> {
+    let new = NewEvent {
+        event_type: e.event_type.clone(),
+        payload: e.payload.clone(),
+        content_type: e.content_type,
+        event_id: Some(e.event_id),
+        timestamp_us: Some(e.timestamp_us),
+        metadata: e.metadata.clone(),
+    };
+    event::encode(&ResolvedEvent {
+        aggregate_id: &e.aggregate_id,
+        version: e.version,
+        prev,
+        event_id: e.event_id,
+        timestamp_us: e.timestamp_us,
+        event: &new,
+    })
+}
+
+fn check_built_event(built: &BuiltEvent) {
+    let e = &built.event;
+    assert_eq!(
+        event::check_name(&e.aggregate_id),
+        Ok(()),
+        "built aggregate id"
+    );
+    assert_eq!(event::check_name(&e.event_type), Ok(()), "built event type");
+    let bytes = encode_event(e, built.prev);
+
+    // The encoding is bincode's.
+    let wire = Wire::of_owned(e, built.prev);
+    assert_eq!(bytes, wire.to_bytes(), "encoding differs from bincode");
+
+    // decode(encode(e)) == e, and the head.
+    let back = event::decode(e.seq, &bytes)
+        .unwrap_or_else(|err| panic!("an encoded event does not decode: {err}"));
+    assert_eq!(&back.to_owned_event(), e, "decode(encode(e)) != e");
+    let head = event::decode_head(&bytes)
+        .unwrap_or_else(|err| panic!("an encoded event's head does not decode: {err}"));
+    assert_eq!(head.prev, built.prev, "decoded back pointer");
+
+    // The encoding is canonical; the head ends where bincode's encoding of it ends.
+    let canonical = check_event_bytes(e.seq, &bytes);
+    assert_eq!(canonical, Some(true), "an encoded event is not canonical");
+    let head_len = 1 + bincode_options()
+        .serialized_size(&WireHead::of(&head))
+        .expect("sizing the head") as usize;
+    assert_eq!(
+        head_prefix_len(&bytes, &head),
+        head_len,
+        "decode_head needs a prefix other than the encoded head"
+    );
+}
+
+/// The [`event_decode`] checks on one record payload. Returns `None` if it is not an event,
+/// else whether it is canonical (re-encodes to exactly its bytes).
+pub fn check_event_bytes(seq: u64, b: &[u8]) -> Option<bool> {
+    let got = event::decode(seq, b);
+    let head = event::decode_head(b);
+    let versioned = match b.split_first() {
+        Some((&EVENT_FORMAT_VERSION, rest)) => Some(rest),
+        _ => None,
+    };
+    let wire: Option<Wire<'_>> = versioned
+        .and_then(|rest| bincode_options().deserialize(rest).ok())
+        .filter(|w: &Wire<'_>| content_type_of(w.content_type).is_some());
+    let wire_head: Option<WireHead<'_>> = versioned.and_then(|rest| {
+        bincode_options()
+            .allow_trailing_bytes()
+            .deserialize(rest)
+            .ok()
+    });
+
+    // decode_head against bincode.
+    match (&head, &wire_head) {
+        (Ok(h), Some(w)) => assert_eq!(WireHead::of(h), *w, "decode_head disagrees with bincode"),
+        (Err(_), None) => {}
+        (h, w) => panic!("decode_head gives {h:?}, bincode {w:?}"),
+    }
+
+    // decode against bincode.
+    let e = match (got, wire) {
+        (Ok(e), Some(w)) => {
+            let head = head
+                .as_ref()
+                .expect("decode accepted what decode_head refuses");
+            assert_eq!(
+                Wire::of_ref(&e, head.prev),
+                w,
+                "decode disagrees with bincode"
+            );
+            e
+        }
+        (Err(_), None) => return None,
+        (got, w) => panic!("decode gives {got:?}, bincode {w:?}"),
+    };
+    let head = head.expect("checked above");
+    assert_eq!(e.seq, seq, "decoded seq");
+    assert_eq!(
+        (
+            head.aggregate_id,
+            head.event_type,
+            head.version,
+            head.event_id
+        ),
+        (e.aggregate_id, e.event_type, e.version, e.event_id),
+        "decode_head disagrees with decode"
+    );
+
+    // Re-encoding. Bincode writes every varint in its shortest form, so its encoding of the
+    // decoded fields (extra pairs in their stored order) is the input exactly when the
+    // input's varints are all shortest; encode also sorts and dedups the extra pairs.
+    let owned = e.to_owned_event();
+    let again = encode_event(&owned, head.prev);
+    let shortest_varints = Wire::of_ref(&e, head.prev).to_bytes() == b;
+    let extra_sorted = e.extra.windows(2).all(|p| p[0].0 < p[1].0);
+    let canonical = shortest_varints && extra_sorted;
+    assert_eq!(
+        again == b,
+        canonical,
+        "re-encoding gives {} bytes (shortest varints: {shortest_varints}, extra sorted: \
+         {extra_sorted})",
+        if again == b { "the same" } else { "other" }
+    );
+    assert!(again.len() <= b.len(), "re-encoding is longer");
+    assert_eq!(
+        again,
+        Wire::of_owned(&owned, head.prev).to_bytes(),
+        "re-encoding differs from bincode"
+    );
+    let back = event::decode(seq, &again)
+        .unwrap_or_else(|err| panic!("a re-encoded event does not decode: {err}"));
+    assert_eq!(
+        back.to_owned_event(),
+        owned,
+        "re-encoded event decodes differently"
+    );
+    assert_eq!(
+        event::decode_head(&again).ok(),
+        Some(head),
+        "re-encoded head"
+    );
+
+    // Strict prefixes.
+    head_prefix_len(b, &head);
+    Some(canonical)
+}
+
+/// Checks every strict prefix of the decodable `b`: `decode` fails, `decode_head` fails up
+/// to some length and from there on returns `head`. Returns that length.
+fn head_prefix_len(b: &[u8], head: &EventHead<'_>) -> usize {
+    let mut head_from = None;
+    for k in 0..b.len() {
+        let prefix = &b[..k];
+        assert!(
+            event::decode(0, prefix).is_err(),
+            "a strict prefix of {k} of {} bytes decodes",
+            b.len()
+        );
+        match event::decode_head(prefix) {
+            Ok(h) => {
+                assert_eq!(h, *head, "the head of a {k}-byte prefix");
+                head_from.get_or_insert(k);
+            }
+            Err(_) => assert!(
+                head_from.is_none(),
+                "decode_head fails on {k} bytes but not on {head_from:?}"
+            ),
+        }
+    }
+    head_from.unwrap_or(b.len())
+}
+
+/// The options the event format is defined with (`docs/FORMAT.md`).
+fn bincode_options() -> impl bincode::Options + Copy {
+    bincode::DefaultOptions::new()
+        .with_varint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+}
+
+fn content_type_of(b: u8) -> Option<ContentType> {
+    match b {
+        1 => Some(ContentType::Json),
+        2 => Some(ContentType::Binary),
+        _ => None,
+    }
+}
+
+fn content_type_byte(c: ContentType) -> u8 {
+    match c {
+        ContentType::Json => 1,
+        ContentType::Binary => 2,
+    }
+}
+
+/// An event as `docs/FORMAT.md` defines it: this struct in bincode, after the version byte.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    aggregate_id: &'a str,
+    #[serde(borrow)]
+    event_type: &'a str,
+    version: u64,
+    prev: Prev,
+    event_id: [u8; 16],
+    timestamp_us: i64,
+    content_type: u8,
+    #[serde(borrow)]
+    correlation_id: Option<&'a str>,
+    #[serde(borrow)]
+    causation_id: Option<&'a str>,
+    #[serde(borrow)]
+    extra: Vec<(&'a str, &'a str)>,
+    #[serde(with = "serde_bytes", borrow)]
+    payload: &'a [u8],
+}
+
+impl<'a> Wire<'a> {
+    fn of_ref(e: &EventRef<'a>, prev: Prev) -> Wire<'a> {
+        Wire {
+            aggregate_id: e.aggregate_id,
+            event_type: e.event_type,
+            version: e.version,
+            prev,
+            event_id: *e.event_id.as_bytes(),
+            timestamp_us: e.timestamp_us,
+            content_type: content_type_byte(e.content_type),
+            correlation_id: e.correlation_id,
+            causation_id: e.causation_id,
+            extra: e.extra.clone(),
+            payload: e.payload,
+        }
+    }
+
+    fn of_owned(e: &'a RecordedEvent, prev: Prev) -> Wire<'a> {
+        let m = &e.metadata;
+        Wire {
+            aggregate_id: &e.aggregate_id,
+            event_type: &e.event_type,
+            version: e.version,
+            prev,
+            event_id: *e.event_id.as_bytes(),
+            timestamp_us: e.timestamp_us,
+            content_type: content_type_byte(e.content_type),
+            correlation_id: m.correlation_id.as_deref(),
+            causation_id: m.causation_id.as_deref(),
+            extra: m
+                .extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            payload: &e.payload,
+        }
+    }
+
+    /// The version byte, then bincode.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![EVENT_FORMAT_VERSION];
+        bincode_options()
+            .serialize_into(&mut out, self)
+            .expect("bincode serializes into a Vec");
+        out
+    }
+}
+
+/// The first five fields of [`Wire`]: what `decode_head` reads.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct WireHead<'a> {
+    #[serde(borrow)]
+    aggregate_id: &'a str,
+    #[serde(borrow)]
+    event_type: &'a str,
+    version: u64,
+    prev: Prev,
+    event_id: [u8; 16],
+}
+
+impl<'a> WireHead<'a> {
+    fn of(h: &EventHead<'a>) -> WireHead<'a> {
+        WireHead {
+            aggregate_id: h.aggregate_id,
+            event_type: h.event_type,
+            version: h.version,
+            prev: h.prev,
+            event_id: *h.event_id.as_bytes(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// index_key_decode
+// ---------------------------------------------------------------------------------------
+
+/// Fuzz target body for the index's key and value layouts (`index::keys`):
+/// `decode_latest_bucket`, `find_in_latest_bucket`, `decode_name_key`, `decode_u64`,
+/// `decode_seqs_delta` and their encoders.
+///
+/// Input layout: the whole input is given to every decoder as it is (an `aggregates`
+/// value, a name key, a u64 value, a type postings value), and is also read as
+/// [`FuzzBytes`] to build valid values ([`check_built_keys`]).
+///
+/// Checks on the raw bytes, against reference decoders written from `docs/FORMAT.md`
+/// (LEB128: at most ten bytes, the tenth holding only bit 63): each decoder accepts exactly
+/// what its reference accepts, with the same result, and nothing panics;
+/// `find_in_latest_bucket` returns, for every name in the bucket and a name not in it,
+/// the first matching entry before any malformed one (it reads no further and does not
+/// check the other names' UTF-8), else "absent" if the whole value is well formed, else
+/// `None`. Whatever decodes re-encodes to a value that decodes the same, and to exactly the
+/// input bytes when the input's varints are all in their shortest form (always, for name
+/// keys and u64 values, whose encodings are unique); decoded type postings are strictly
+/// increasing.
+pub fn index_key_decode(data: &[u8]) {
+    check_latest_bucket_bytes(data);
+    check_name_key_bytes(data);
+    check_u64_bytes(data);
+    check_seqs_delta_bytes(data);
+    check_built_keys(data);
+}
+
+/// One LEB128 varint of a u64 at the start of `v`, from the format: seven bits a byte, low
+/// bits first, the high bit set on every byte but the last; at most ten bytes, the tenth
+/// holding only bit 63. Returns the value, its length in bytes, and whether that is the
+/// shortest encoding of the value.
+fn reference_leb128(v: &[u8]) -> Option<(u64, usize, bool)> {
+    let mut x = 0u64;
+    for i in 0..10 {
+        let b = *v.get(i)?;
+        let bits = u64::from(b & 0x7f);
+        if i == 9 && bits > 1 {
+            return None;
+        }
+        x |= bits << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((x, i + 1, i == 0 || b != 0));
+        }
+    }
+    None
+}
+
+/// An `aggregates` value read by the format: the entries before the first malformed one,
+/// whether the value is well formed to its end (ignoring UTF-8), and whether all their
+/// varints are shortest.
+struct RefBucket<'a> {
+    entries: Vec<(&'a [u8], u64, u64)>,
+    complete: bool,
+    shortest: bool,
+}
+
+fn reference_latest_bucket(mut v: &[u8]) -> RefBucket<'_> {
+    let mut out = RefBucket {
+        entries: Vec::new(),
+        complete: false,
+        shortest: true,
+    };
+    loop {
+        let Some((&len, rest)) = v.split_first() else {
+            out.complete = true;
+            return out;
+        };
+        let len = usize::from(len);
+        let Some(name) = rest.get(..len) else {
+            return out;
+        };
+        let Some((version, n1, s1)) = reference_leb128(&rest[len..]) else {
+            return out;
+        };
+        let Some((seq, n2, s2)) = reference_leb128(&rest[len + n1..]) else {
+            return out;
+        };
+        out.entries.push((name, version, seq));
+        out.shortest &= s1 && s2;
+        v = &rest[len + n1 + n2..];
+    }
+}
+
+fn check_latest_bucket_bytes(v: &[u8]) {
+    let r = reference_latest_bucket(v);
+    let utf8: Option<Vec<(&str, u64, u64)>> = r
+        .entries
+        .iter()
+        .map(|&(n, ver, seq)| Some((std::str::from_utf8(n).ok()?, ver, seq)))
+        .collect();
+    let want = if r.complete { utf8 } else { None };
+    let got = keys::decode_latest_bucket(v);
+    assert_eq!(got, want, "decode_latest_bucket disagrees with the format");
+
+    // find_in_latest_bucket: every name before the first malformed entry, and one absent.
+    let mut names: Vec<&str> = r
+        .entries
+        .iter()
+        .filter_map(|&(n, _, _)| std::str::from_utf8(n).ok())
+        .collect();
+    let mut absent = String::from("absent");
+    while r.entries.iter().any(|&(n, _, _)| n == absent.as_bytes()) {
+        absent.push('!');
+    }
+    names.push(&absent);
+    for name in names {
+        let first = r
+            .entries
+            .iter()
+            .find(|&&(n, _, _)| n == name.as_bytes())
+            .map(|&(_, ver, seq)| (ver, seq));
+        let want = match first {
+            Some(found) => Some(Some(found)),
+            None if r.complete => Some(None),
+            None => None,
+        };
+        assert_eq!(
+            keys::find_in_latest_bucket(v, name),
+            want,
+            "find_in_latest_bucket({name:?})"
+        );
+    }
+
+    if let Some(entries) = got {
+        let again = keys::encode_latest_bucket(entries.iter().copied());
+        assert_eq!(
+            again == v,
+            r.shortest,
+            "re-encoding an aggregates value (shortest varints: {})",
+            r.shortest
+        );
+        assert_eq!(
+            keys::decode_latest_bucket(&again),
+            Some(entries),
+            "a re-encoded aggregates value decodes differently"
+        );
+    }
+}
+
+fn check_name_key_bytes(k: &[u8]) {
+    let want = k.len().checked_sub(9).and_then(|at| {
+        let (name, rest) = k.split_at(at);
+        if rest[0] != 0 || name.contains(&0) {
+            return None;
+        }
+        let n = u64::from_be_bytes(rest[1..].try_into().expect("eight bytes"));
+        Some((std::str::from_utf8(name).ok()?, n))
+    });
+    let got = keys::decode_name_key(k);
+    assert_eq!(got, want, "decode_name_key disagrees with the format");
+    if let Some((name, n)) = got {
+        assert_eq!(keys::name_key(name, n), k, "re-encoding a name key");
+    }
+}
+
+fn check_u64_bytes(v: &[u8]) {
+    let want = (v.len() == 8).then(|| u64::from_be_bytes(v.try_into().expect("eight bytes")));
+    let got = keys::decode_u64(v);
+    assert_eq!(got, want, "decode_u64");
+    if let Some(x) = got {
+        assert_eq!(x.to_be_bytes(), v, "re-encoding a u64 value");
+    }
+}
+
+/// A type postings value read by the format: deltas as LEB128, the first seq relative to
+/// 0, every later delta above 0, no seq past `u64::MAX`. Also whether every varint is
+/// shortest.
+fn reference_seqs_delta(mut v: &[u8]) -> Option<(Vec<u64>, bool)> {
+    let mut seqs: Vec<u64> = Vec::new();
+    let mut shortest = true;
+    while !v.is_empty() {
+        let (d, n, s) = reference_leb128(v)?;
+        let seq = match seqs.last() {
+            None => d,
+            Some(_) if d == 0 => return None,
+            Some(&p) => p.checked_add(d)?,
+        };
+        seqs.push(seq);
+        shortest &= s;
+        v = &v[n..];
+    }
+    Some((seqs, shortest))
+}
+
+fn check_seqs_delta_bytes(v: &[u8]) {
+    let want = reference_seqs_delta(v);
+    let got = keys::decode_seqs_delta(v);
+    assert_eq!(
+        got.as_ref(),
+        want.as_ref().map(|(s, _)| s),
+        "decode_seqs_delta disagrees with the format"
+    );
+    if let (Some(seqs), Some((_, shortest))) = (got, want) {
+        assert!(
+            seqs.windows(2).all(|p| p[0] < p[1]),
+            "decoded postings are not strictly increasing"
+        );
+        let again = keys::encode_seqs_delta(&seqs);
+        assert_eq!(
+            again == v,
+            shortest,
+            "re-encoding type postings (shortest varints: {shortest})"
+        );
+        assert_eq!(
+            keys::decode_seqs_delta(&again),
+            Some(seqs),
+            "re-encoded postings decode differently"
+        );
+    }
+}
+
+/// Builds valid keys and values from `data` (read as [`FuzzBytes`]) and checks them:
+///
+/// - name keys: two names (valid as `check_name` requires; the second extends the first
+///   when byte 0 is odd) and two numbers. Each key decodes to its name and number; the keys
+///   compare as (name bytes, number) do, which is what sled's byte order gives the index:
+///   all keys of a name lie within `name_key(name, 0)..=name_key(name, u64::MAX)` and in
+///   numeric order, and no other name's key does. Checkpoint versions and `chunk_start`
+///   are consistent for the numbers, and the bucket of a name is below `AGG_BUCKETS`.
+/// - a u64 value round-trips.
+/// - an `aggregates` value: up to 15 entries (sorted and unique by name, as the index
+///   writes them) round-trip, `find_in_latest_bucket` finds each and not an absent name,
+///   and a prefix of the value decodes exactly when it ends on an entry boundary.
+/// - type postings: up to 63 strictly increasing seqs round-trip, and a prefix of the value
+///   decodes exactly when it ends on a varint boundary, to the seqs before it.
+pub fn check_built_keys(data: &[u8]) {
+    let mut r = FuzzBytes::new(data);
+    let ctl = r.u8();
+
+    // Name keys.
+    let a = r.name();
+    let b = if ctl & 1 != 0 {
+        let mut b = a.clone();
+        for c in r.name().chars() {
+            if b.len() + c.len_utf8() > NAME_LEN_BYTES_MAX {
+                break;
+            }
+            b.push(c);
+        }
+        b
+    } else {
+        r.name()
+    };
+    let (x, y) = (r.int(), r.int());
+    for name in [&a, &b] {
+        assert_eq!(event::check_name(name), Ok(()), "built name {name:?}");
+        assert!(keys::agg_bucket(name) < keys::AGG_BUCKETS, "agg_bucket");
+    }
+    let (ka, kb) = (keys::name_key(&a, x), keys::name_key(&b, y));
+    assert_eq!(keys::decode_name_key(&ka), Some((a.as_str(), x)));
+    assert_eq!(keys::decode_name_key(&kb), Some((b.as_str(), y)));
+    assert_eq!(
+        ka.cmp(&kb),
+        (a.as_bytes(), x).cmp(&(b.as_bytes(), y)),
+        "name keys ({a:?}, {x}) and ({b:?}, {y}) sort out of (name, number) order"
+    );
+    let range_a = keys::name_key(&a, 0)..=keys::name_key(&a, u64::MAX);
+    assert!(range_a.contains(&ka), "a key outside its name's range");
+    assert_eq!(
+        range_a.contains(&kb),
+        a == b,
+        "range of {a:?} and key of {b:?}"
+    );
+    // The type postings scan from bucket x: keys of the name from x on, nothing else.
+    let from_x = keys::name_key(&a, x)..=keys::name_key(&a, u64::MAX);
+    assert_eq!(from_x.contains(&kb), a == b && y >= x, "scan from {x}");
+    for v in [x, y] {
+        if v >= 1 {
+            let c = keys::chunk_start(v);
+            assert!(
+                c <= v && v - c < keys::AGG_CHECKPOINT_VERSIONS,
+                "chunk_start({v})"
+            );
+            assert!(c == 1 || keys::is_checkpoint_version(c), "chunk_start({v})");
+            assert_eq!(
+                keys::is_checkpoint_version(v),
+                v > 1 && c == v,
+                "checkpoint {v}"
+            );
+        }
+    }
+
+    // u64 values.
+    assert_eq!(keys::decode_u64(&x.to_be_bytes()), Some(x));
+
+    // An aggregates value.
+    let n = usize::from(r.u8() & 15);
+    let mut latest = BTreeMap::new();
+    for _ in 0..n {
+        let name = r.name();
+        let version = r.int();
+        latest.insert(name, (version, r.int()));
+    }
+    let entries: Vec<(&str, u64, u64)> = latest
+        .iter()
+        .map(|(name, &(ver, seq))| (name.as_str(), ver, seq))
+        .collect();
+    let value = keys::encode_latest_bucket(entries.iter().copied());
+    assert_eq!(
+        keys::decode_latest_bucket(&value).as_ref(),
+        Some(&entries),
+        "an aggregates value does not round-trip"
+    );
+    for &(name, ver, seq) in &entries {
+        assert_eq!(
+            keys::find_in_latest_bucket(&value, name),
+            Some(Some((ver, seq))),
+            "find_in_latest_bucket({name:?})"
+        );
+    }
+    let mut absent = String::from("absent");
+    while latest.contains_key(&absent) {
+        absent.push('!');
+    }
+    assert_eq!(keys::find_in_latest_bucket(&value, &absent), Some(None));
+    let mut boundaries = vec![0];
+    for &e in &entries {
+        boundaries.push(boundaries.last().unwrap() + keys::encode_latest_bucket([e]).len());
+    }
+    for k in 0..value.len() {
+        let want = boundaries
+            .iter()
+            .position(|&at| at == k)
+            .map(|i| entries[..i].to_vec());
+        assert_eq!(
+            keys::decode_latest_bucket(&value[..k]),
+            want,
+            "an aggregates value cut at {k}"
+        );
+    }
+
+    // Type postings.
+    let n = usize::from(r.u8() & 63);
+    let mut seqs = Vec::with_capacity(n);
+    let mut next = Some(r.int());
+    for _ in 0..n {
+        let Some(s) = next else { break };
+        seqs.push(s);
+        next = s.checked_add(r.int().max(1));
+    }
+    let value = keys::encode_seqs_delta(&seqs);
+    assert_eq!(
+        keys::decode_seqs_delta(&value).as_ref(),
+        Some(&seqs),
+        "type postings do not round-trip"
+    );
+    let mut boundaries = vec![0];
+    let mut prev = 0;
+    for (i, &s) in seqs.iter().enumerate() {
+        let d = if i == 0 { s } else { s - prev };
+        prev = s;
+        boundaries.push(boundaries.last().unwrap() + keys::encode_seqs_delta(&[d]).len());
+    }
+    for k in 0..value.len() {
+        let want = boundaries
+            .iter()
+            .position(|&at| at == k)
+            .map(|i| seqs[..i].to_vec());
+        assert_eq!(
+            keys::decode_seqs_delta(&value[..k]),
+            want,
+            "type postings cut at {k}"
+        );
+    }
 }
 
 /// A unique scratch directory under `std::env::temp_dir()`, removed on drop.

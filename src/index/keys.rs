@@ -85,7 +85,13 @@ fn put_varint(out: &mut Vec<u8>, mut x: u64) {
 fn get_varint(v: &[u8]) -> Option<(u64, &[u8])> {
     let mut x = 0u64;
     for (i, &b) in v.iter().enumerate().take(10) {
-        x |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        let bits = u64::from(b & 0x7f);
+        // The tenth byte holds bit 63 only: more does not fit in a u64 (a shift would
+        // silently drop it and decode a wrong value).
+        if i == 9 && bits > 1 {
+            return None;
+        }
+        x |= bits << (7 * i);
         if b & 0x80 == 0 {
             return Some((x, &v[i + 1..]));
         }
@@ -244,6 +250,21 @@ mod tests {
         assert_eq!(decode_latest_bucket(&v[..v.len() - 1]), None);
         assert_eq!(agg_bucket("order-1"), agg_bucket("order-1"));
         assert!(agg_bucket("x") < AGG_BUCKETS);
+    }
+
+    #[test]
+    fn latest_bucket_varints_past_u64_are_malformed() {
+        // Found by the `index_key_decode` fuzz target: a tenth varint byte above 1 was
+        // shifted out of range and the value decoded silently truncated.
+        let max = [&[1, b'a'][..], &[0xff; 9], &[0x01], &[0]].concat();
+        assert_eq!(decode_latest_bucket(&max), Some(vec![("a", u64::MAX, 0)]));
+        assert_eq!(max, encode_latest_bucket([("a", u64::MAX, 0)]));
+        let past = [&[1, b'a'][..], &[0xff; 9], &[0x02], &[0]].concat();
+        assert_eq!(decode_latest_bucket(&past), None);
+        assert_eq!(find_in_latest_bucket(&past, "a"), None);
+        assert_eq!(find_in_latest_bucket(&past, "b"), None);
+        let seq_past = [&[1, b'a', 0][..], &[0x80; 9], &[0x7f]].concat();
+        assert_eq!(decode_latest_bucket(&seq_past), None);
     }
 
     proptest! {
