@@ -20,6 +20,8 @@ use std::time::Instant;
 
 const SEEDS_DEFAULT: u64 = if cfg!(debug_assertions) { 60 } else { 500 };
 const STEPS_PER_SEED: usize = 80;
+/// Long runs report progress every this many seeds.
+const PROGRESS_EVERY_SEEDS: u64 = 1_000;
 /// Failures described in full; the rest only by seed.
 const FAILURES_SHOWN_MAX: usize = 3;
 
@@ -109,7 +111,19 @@ fn store_survives_crashes_and_faults_over_many_seeds() {
     for seed in seeds.clone() {
         match run_seed(seed, root.path(), verbose) {
             Ok(stats) => total.add(&stats),
-            Err(e) => failures.push((seed, e)),
+            Err(e) => {
+                eprintln!("seed {seed} FAILED: {}", e.lines().next().unwrap_or(""));
+                failures.push((seed, e));
+            }
+        }
+        let done = seed + 1 - seeds.start;
+        if done.is_multiple_of(PROGRESS_EVERY_SEEDS) {
+            eprintln!(
+                "sim_store: {done} seeds done ({}..={seed}) in {:.0?}, {} failed",
+                seeds.start,
+                started.elapsed(),
+                failures.len()
+            );
         }
     }
     eprintln!(
@@ -164,5 +178,26 @@ fn store_survives_crashes_and_faults_over_many_seeds() {
             "{total:?}"
         );
         assert!(total.writes_refused_after_fsync_failure > 0, "{total:?}");
+    }
+}
+
+/// The committed seed corpus of the `store_ops` fuzz target (`fuzz/corpus/store_ops/`)
+/// replays through the same body as the fuzzer.
+#[test]
+fn store_ops_fuzz_corpus_replays() {
+    quiet_handler_panics();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/store_ops");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .collect();
+    inputs.sort();
+    assert!(inputs.len() >= 10, "the seed corpus is missing");
+    for input in &inputs {
+        let data = std::fs::read(input).expect("a corpus file");
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            scenario::fuzz_store_ops(&data);
+        }));
+        assert!(outcome.is_ok(), "{} failed (see above)", input.display());
     }
 }
