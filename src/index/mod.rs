@@ -300,13 +300,41 @@ fn sled_err(dir: &Path) -> impl FnOnce(sled::Error) -> IndexError + '_ {
     }
 }
 
+/// How long [`open_sled`] keeps trying while a just-closed database still holds its lock.
+pub(crate) const SLED_LOCK_WAIT_MS_MAX: u64 = 3_000;
+
+/// Opens a sled database, waiting (up to [`SLED_LOCK_WAIT_MS_MAX`]) while its file lock is
+/// still held by a database of this process that was just dropped: sled releases the
+/// lock only when its background threads finish, after the drop returns, so a store
+/// closed and reopened at once would otherwise fail now and then (found by the
+/// `store_ops` fuzz target). The log's own lock already keeps other processes out.
+pub(crate) fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = Instant::now() + Duration::from_millis(SLED_LOCK_WAIT_MS_MAX);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match config.open() {
+            // sled 0.34 wraps the EWOULDBLOCK of its flock in an `Other` error.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                // sled gives no event to wait for; its threads end within milliseconds.
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open_trees(dir: &Path, options: &IndexOptions) -> Result<Trees, sled::Error> {
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(options.cache_bytes)
-        .mode(sled::Mode::LowSpace)
-        .flush_every_ms(Some(1_000))
-        .open()?;
+    let db = open_sled(
+        &sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(Some(1_000)),
+    )?;
     Ok(Trees {
         aggregates: db.open_tree("aggregates")?,
         agg_events: db.open_tree("agg_events")?,
@@ -1008,5 +1036,32 @@ impl Iterator for TypeSeqs {
                 return Some(Ok(seq));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (found by the `store_ops` fuzz target): reopening right after a drop
+    /// failed now and then because sled releases its lock after the drop returns.
+    #[test]
+    fn open_sled_waits_for_a_lock_being_released() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = sled::Config::new().path(dir.path().join("db"));
+        let held = config.open().expect("the first open");
+        match config.open() {
+            Err(sled::Error::Io(e)) => {
+                assert!(e.to_string().contains("could not acquire lock"), "{e:?}")
+            }
+            other => panic!("a second open while the first holds the lock: {other:?}"),
+        }
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        let reopened = open_sled(&config);
+        releaser.join().expect("the releasing thread");
+        assert!(reopened.is_ok(), "{reopened:?}");
     }
 }

@@ -532,6 +532,19 @@ impl Log {
         self.inner.wait_visible(seq, timeout)
     }
 
+    /// Like [`Log::wait_for`], but also returns (false) when [`Log::wake_waiters`] is
+    /// called, so that a waiter can look at other conditions (a stop request) promptly.
+    pub fn wait_for_or_wake(&self, seq: u64, timeout: Duration) -> bool {
+        self.inner.wait_visible_once(seq, timeout)
+    }
+
+    /// Wakes every thread in [`Log::wait_for_or_wake`] (and lets those in
+    /// [`Log::wait_for`] re-check).
+    pub fn wake_waiters(&self) {
+        let _g = self.inner.visible_lock.lock();
+        self.inner.visible_cv.notify_all();
+    }
+
     /// Makes everything appended so far durable (useful under `Interval` or `None`).
     ///
     /// # Errors
@@ -1124,6 +1137,18 @@ impl Inner {
             }
         }
         true
+    }
+
+    fn wait_visible_once(&self, seq: u64, timeout: Duration) -> bool {
+        if self.visible_next.load(Ordering::Acquire) > seq {
+            return true;
+        }
+        let mut g = self.visible_lock.lock();
+        if self.visible_next.load(Ordering::Acquire) > seq {
+            return true;
+        }
+        let _ = self.visible_cv.wait_for(&mut g, timeout);
+        self.visible_next.load(Ordering::Acquire) > seq
     }
 
     fn segment_for(&self, seq: u64) -> Option<Arc<Segment>> {

@@ -388,10 +388,7 @@ impl Publisher {
             dir: dir.clone(),
             source,
         };
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(1 << 20)
-            .open()
+        let db = crate::index::open_sled(&sled::Config::new().path(&dir).cache_capacity(1 << 20))
             .map_err(err)?;
         let checkpoints = db.open_tree("checkpoints").map_err(err)?;
         let evicted = db.open_tree("dead_letters_evicted").map_err(err)?;
@@ -698,6 +695,7 @@ impl Subscription {
         let mut c = self.shared.control.lock();
         c.pause = true;
         self.shared.control_pending.store(true, Ordering::Release);
+        self.shared.store.log().wake_waiters();
         if c.status == Status::Running {
             c.status = Status::Paused;
         }
@@ -709,6 +707,7 @@ impl Subscription {
         let mut c = self.shared.control.lock();
         c.pause = false;
         self.shared.control_pending.store(true, Ordering::Release);
+        self.shared.store.log().wake_waiters();
         if c.status == Status::Paused {
             c.status = Status::Running;
         }
@@ -720,6 +719,7 @@ impl Subscription {
         let mut c = self.shared.control.lock();
         c.reset_to = Some(seq);
         self.shared.control_pending.store(true, Ordering::Release);
+        self.shared.store.log().wake_waiters();
         self.shared.control_cv.notify_all();
     }
 
@@ -752,6 +752,7 @@ impl Subscription {
             let mut c = self.shared.control.lock();
             c.stop = true;
             self.shared.control_pending.store(true, Ordering::Release);
+            self.shared.store.log().wake_waiters();
             self.shared.control_cv.notify_all();
             while !c.finished {
                 if self
@@ -894,7 +895,7 @@ impl Shared {
                     self.control_pending.store(false, Ordering::Release);
                 }
             }
-            let next = match follower.next_timeout(IDLE_WAIT) {
+            let next = match follower.next_or_interrupt(IDLE_WAIT, Some(&self.control_pending)) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(subscription = %self.name, error = %e, "reading the store failed; retrying");

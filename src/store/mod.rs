@@ -1378,6 +1378,20 @@ impl Follower {
     /// # Errors
     /// [`ReadError`] if a record cannot be read; the follower stays at that seq.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<StoredEvent>, ReadError> {
+        self.next_or_interrupt(timeout, None)
+    }
+
+    /// Like [`Follower::next_timeout`], but also returns `Ok(None)` early once
+    /// `interrupted` is true and [`Log::wake_waiters`] was called (how a subscription's
+    /// worker notices a stop request at once).
+    ///
+    /// # Errors
+    /// As [`Follower::next_timeout`].
+    pub fn next_or_interrupt(
+        &mut self,
+        timeout: Duration,
+        interrupted: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Option<StoredEvent>, ReadError> {
         // The clock is read only when there is nothing to return at once.
         let mut deadline: Option<Instant> = None;
         loop {
@@ -1410,10 +1424,14 @@ impl Follower {
             }
             let now = Instant::now();
             let deadline = *deadline.get_or_insert(now + timeout);
-            if now >= deadline {
+            if now >= deadline
+                || interrupted.is_some_and(|i| i.load(std::sync::atomic::Ordering::Acquire))
+            {
                 return Ok(None);
             }
-            self.store.log.wait_for(self.next_seq, deadline - now);
+            self.store
+                .log
+                .wait_for_or_wake(self.next_seq, deadline - now);
         }
     }
 
