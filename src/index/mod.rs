@@ -994,6 +994,42 @@ impl std::fmt::Debug for TypeSeqs {
     }
 }
 
+impl TypeSeqs {
+    /// Appends the next seqs, at most `max`, to `out`. On an error the seqs before it are
+    /// in `out`; iterating on continues after it, as [`Iterator::next`] does.
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails or a postings value is malformed.
+    pub fn next_batch(&mut self, out: &mut Vec<u64>, max: usize) -> Result<(), IndexError> {
+        let mut left = max;
+        while left > 0 {
+            // Within a decoded bucket, take a run at once; the checks are those of `next`.
+            if self.bucket_pos < self.bucket.len() {
+                let run = &self.bucket[self.bucket_pos..];
+                let take = run.len().min(left);
+                for &seq in &run[..take] {
+                    if seq >= self.from_seq && self.last_seq.is_none_or(|l| seq > l) {
+                        self.last_seq = Some(seq);
+                        out.push(seq);
+                        left -= 1;
+                    }
+                }
+                self.bucket_pos += take;
+                continue;
+            }
+            match self.next() {
+                Some(Ok(seq)) => {
+                    out.push(seq);
+                    left -= 1;
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Iterator for TypeSeqs {
     type Item = Result<u64, IndexError>;
 

@@ -106,6 +106,7 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// The bytes of whole, readable records (and the header).
+    #[inline]
     pub fn readable(&self) -> &[u8] {
         let end = self.end_bytes.load(Ordering::Acquire) as usize;
         let bytes = self.map.bytes();

@@ -348,38 +348,50 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.buf.len() {
-            return None;
-        }
-        let (head, rest) = self.buf.split_at(n);
+        let (head, rest) = self.buf.split_at_checked(n)?;
         self.buf = rest;
         Some(head)
     }
 
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
+    #[inline(always)]
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.buf.split_first_chunk::<N>()?;
+        self.buf = rest;
+        Some(*head)
     }
 
+    #[inline(always)]
+    fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.buf.split_first()?;
+        self.buf = rest;
+        Some(b)
+    }
+
+    #[inline(always)]
     fn varint(&mut self) -> Option<u64> {
         Some(match self.u8()? {
             b if u64::from(b) <= VARINT_SINGLE_MAX => u64::from(b),
-            VARINT_U16 => u64::from(u16::from_le_bytes(self.take(2)?.try_into().ok()?)),
-            VARINT_U32 => u64::from(u32::from_le_bytes(self.take(4)?.try_into().ok()?)),
-            VARINT_U64 => u64::from_le_bytes(self.take(8)?.try_into().ok()?),
+            VARINT_U16 => u64::from(u16::from_le_bytes(self.array()?)),
+            VARINT_U32 => u64::from(u32::from_le_bytes(self.array()?)),
+            VARINT_U64 => u64::from_le_bytes(self.array()?),
             _ => return None,
         })
     }
 
+    #[inline(always)]
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let len = usize::try_from(self.varint()?).ok()?;
         self.take(len)
     }
 
+    #[inline(always)]
     fn str(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.bytes()?).ok()
+        utf8(self.bytes()?)
     }
 
+    #[inline]
     fn opt_str(&mut self) -> Option<Option<&'a str>> {
         match self.u8()? {
             0 => Some(None),
@@ -388,9 +400,55 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn head(&mut self) -> Option<EventHead<'a>> {
         let aggregate_id = self.str()?;
         let event_type = self.str()?;
+        match self.version_prev_id_fixed() {
+            Some((version, prev, event_id)) => Some(EventHead {
+                aggregate_id,
+                event_type,
+                version,
+                prev,
+                event_id,
+            }),
+            None => self.head_rest(aggregate_id, event_type),
+        }
+    }
+
+    /// The version, back pointer and id in their most common forms (a one-byte version; a
+    /// back pointer that is first, one byte, or a seq of one byte or a `u32`), read at
+    /// fixed offsets instead of field by field, which makes one chain of dependent loads
+    /// instead of five. `None` (and nothing consumed) for any other form, which
+    /// [`Reader::head_rest`] then reads: both accept the same bytes as the same values.
+    #[inline(always)]
+    fn version_prev_id_fixed(&mut self) -> Option<(u64, Prev, Uuid)> {
+        let w = self.buf.first_chunk::<23>()?;
+        let single = |b: u8| (u64::from(b) <= VARINT_SINGLE_MAX).then_some(b);
+        let version = u64::from(single(w[0])?);
+        let (prev, at) = match u64::from(w[1]) {
+            PREV_FIRST => (Prev::First, 2),
+            PREV_SEQ if w[2] == VARINT_U32 => {
+                let seq = u32::from_le_bytes([w[3], w[4], w[5], w[6]]);
+                (Prev::Seq(u64::from(seq)), 7)
+            }
+            PREV_SEQ if w[2] == VARINT_U16 => {
+                let seq = u16::from_le_bytes([w[3], w[4]]);
+                (Prev::Seq(u64::from(seq)), 5)
+            }
+            PREV_SEQ => (Prev::Seq(u64::from(single(w[2])?)), 3),
+            PREV_BACK => (Prev::Back(u32::from(single(w[2])?)), 3),
+            _ => return None,
+        };
+        let (id, _) = w[at..].split_first_chunk::<16>()?;
+        let event_id = Uuid::from_bytes(*id);
+        self.buf = &self.buf[at + 16..];
+        Some((version, prev, event_id))
+    }
+
+    /// The head after the names, field by field.
+    #[inline(never)]
+    fn head_rest(&mut self, aggregate_id: &'a str, event_type: &'a str) -> Option<EventHead<'a>> {
         let version = self.varint()?;
         let prev = match self.varint()? {
             PREV_FIRST => Prev::First,
@@ -398,7 +456,7 @@ impl<'a> Reader<'a> {
             PREV_BACK => Prev::Back(u32::try_from(self.varint()?).ok()?),
             _ => return None,
         };
-        let event_id = Uuid::from_bytes(self.take(16)?.try_into().ok()?);
+        let event_id = Uuid::from_bytes(self.array()?);
         Some(EventHead {
             aggregate_id,
             event_type,
@@ -408,35 +466,117 @@ impl<'a> Reader<'a> {
         })
     }
 
+    #[inline(always)]
     fn rest(&mut self, seq: u64, head: EventHead<'a>) -> Option<EventRef<'a>> {
-        let zigzag = self.varint()?;
-        let timestamp_us = ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64);
-        let content_type = ContentType::from_byte(self.u8()?)?;
-        let correlation_id = self.opt_str()?;
-        let causation_id = self.opt_str()?;
-        let n = usize::try_from(self.varint()?).ok()?;
-        // Each pair takes at least two bytes, which bounds the allocation by the input.
-        let mut extra = Vec::with_capacity(n.min(self.buf.len() / 2));
-        for _ in 0..n {
-            extra.push((self.str()?, self.str()?));
-        }
-        let payload = self.bytes()?;
-        if !self.buf.is_empty() {
-            return None;
-        }
+        let tail = match self.tail_fixed() {
+            Some(t) => t,
+            None => self.tail_fields()?,
+        };
         Some(EventRef {
             seq,
             aggregate_id: head.aggregate_id,
             version: head.version,
             event_type: head.event_type,
             event_id: head.event_id,
+            timestamp_us: tail.timestamp_us,
+            correlation_id: tail.correlation_id,
+            causation_id: tail.causation_id,
+            extra: tail.extra,
+            content_type: tail.content_type,
+            payload: tail.payload,
+        })
+    }
+
+    /// The fields after the head in the most common form, read at fixed offsets: after the
+    /// timestamp (a full `u64` varint) and the content type, three zero bytes (no
+    /// correlation id, no causation id, no extra pairs). `None` for any other form (or
+    /// bytes that are no event), which [`Reader::tail_fields`] then reads: both accept
+    /// the same bytes as the same values.
+    #[inline(always)]
+    fn tail_fixed(&mut self) -> Option<Tail<'a>> {
+        let (w, after) = self.buf.split_first_chunk::<13>()?;
+        if w[0] != VARINT_U64 || w[10] != 0 || w[11] != 0 || w[12] != 0 {
+            return None;
+        }
+        let content_type = ContentType::from_byte(w[9])?;
+        let zigzag = u64::from_le_bytes([w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]]);
+        let mut r = Reader { buf: after };
+        let payload = r.bytes()?;
+        if !r.buf.is_empty() {
+            return None;
+        }
+        self.buf = r.buf;
+        Some(Tail {
+            timestamp_us: unzigzag(zigzag),
+            content_type,
+            correlation_id: None,
+            causation_id: None,
+            extra: Vec::new(),
+            payload,
+        })
+    }
+
+    /// The fields after the head, one by one.
+    #[inline(never)]
+    fn tail_fields(&mut self) -> Option<Tail<'a>> {
+        let timestamp_us = unzigzag(self.varint()?);
+        let content_type = ContentType::from_byte(self.u8()?)?;
+        let correlation_id = self.opt_str()?;
+        let causation_id = self.opt_str()?;
+        let n = usize::try_from(self.varint()?).ok()?;
+        let extra = if n == 0 { Vec::new() } else { self.extra(n)? };
+        let payload = self.bytes()?;
+        if !self.buf.is_empty() {
+            return None;
+        }
+        Some(Tail {
             timestamp_us,
+            content_type,
             correlation_id,
             causation_id,
             extra,
-            content_type,
             payload,
         })
+    }
+}
+
+/// The fields of an event after its head.
+struct Tail<'a> {
+    timestamp_us: i64,
+    content_type: ContentType,
+    correlation_id: Option<&'a str>,
+    causation_id: Option<&'a str>,
+    extra: Vec<(&'a str, &'a str)>,
+    payload: &'a [u8],
+}
+
+#[inline(always)]
+fn unzigzag(zigzag: u64) -> i64 {
+    ((zigzag >> 1) as i64) ^ -((zigzag & 1) as i64)
+}
+
+impl<'a> Reader<'a> {
+    /// The `n` free metadata pairs.
+    #[inline(never)]
+    fn extra(&mut self, n: usize) -> Option<Vec<(&'a str, &'a str)>> {
+        // Each pair takes at least two bytes, which bounds the allocation by the input.
+        let mut extra = Vec::with_capacity(n.min(self.buf.len() / 2));
+        for _ in 0..n {
+            extra.push((self.str()?, self.str()?));
+        }
+        Some(extra)
+    }
+}
+
+/// `bytes` as UTF-8 text, if they are. Names are nearly always ASCII, which is checked a
+/// word at a time; anything else goes through the full validation.
+#[inline]
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII bytes are valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
     }
 }
 
@@ -464,6 +604,18 @@ pub fn decode(seq: u64, bytes: &[u8]) -> Result<EventRef<'_>, EventDecodeError> 
     r.rest(seq, head).ok_or_else(malformed)
 }
 
+/// [`decode`] without the reason on failure: what readers call, so that the event is built
+/// in place. `None` exactly when `decode` fails.
+#[inline(always)]
+pub(crate) fn decode_fast(seq: u64, bytes: &[u8]) -> Option<EventRef<'_>> {
+    let (&EVENT_FORMAT_VERSION, rest) = bytes.split_first()? else {
+        return None;
+    };
+    let mut r = Reader { buf: rest };
+    let head = r.head()?;
+    r.rest(seq, head)
+}
+
 /// The indexed fields of an event: aggregate, type, version and id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EventHead<'a> {
@@ -477,6 +629,15 @@ pub(crate) struct EventHead<'a> {
 /// Decodes only the indexed fields (the rest is not read).
 pub(crate) fn decode_head(bytes: &[u8]) -> Result<EventHead<'_>, EventDecodeError> {
     body(bytes)?.head().ok_or_else(malformed)
+}
+
+/// [`decode_head`] without the reason on failure. `None` exactly when `decode_head` fails.
+#[inline]
+pub(crate) fn decode_head_fast(bytes: &[u8]) -> Option<EventHead<'_>> {
+    let (&EVENT_FORMAT_VERSION, rest) = bytes.split_first()? else {
+        return None;
+    };
+    Reader { buf: rest }.head()
 }
 
 /// Checks an aggregate id or event type: 1..=255 bytes, no control characters.
@@ -618,9 +779,124 @@ mod tests {
         }
 
         #[test]
+        fn fixed_offset_reads_agree_with_field_by_field_reads(
+            (agg, version, prev, id, ts, e) in arb_event(),
+            small in any::<bool>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..3),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            // Small versions, seqs and plain events often, so the fixed-offset forms are hit.
+            let (version, prev, mut e) = if small {
+                let prev = match prev {
+                    Prev::Seq(s) => Prev::Seq(s % (1 << 33)),
+                    Prev::Back(k) => Prev::Back(k % 300),
+                    Prev::First => Prev::First,
+                };
+                (version % 300, prev, e)
+            } else {
+                (version, prev, e)
+            };
+            if small {
+                e.metadata = Metadata::default();
+            }
+            let ts = if small { ts | (1 << 62) } else { ts };
+            let resolved = ResolvedEvent { aggregate_id: &agg, version, prev, event_id: Uuid::from_u128(id), timestamp_us: ts, event: &e };
+            let good = encode(&resolved);
+            prop_assert_eq!(decode_fast(3, &good), decode_general(3, &good));
+            prop_assert!(decode_fast(3, &good).is_some());
+            let mut bad = good.clone();
+            for (at, x) in &flips {
+                let i = at.index(bad.len());
+                bad[i] ^= x;
+            }
+            prop_assert_eq!(decode_fast(3, &bad), decode_general(3, &bad));
+            prop_assert_eq!(decode_head_fast(&bad), head_general(&bad));
+            let short = &good[..cut.index(good.len())];
+            prop_assert_eq!(decode_fast(3, short), decode_general(3, short));
+            prop_assert_eq!(decode_head_fast(short), head_general(short));
+        }
+
+        #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(0, &bytes);
             let _ = decode_head(&bytes);
+        }
+    }
+
+    /// What `decode_fast` must return, read field by field only.
+    fn decode_general(seq: u64, bytes: &[u8]) -> Option<EventRef<'_>> {
+        let (&EVENT_FORMAT_VERSION, rest) = bytes.split_first()? else {
+            return None;
+        };
+        let mut r = Reader { buf: rest };
+        let head = general_head(&mut r)?;
+        let tail = r.tail_fields()?;
+        Some(EventRef {
+            seq,
+            aggregate_id: head.aggregate_id,
+            version: head.version,
+            event_type: head.event_type,
+            event_id: head.event_id,
+            timestamp_us: tail.timestamp_us,
+            correlation_id: tail.correlation_id,
+            causation_id: tail.causation_id,
+            extra: tail.extra,
+            content_type: tail.content_type,
+            payload: tail.payload,
+        })
+    }
+
+    fn head_general(bytes: &[u8]) -> Option<EventHead<'_>> {
+        let (&EVENT_FORMAT_VERSION, rest) = bytes.split_first()? else {
+            return None;
+        };
+        general_head(&mut Reader { buf: rest })
+    }
+
+    fn general_head<'a>(r: &mut Reader<'a>) -> Option<EventHead<'a>> {
+        let aggregate_id = r.str()?;
+        let event_type = r.str()?;
+        r.head_rest(aggregate_id, event_type)
+    }
+
+    #[test]
+    fn fixed_offset_forms_are_taken_and_agree_on_edges() {
+        let e = NewEvent::binary("T", vec![7u8; 300]);
+        for prev in [
+            Prev::First,
+            Prev::Seq(0),
+            Prev::Seq(250),
+            Prev::Seq(251),
+            Prev::Seq(65_535),
+            Prev::Seq(70_000),
+            Prev::Seq(u64::from(u32::MAX)),
+            Prev::Seq(1 << 40),
+            Prev::Back(1),
+            Prev::Back(251),
+        ] {
+            for version in [1, 250, 251, 1 << 20] {
+                for ts in [0, 1, -1, 1_700_000_000_000_000, i64::MIN, i64::MAX] {
+                    let bytes = encode(&ResolvedEvent {
+                        aggregate_id: "a-1",
+                        version,
+                        prev,
+                        event_id: Uuid::from_u128(9),
+                        timestamp_us: ts,
+                        event: &e,
+                    });
+                    let fast = decode_fast(5, &bytes).unwrap();
+                    assert_eq!(Some(fast.clone()), decode_general(5, &bytes));
+                    assert_eq!(
+                        (fast.version, fast.timestamp_us, fast.payload.len()),
+                        (version, ts, 300)
+                    );
+                    assert_eq!(decode_head_fast(&bytes).unwrap().prev, prev);
+                    for cut in 0..bytes.len() {
+                        assert_eq!(decode_fast(5, &bytes[..cut]), None);
+                        assert_eq!(decode_head_fast(&bytes[..cut]), head_general(&bytes[..cut]));
+                    }
+                }
+            }
         }
     }
 

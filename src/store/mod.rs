@@ -215,6 +215,7 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     /// The event's global seq.
+    #[inline]
     pub fn seq(&self) -> u64 {
         self.record.seq()
     }
@@ -223,11 +224,26 @@ impl StoredEvent {
     ///
     /// # Errors
     /// [`ReadError::BadEvent`] if the record is not a decodable event.
+    #[inline]
     pub fn event(&self) -> Result<EventRef<'_>, ReadError> {
-        event::decode(self.seq(), self.record.payload()).map_err(|e| ReadError::BadEvent {
+        match event::decode_fast(self.seq(), self.record.payload()) {
+            Some(e) => Ok(e),
+            None => Err(self.bad_event()),
+        }
+    }
+
+    /// Why the record is not a decodable event.
+    #[cold]
+    #[inline(never)]
+    fn bad_event(&self) -> ReadError {
+        let reason = match event::decode(self.seq(), self.record.payload()) {
+            Err(e) => e.0,
+            Ok(_) => "malformed event encoding".into(),
+        };
+        ReadError::BadEvent {
             seq: self.seq(),
-            reason: e.0,
-        })
+            reason,
+        }
     }
 
     /// The event, copied out.
@@ -243,11 +259,12 @@ impl StoredEvent {
         self.record.payload()
     }
 
+    #[inline]
     fn head(&self) -> Result<EventHead<'_>, ReadError> {
-        event::decode_head(self.record.payload()).map_err(|e| ReadError::BadEvent {
-            seq: self.seq(),
-            reason: e.0,
-        })
+        match event::decode_head_fast(self.record.payload()) {
+            Some(h) => Ok(h),
+            None => Err(self.bad_event()),
+        }
     }
 }
 
@@ -906,9 +923,13 @@ impl Store {
     ) -> Result<TypeEvents, ReadError> {
         let seqs = self.inner.index.type_seqs(event_type, from_seq)?;
         Ok(TypeEvents {
-            store: Arc::clone(&self.inner),
+            _store: Arc::clone(&self.inner),
             event_type: event_type.to_string(),
             seqs,
+            reader: self.inner.log.batch_reader(),
+            batch: Vec::new(),
+            pending_error: None,
+            seqs_done: false,
             remaining: limit,
         })
     }
@@ -1299,13 +1320,44 @@ impl Iterator for AggregateEvents {
     }
 }
 
+/// Most seqs [`TypeEvents`] takes from the index at a time: their records are located in
+/// the log with one look-up per batch.
+const TYPE_READ_BATCH: usize = 256;
+
 /// Iterator over one type's events; see [`Store::read_type`].
+///
+/// It takes the type's seqs from the index a batch at a time and locates the batch's
+/// records in the log at once (one look-up of the segments and their offsets per batch);
+/// each record is then verified (checksum, seq) and checked to be of the type the index
+/// claimed as it is returned.
 #[derive(Debug)]
 pub struct TypeEvents {
-    store: Arc<Inner>,
+    /// Keeps the store (index, log) alive while reading, as every reader does.
+    _store: Arc<Inner>,
     event_type: String,
     seqs: crate::index::TypeSeqs,
+    /// The current batch's records.
+    reader: log::BatchReader,
+    /// Where the index's seqs are gathered for a batch.
+    batch: Vec<u64>,
+    /// An index error met while gathering the current batch: returned after its records.
+    pending_error: Option<crate::index::IndexError>,
+    /// The index has no more seqs.
+    seqs_done: bool,
     remaining: usize,
+}
+
+impl TypeEvents {
+    /// Gathers the next batch of seqs from the index and locates their records.
+    fn refill(&mut self) {
+        self.batch.clear();
+        let want = self.remaining.min(TYPE_READ_BATCH);
+        match self.seqs.next_batch(&mut self.batch, want) {
+            Ok(()) => self.seqs_done = self.batch.len() < want,
+            Err(e) => self.pending_error = Some(e),
+        }
+        self.reader.load(&self.batch);
+    }
 }
 
 impl Iterator for TypeEvents {
@@ -1315,19 +1367,28 @@ impl Iterator for TypeEvents {
         if self.remaining == 0 {
             return None;
         }
-        self.remaining -= 1;
-        let seq = match self.seqs.next()? {
-            Ok(x) => x,
-            Err(e) => return Some(Err(e.into())),
+        let record = loop {
+            if let Some(r) = self.reader.next() {
+                break r;
+            }
+            if let Some(e) = self.pending_error.take() {
+                self.remaining -= 1;
+                return Some(Err(e.into()));
+            }
+            if self.seqs_done {
+                return None;
+            }
+            self.refill();
         };
-        let stored = match self.store.log.read(seq) {
+        self.remaining -= 1;
+        let stored = match record {
             Ok(record) => StoredEvent { record },
             Err(e) => return Some(Err(e.into())),
         };
         Some(match stored.head() {
             Ok(h) if h.event_type == self.event_type => Ok(stored),
             Ok(h) => Err(ReadError::IndexMismatch {
-                seq,
+                seq: stored.seq(),
                 expected: format!("type {}", self.event_type),
                 found: format!("type {}", h.event_type),
             }),
@@ -1346,17 +1407,16 @@ pub struct AllEvents {
 impl Iterator for AllEvents {
     type Item = Result<StoredEvent, ReadError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.remaining == 0 {
             return None;
         }
         self.remaining -= 1;
-        Some(
-            self.iter
-                .next()?
-                .map(|record| StoredEvent { record })
-                .map_err(ReadError::from),
-        )
+        Some(match self.iter.next()? {
+            Ok(record) => Ok(StoredEvent { record }),
+            Err(e) => Err(e.into()),
+        })
     }
 }
 
@@ -1444,5 +1504,164 @@ impl Follower {
     pub fn seek(&mut self, seq: u64) {
         self.next_seq = seq;
         self.cursor = None;
+    }
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    const EVENTS: u64 = 6000;
+
+    fn type_of(i: u64) -> String {
+        format!("type-{}", i % 5)
+    }
+
+    /// A store of `EVENTS` events over several segments; the last ones only in the index
+    /// memtable, not yet in sled.
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = Options::default();
+        options.log.segment_size_bytes = 128 << 10;
+        options.log.preallocate_chunk_bytes = 0;
+        options.payload_size_bytes_max = 4 << 10;
+        options.index.flush_events = 1 << 20;
+        options.index.flush_interval_ms = 1 << 30;
+        let store = Store::open(dir.path(), options).unwrap();
+        let aggs: Vec<String> = (0..37).map(|a| format!("agg-{a}")).collect();
+        let events: Vec<NewEvent> = (0..EVENTS)
+            .map(|i| NewEvent::binary(type_of(i), i.to_le_bytes().to_vec()))
+            .collect();
+        for (k, chunk) in events.chunks(50).enumerate() {
+            let requests: Vec<AppendRequest<'_>> = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, e)| AppendRequest {
+                    aggregate_id: &aggs[(k * 50 + j) % 37],
+                    expected: ExpectedVersion::Any,
+                    events: std::slice::from_ref(e),
+                })
+                .collect();
+            store.append_batch(&requests).unwrap();
+            if k == 40 {
+                store.flush_index().unwrap();
+            }
+        }
+        assert!(store.stats().unwrap().segment_count >= 3);
+        (dir, store)
+    }
+
+    /// Flips a bit in the stored bytes of event `seq`, under the log's maps.
+    fn damage(store: &Store, seq: u64) {
+        let raw = store.read_seq(seq).unwrap().raw().to_vec();
+        for entry in std::fs::read_dir(store.dir().join("log")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "seg") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            if let Some(at) = bytes.windows(raw.len()).position(|w| w == raw.as_slice()) {
+                let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let at = (at + raw.len() - 2) as u64;
+                file.write_all_at(&[bytes[at as usize] ^ 0x20], at).unwrap();
+                return;
+            }
+        }
+        panic!("event {seq} not found in the segments");
+    }
+
+    #[test]
+    fn read_type_is_read_all_filtered_from_any_seq_with_any_limit() {
+        let (_dir, store) = store();
+        let all: Vec<(u64, String)> = store
+            .read_all(0, usize::MAX)
+            .map(|e| {
+                let e = e.unwrap();
+                let ev = e.event().unwrap();
+                assert_eq!(ev.payload, ev.seq.to_le_bytes());
+                (ev.seq, ev.event_type.to_string())
+            })
+            .collect();
+        assert_eq!(all.len() as u64, EVENTS);
+        for ty in ["type-0", "type-3"] {
+            for from in [0, 1, 777, 2040, 5999, 6000, u64::MAX] {
+                for limit in [0, 1, 5, 255, 256, 257, 400, usize::MAX] {
+                    let want: Vec<u64> = all
+                        .iter()
+                        .filter(|(s, t)| *s >= from && t == ty)
+                        .map(|(s, _)| *s)
+                        .take(limit)
+                        .collect();
+                    let got: Vec<u64> = store
+                        .read_type(ty, from, limit)
+                        .unwrap()
+                        .map(|e| {
+                            let e = e.unwrap();
+                            assert_eq!(e.event().unwrap().event_type, ty);
+                            e.seq()
+                        })
+                        .collect();
+                    assert_eq!(got, want, "type {ty} from {from} limit {limit}");
+                }
+            }
+        }
+        assert_eq!(
+            store
+                .read_type("no-such-type", 0, usize::MAX)
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(store.read_all(5990, 4).count(), 4);
+    }
+
+    #[test]
+    fn a_damaged_event_is_an_error_in_every_reader_and_never_served() {
+        let (_dir, store) = store();
+        let bad = 1234;
+        damage(&store, bad);
+        let all: Vec<_> = store.read_all(0, usize::MAX).collect();
+        assert_eq!(all.len() as u64, bad + 1, "the replay stops at the damage");
+        assert!(all[..bad as usize].iter().all(Result::is_ok));
+        assert!(matches!(
+            &all[bad as usize],
+            Err(ReadError::Log(log::ReadError::Corrupt { seq, .. })) if *seq == bad
+        ));
+        // By type: the damaged event is an error in its place, the others are served.
+        let ty = type_of(bad);
+        let mut seen = 0;
+        for item in store.read_type(&ty, 0, usize::MAX).unwrap() {
+            match item {
+                Ok(e) => {
+                    assert_ne!(e.seq(), bad);
+                    assert_eq!(e.event().unwrap().event_type, ty);
+                }
+                Err(ReadError::Log(log::ReadError::Corrupt { seq, .. })) => assert_eq!(seq, bad),
+                Err(e) => panic!("{e}"),
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, EVENTS / 5);
+        let mut follower = store.follow(bad - 3, Filter::types([ty.clone()]));
+        let mut before = 0;
+        let err = loop {
+            match follower.next_timeout(Duration::ZERO) {
+                Ok(Some(e)) => {
+                    assert!(e.seq() < bad);
+                    before += 1;
+                }
+                Ok(None) => panic!("the follower passed the damage"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(
+            before,
+            0,
+            "no event of the type between {} and {bad}",
+            bad - 3
+        );
+        assert!(matches!(err, ReadError::Log(log::ReadError::Corrupt { seq, .. }) if seq == bad));
+        assert_eq!(follower.position(), bad);
     }
 }
