@@ -24,8 +24,8 @@ pub mod retry;
 pub use deadletter::{DeadLetter, DeadLetterOptions, DeadLetters};
 pub use retry::RetryPolicy;
 
-use crate::store::{EventRef, Filter, Store, StoredEvent};
-use parking_lot::{Condvar, Mutex};
+use crate::store::{EventRef, Filter, Follower, Store, StoredEvent};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use retry::Jitter;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -43,8 +43,9 @@ pub const DEAD_LETTER_DIR_NAME: &str = "deadletter";
 pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
 /// How long a worker waits for new events before it looks at its controls again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
-/// While busy, a worker wakes `wait_until_handled` callers every this many events.
-const NOTIFY_EVERY_EVENTS: u64 = 4_096;
+/// While busy, a worker looks at the clock (for the checkpoint interval) every this many
+/// events; a run of ready events delivered under one handler lock ends there too.
+const CLOCK_EVERY_EVENTS: u64 = 64;
 /// `wait_until_handled` re-checks the position at least this often.
 const WAIT_SLICE: Duration = Duration::from_millis(5);
 
@@ -243,6 +244,9 @@ struct Counters {
     dead_lettered: AtomicU64,
     position: AtomicU64,
     checkpoint: AtomicU64,
+    /// The lowest seq a `wait_until_handled` caller waits for (`u64::MAX`: none). The
+    /// worker wakes waiters when its position passes it, and only then.
+    wanted: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -484,6 +488,7 @@ impl Publisher {
             .counters
             .checkpoint
             .store(checkpoint, Ordering::Relaxed);
+        shared.counters.wanted.store(u64::MAX, Ordering::Relaxed);
         let worker = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -736,6 +741,13 @@ impl Subscription {
             if c.finished || now >= deadline {
                 return self.shared.counters.position.load(Ordering::Acquire) > seq;
             }
+            // Ask to be woken when the worker passes `seq` (it clears the request when it
+            // wakes us, so ask again each time); look again in case it just did. A wake
+            // lost to a race costs at most a slice.
+            self.shared.counters.wanted.fetch_min(seq, Ordering::AcqRel);
+            if self.shared.counters.position.load(Ordering::Acquire) > seq {
+                return true;
+            }
             self.shared
                 .control_cv
                 .wait_for(&mut c, (deadline - now).min(WAIT_SLICE));
@@ -862,6 +874,16 @@ enum Outcome {
     Poison(String),
 }
 
+/// How a run of ready events ended.
+enum Step {
+    /// Handled (or parked) what was ready; go on.
+    Continue,
+    /// Stopped during a backoff: that event is not handled.
+    Interrupted,
+    /// Stopped at a poison event.
+    Poison { seq: u64, error: String },
+}
+
 impl Shared {
     fn run(&self, from: u64) {
         let mut follower = self.store.follow(from, self.options.filter.clone());
@@ -906,29 +928,21 @@ impl Shared {
             };
             let next_was_idle = next.is_none();
             match next {
-                Some(stored) => match self.deliver(&stored, &mut jitter) {
-                    Outcome::Handled | Outcome::Parked => {
-                        unsaved += 1;
-                        self.counters
-                            .position
-                            .store(follower.position(), Ordering::Release);
-                        // Waiters re-check in short slices anyway, so waking them on
-                        // every event would only cost the hot path.
-                        if unsaved.is_multiple_of(NOTIFY_EVERY_EVENTS) {
-                            self.notify();
+                Some(stored) => {
+                    match self.deliver_ready(stored, &mut follower, &mut jitter, &mut unsaved) {
+                        Step::Continue => {}
+                        Step::Interrupted => {
+                            // Stopped during a backoff: the event is not handled; the
+                            // checkpoint stays before it.
+                            break;
+                        }
+                        Step::Poison { seq, error } => {
+                            let _ = self.save_checkpoint(seq);
+                            self.fail(seq, error);
+                            return;
                         }
                     }
-                    Outcome::Interrupted => {
-                        // Stopped during a backoff: the event is not handled; the
-                        // checkpoint stays before it.
-                        break;
-                    }
-                    Outcome::Poison(error) => {
-                        let _ = self.save_checkpoint(stored.seq());
-                        self.fail(stored.seq(), error);
-                        return;
-                    }
-                },
+                }
                 None => {
                     self.redrive_requested();
                     // Caught up: events skipped by the filter are handled too.
@@ -940,10 +954,11 @@ impl Shared {
                     self.notify();
                 }
             }
-            // Reading the clock costs more than delivering an event: look every 64.
+            // Reading the clock costs more than delivering an event: look every
+            // CLOCK_EVERY_EVENTS (a run of ready events ends there), or when idle.
             let due = unsaved >= self.options.checkpoint_every_events
                 || (unsaved > 0
-                    && (unsaved.is_multiple_of(64) || next_was_idle)
+                    && (unsaved.is_multiple_of(CLOCK_EVERY_EVENTS) || next_was_idle)
                     && last_save.elapsed() >= interval);
             if due {
                 let position = self.counters.position.load(Ordering::Acquire);
@@ -997,8 +1012,10 @@ impl Shared {
         }
     }
 
+    /// Wakes `wait_until_handled` callers (those still waiting ask again).
     fn notify(&self) {
         let _c = self.control.lock();
+        self.counters.wanted.store(u64::MAX, Ordering::Release);
         self.control_cv.notify_all();
     }
 
@@ -1018,9 +1035,28 @@ impl Shared {
 
     /// One attempt, with panics turned into a retryable failure.
     fn attempt(&self, stored: &StoredEvent, attempt: u32) -> Result<(), HandlerError> {
-        let event = stored
-            .event()
-            .map_err(|e| HandlerError::Permanent(format!("event cannot be decoded: {e}")))?;
+        self.attempt_with(&mut **self.handler.lock(), stored, attempt)
+    }
+
+    /// One attempt with the handler already locked.
+    #[inline]
+    fn attempt_with(
+        &self,
+        handler: &mut dyn Handler,
+        stored: &StoredEvent,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let decoded = stored.event();
+        // Borrowed where `event` returned it: moving it out would cost about as much as
+        // a no-op handler.
+        let event = match &decoded {
+            Ok(event) => event,
+            Err(e) => {
+                return Err(HandlerError::Permanent(format!(
+                    "event cannot be decoded: {e}"
+                )))
+            }
+        };
         let span = tracing::debug_span!(
             "deliver",
             subscription = %self.name,
@@ -1029,37 +1065,119 @@ impl Shared {
             correlation_id = event.correlation_id.unwrap_or("")
         );
         let _entered = span.enter();
-        let mut handler = self.handler.lock();
-        match catch_unwind(AssertUnwindSafe(|| handler.handle(&event, attempt))) {
+        match catch_unwind(AssertUnwindSafe(|| handler.handle(event, attempt))) {
             Ok(r) => r,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".into());
-                tracing::warn!(subscription = %self.name, seq = stored.seq(), attempt, panic = %msg, "handler panicked");
-                Err(HandlerError::Retryable(format!("handler panicked: {msg}")))
+            Err(panic) => Err(self.panicked(stored.seq(), attempt, panic)),
+        }
+    }
+
+    /// A handler's panic as the failed attempt it is.
+    #[cold]
+    fn panicked(
+        &self,
+        seq: u64,
+        attempt: u32,
+        panic: Box<dyn std::any::Any + Send>,
+    ) -> HandlerError {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic".into());
+        tracing::warn!(subscription = %self.name, seq, attempt, panic = %msg, "handler panicked");
+        HandlerError::Retryable(format!("handler panicked: {msg}"))
+    }
+
+    /// Delivers `first` and then the events ready after it, in order, under one lock of the
+    /// handler, until none is ready, a control is pending, the clock is due (every
+    /// `CLOCK_EVERY_EVENTS` handled events) or a checkpoint is due. Each handled event
+    /// moves the published position (and `unsaved`) on at once, as delivering them one
+    /// by one did.
+    ///
+    /// An event whose first attempt fails (an error, a panic, or bytes that do not decode)
+    /// leaves the fast path: the handler is unlocked and [`Shared::deliver_failed`]
+    /// retries it by the policy, backing off, parking or stopping as it says.
+    fn deliver_ready(
+        &self,
+        first: StoredEvent,
+        follower: &mut Follower,
+        jitter: &mut Jitter,
+        unsaved: &mut u64,
+    ) -> Step {
+        let counters = &self.counters;
+        let mut stored = first;
+        let mut handler = self.handler.lock();
+        loop {
+            // Already parked (delivered again after a crash before the checkpoint moved
+            // past it): it stays a single dead letter; redrive is how it is delivered
+            // again. Only the worker parks, so `parked_any` cannot turn on during a run.
+            let parked = self.parked_any.load(Ordering::Acquire)
+                && self.dead_letters.lock().contains_seq(stored.seq());
+            if !parked {
+                match self.attempt_with(&mut **handler, &stored, 1) {
+                    // Only this thread writes the counters: a load and a store, not a
+                    // locked read-modify-write.
+                    Ok(()) => counters.delivered.store(
+                        counters.delivered.load(Ordering::Relaxed) + 1,
+                        Ordering::Relaxed,
+                    ),
+                    Err(error) => {
+                        drop(handler);
+                        match self.deliver_failed(&stored, jitter, error) {
+                            Outcome::Handled | Outcome::Parked => {}
+                            Outcome::Interrupted => return Step::Interrupted,
+                            Outcome::Poison(error) => {
+                                return Step::Poison {
+                                    seq: stored.seq(),
+                                    error,
+                                }
+                            }
+                        }
+                        handler = self.handler.lock();
+                    }
+                }
+            }
+            *unsaved += 1;
+            let position = follower.position();
+            counters.position.store(position, Ordering::Release);
+            if position > counters.wanted.load(Ordering::Acquire) {
+                self.notify();
+            }
+            if unsaved.is_multiple_of(CLOCK_EVERY_EVENTS)
+                || *unsaved >= self.options.checkpoint_every_events
+                || self.control_pending.load(Ordering::Acquire)
+            {
+                return Step::Continue;
+            }
+            // Let a `redrive` waiting for the handler have it between two events.
+            MutexGuard::bump(&mut handler);
+            // A read error is met again (and handled) by the caller's next read.
+            match follower.next_timeout(Duration::ZERO) {
+                Ok(Some(next)) => stored = next,
+                Ok(None) => {
+                    // Caught up: tell `wait_until_handled` callers now, not a slice later.
+                    drop(handler);
+                    self.notify();
+                    return Step::Continue;
+                }
+                Err(_) => return Step::Continue,
             }
         }
     }
 
-    fn deliver(&self, stored: &StoredEvent, jitter: &mut Jitter) -> Outcome {
-        // Already parked (delivered again after a crash before the checkpoint moved past
-        // it): it stays a single dead letter; redrive is how it is delivered again.
-        if self.parked_any.load(Ordering::Acquire)
-            && self.dead_letters.lock().contains_seq(stored.seq())
-        {
-            return Outcome::Parked;
-        }
+    /// Goes on with an event whose first attempt failed with `first`: retries it by the
+    /// policy, then parks it or stops.
+    fn deliver_failed(
+        &self,
+        stored: &StoredEvent,
+        jitter: &mut Jitter,
+        first: HandlerError,
+    ) -> Outcome {
         let policy = &self.options.retry;
-        let mut first_failure = None;
+        let first_failure = now_us();
         let mut attempt = 1;
+        let mut outcome = Err(first);
         let error = loop {
-            let outcome = self.attempt(stored, attempt);
-            if outcome.is_err() && first_failure.is_none() {
-                first_failure = Some(now_us());
-            }
             match outcome {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
@@ -1083,7 +1201,9 @@ impl Shared {
                     if c.stop {
                         return Outcome::Interrupted;
                     }
+                    drop(c);
                     attempt += 1;
+                    outcome = self.attempt(stored, attempt);
                 }
             }
         };
@@ -1106,7 +1226,7 @@ impl Shared {
             event_type: head.2,
             attempts: attempt,
             last_error: error,
-            first_failure_us: first_failure.unwrap_or_else(now_us),
+            first_failure_us: first_failure,
             last_failure_us: now_us(),
             redrive_requested: false,
         };
@@ -1125,5 +1245,70 @@ impl Shared {
             }
             Err(e) => Outcome::Poison(format!("parking the event failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ExpectedVersion, NewEvent, Options};
+
+    /// Runs of ready events are delivered under one handler lock: failures and panics in
+    /// the middle of a run still cost exactly the event that failed one attempt, in seq
+    /// order, with exact counters and checkpoint.
+    #[test]
+    fn failures_inside_a_run_of_ready_events_cost_exactly_that_event_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let n = 3_000u64;
+        let events: Vec<NewEvent> = (0..n)
+            .map(|i| NewEvent::json_text("T", format!("{i}")))
+            .collect();
+        for chunk in events.chunks(500) {
+            store.append("a-1", ExpectedVersion::Any, chunk).unwrap();
+        }
+        let fails = |seq: u64| seq % 97 == 5 || seq % 101 == 7;
+        let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+        let log = Arc::clone(&seen);
+        let mut options = SubscriptionOptions::default();
+        options.retry.retry_delay_ms_min = 1;
+        options.retry.retry_delay_ms_max = 2;
+        let publisher = Publisher::open(&store).unwrap();
+        let sub = publisher
+            .subscribe("runs", options, move |e: &EventRef<'_>, attempt: u32| {
+                log.lock().push((e.seq, attempt));
+                if attempt == 1 && e.seq % 97 == 5 {
+                    panic!("first attempt at {}", e.seq);
+                }
+                if attempt == 1 && e.seq % 101 == 7 {
+                    return Err(HandlerError::Retryable("not yet".into()));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(sub.wait_until_handled(n - 1, Duration::from_secs(60)));
+        let want: Vec<(u64, u32)> = (0..n)
+            .flat_map(|seq| {
+                if fails(seq) {
+                    vec![(seq, 1), (seq, 2)]
+                } else {
+                    vec![(seq, 1)]
+                }
+            })
+            .collect();
+        assert_eq!(*seen.lock(), want);
+        let stats = sub.stats();
+        let failing = (0..n).filter(|s| fails(*s)).count() as u64;
+        assert_eq!(
+            (
+                stats.delivered,
+                stats.retried,
+                stats.dead_lettered,
+                stats.position
+            ),
+            (n, failing, 0, n)
+        );
+        sub.stop(Duration::from_secs(30)).unwrap();
+        assert_eq!(sub.stats().checkpoint, n);
     }
 }
