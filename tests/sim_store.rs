@@ -8,6 +8,7 @@
 //! Environment:
 //! - `EVENTLOG_SIM_SEEDS=<n>`: seeds to run (default 500; 60 in debug builds);
 //! - `EVENTLOG_SIM_SEED_START=<n>`: the first seed (default 0), to split long runs;
+//! - `EVENTLOG_SIM_THREADS=<n>`: worker threads (default: the cores, at most 4);
 //! - `EVENTLOG_SEED=<n>`: replay only that seed, printing every step.
 //!
 //! A failing seed is printed with the command that replays it.
@@ -16,12 +17,17 @@ use eventlog::testing::scenario::{self, SimConfig, SimStats, SIM_HANDLER_PANIC};
 use eventlog::testing::SimRng;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 const SEEDS_DEFAULT: u64 = if cfg!(debug_assertions) { 60 } else { 500 };
 const STEPS_PER_SEED: usize = 80;
 /// Long runs report progress every this many seeds.
 const PROGRESS_EVERY_SEEDS: u64 = 1_000;
+/// Worker threads by default (`EVENTLOG_SIM_THREADS` overrides): seeds are
+/// independent, so a 2-core CI machine runs two at a time.
+const THREADS_DEFAULT_MAX: usize = 4;
 /// Failures described in full; the rest only by seed.
 const FAILURES_SHOWN_MAX: usize = 3;
 
@@ -106,28 +112,62 @@ fn store_survives_crashes_and_faults_over_many_seeds() {
         }
     };
     let started = Instant::now();
+    let threads = env_u64("EVENTLOG_SIM_THREADS")
+        .map(|n| n.max(1) as usize)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(THREADS_DEFAULT_MAX)
+        });
+    // Seeds are independent and deterministic each, so workers take them from a shared
+    // counter; which worker runs a seed does not change its run.
+    let next_seed = AtomicU64::new(seeds.start);
+    let seeds_done = AtomicU64::new(0);
+    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let mut total = SimStats::default();
-    let mut failures: Vec<(u64, String)> = Vec::new();
-    for seed in seeds.clone() {
-        match run_seed(seed, root.path(), verbose) {
-            Ok(stats) => total.add(&stats),
-            Err(e) => {
-                eprintln!("seed {seed} FAILED: {}", e.lines().next().unwrap_or(""));
-                failures.push((seed, e));
-            }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut stats_worker = SimStats::default();
+                    loop {
+                        let seed = next_seed.fetch_add(1, Ordering::Relaxed);
+                        if seed >= seeds.end {
+                            break;
+                        }
+                        match run_seed(seed, root.path(), verbose) {
+                            Ok(stats) => stats_worker.add(&stats),
+                            Err(e) => {
+                                eprintln!("seed {seed} FAILED: {}", e.lines().next().unwrap_or(""));
+                                failures
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((seed, e));
+                            }
+                        }
+                        let done = seeds_done.fetch_add(1, Ordering::Relaxed) + 1;
+                        if done.is_multiple_of(PROGRESS_EVERY_SEEDS) {
+                            eprintln!(
+                                "sim_store: {done} seeds done (from {}) in {:.0?}, {} failed",
+                                seeds.start,
+                                started.elapsed(),
+                                failures.lock().unwrap_or_else(|p| p.into_inner()).len()
+                            );
+                        }
+                    }
+                    stats_worker
+                })
+            })
+            .collect();
+        for worker in workers {
+            total.add(&worker.join().expect("a simulation worker"));
         }
-        let done = seed + 1 - seeds.start;
-        if done.is_multiple_of(PROGRESS_EVERY_SEEDS) {
-            eprintln!(
-                "sim_store: {done} seeds done ({}..={seed}) in {:.0?}, {} failed",
-                seeds.start,
-                started.elapsed(),
-                failures.len()
-            );
-        }
-    }
+    });
+    let mut failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    failures.sort_by_key(|(seed, _)| *seed);
     eprintln!(
-        "sim_store: seeds {}..{} in {:.1?}, {} failed\n  {total:?}",
+        "sim_store: seeds {}..{} on {threads} threads in {:.1?}, {} failed\n  {total:?}",
         seeds.start,
         seeds.end,
         started.elapsed(),
