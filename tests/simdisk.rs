@@ -920,8 +920,6 @@ fn bits_flipped_while_recovering_are_never_served() {
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
     }
-    // Losses are reported, not asserted: recovery takes a bad last record for a torn tail
-    // and cuts it (docs/FORMAT.md, recovery rule 4), even when the bad bit was only read.
     eprintln!(
         "recovery flips: {} seeds in {:.1?}: {refused} opens refused, {corrupt_reads} reads \
          Corrupt, {lost_for_good} acknowledged records cut as a torn tail",
@@ -929,6 +927,18 @@ fn bits_flipped_while_recovering_are_never_served() {
         started.elapsed()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Recovery reads a tail again before it cuts it (docs/FORMAT.md, recovery rule 4), so
+    // a bit flipped only in what it read never costs an acknowledged record.
+    assert_eq!(
+        lost_for_good, 0,
+        "acknowledged records cut because of a flipped read"
+    );
+    if seeds.len() >= 100 {
+        assert!(
+            refused > 0,
+            "no flip ever made an open refuse: the test lost its aim"
+        );
+    }
 }
 
 #[derive(Default)]
@@ -1010,7 +1020,11 @@ fn flip_while_recovering(seed: u64) -> Result<FlipOutcome, String> {
             disk.clear_injected_faults();
             drop(log);
         }
-        Err(OpenError::Corrupt { .. } | OpenError::BadSegmentFile { .. }) => {
+        Err(
+            OpenError::Corrupt { .. }
+            | OpenError::BadSegmentFile { .. }
+            | OpenError::UnstableRead { .. },
+        ) => {
             outcome.refused = true;
             disk.clear_injected_faults();
         }

@@ -65,6 +65,19 @@ pub enum OpenError {
         /// The segment that starts elsewhere.
         path: PathBuf,
     },
+    /// Recovery was about to cut a segment's tail, but reading the tail again gave other
+    /// bytes: the disk (or memory) does not return the same data twice, so what looked
+    /// torn may be intact. Nothing was cut. Retry the open; if this persists, check the
+    /// disk and memory before trusting the machine with the log.
+    #[error(
+        "two reads of {path} from byte {offset_bytes} disagree; its tail was not cut          (retry the open; if it persists, check the disk)"
+    )]
+    UnstableRead {
+        /// The segment.
+        path: PathBuf,
+        /// Where the tail that would have been cut starts.
+        offset_bytes: u64,
+    },
     /// An I/O error while opening or recovering.
     #[error("i/o error on {path} while {action}: {source}")]
     Io {

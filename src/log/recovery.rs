@@ -426,6 +426,15 @@ fn attempt(
             // an append that never finished. Zeros past the end are left alone.
             let data_end = last_nonzero(bytes).map_or(0, |p| p as u64 + 1);
             if data_end > scan.end_bytes {
+                // Cutting destroys data, and what looked torn may have been one bad read
+                // (a flipped bit in a record would make it, and every acknowledged record
+                // after it, look like a torn tail). Cut only what reads back the same.
+                confirm_tail_reads_back(
+                    file.as_ref(),
+                    &path,
+                    &bytes[scan.end_bytes as usize..data_end as usize],
+                    scan.end_bytes,
+                )?;
                 report.truncated_tail_bytes = data_end - scan.end_bytes;
                 if report.truncated_tail_reason.is_none() {
                     report.truncated_tail_reason = Some("records of an unfinished append".into());
@@ -492,6 +501,27 @@ fn sealed_index_is_consistent(
         record::peek_header(&bytes[last as usize..], payload_max),
         Some(h) if h.seq == next_base - 1 && last as u64 + h.framed_len() as u64 == end_bytes
     )
+}
+
+/// Reads `seen.len()` bytes of `file` from `offset_bytes` again, with a read of its own
+/// rather than through the map, and fails with [`OpenError::UnstableRead`] unless they
+/// are `seen`.
+fn confirm_tail_reads_back(
+    file: &dyn StorageFile,
+    path: &Path,
+    seen: &[u8],
+    offset_bytes: u64,
+) -> Result<(), OpenError> {
+    let mut again = vec![0u8; seen.len()];
+    file.read_at(&mut again, offset_bytes)
+        .map_err(io_err(path, "reading a torn tail again"))?;
+    if again != seen {
+        return Err(OpenError::UnstableRead {
+            path: path.to_path_buf(),
+            offset_bytes,
+        });
+    }
+    Ok(())
 }
 
 fn last_nonzero(bytes: &[u8]) -> Option<usize> {

@@ -152,6 +152,10 @@ pub struct SimStats {
     pub faults_injected: u64,
     pub reads_checked: u64,
     pub read_errors_after_flips: u64,
+    /// Opens after a crash run once with a bit flipped in one of recovery's reads.
+    pub opens_with_a_flipped_read: u64,
+    /// ... of which the open refused (damage, bad segment, reads that disagree).
+    pub opens_refused_for_a_flipped_read: u64,
     pub follows_checked: u64,
     pub deliveries: u64,
     pub dead_letters_checked: u64,
@@ -182,6 +186,8 @@ impl SimStats {
             faults_injected,
             reads_checked,
             read_errors_after_flips,
+            opens_with_a_flipped_read,
+            opens_refused_for_a_flipped_read,
             follows_checked,
             deliveries,
             dead_letters_checked,
@@ -370,6 +376,8 @@ struct Sim<'c> {
     poisoned: bool,
     /// A bit flip was injected since the last reopen: read errors are expected.
     flips_injected: bool,
+    /// The next reopen first opens once with a bit flipped in the read after this many.
+    flip_on_next_open: Option<u64>,
     /// Other faults (full disk, short write, halt) injected since the last reopen.
     faults_since_open: bool,
     next_event: u64,
@@ -438,6 +446,7 @@ impl<'c> Sim<'c> {
             log_fsync_failures_seen: 0,
             poisoned: false,
             flips_injected: false,
+            flip_on_next_open: None,
             faults_since_open: false,
             next_event: 0,
             started: std::time::Instant::now(),
@@ -972,6 +981,10 @@ impl<'c> Sim<'c> {
             std::fs::remove_dir_all(&index)
                 .map_err(|e| format!("deleting {}: {e}", index.display()))?;
         }
+        if c.below(4) == 0 {
+            // Recovery reads a segment header, maps, offset indexes, the recovery point.
+            self.flip_on_next_open = Some(c.below(8));
+        }
         self.reopen(false)
     }
 
@@ -1008,6 +1021,9 @@ impl<'c> Sim<'c> {
         self.faults_since_open = false;
         self.disk.clear_injected_faults();
         let dir = Path::new(SIM_STORE_DIR);
+        if let Some(skip) = self.flip_on_next_open.take() {
+            self.open_with_a_flipped_read(skip);
+        }
         let store = match Store::open_with_storage(self.disk.clone(), dir, self.options.clone()) {
             Ok(s) => s,
             Err(crate::store::OpenError::Log(crate::log::OpenError::Corrupt { .. })) => {
@@ -1052,6 +1068,36 @@ impl<'c> Sim<'c> {
         self.check_all()?;
         self.check_subscription_durability()?;
         self.start_subscription()
+    }
+
+    /// Opens the store once with a bit flipped in one read of its recovery and closes it
+    /// again. It may refuse, or open and serve read errors, but it must not change what is
+    /// stored: the reopen after it checks every acknowledged event (a recovery that took
+    /// the flip for a torn tail and cut acknowledged records would be caught there).
+    fn open_with_a_flipped_read(&mut self, skip: u64) {
+        self.stats.opens_with_a_flipped_read += 1;
+        self.disk.flip_bit_on_read_after(skip);
+        let opened = Store::open_with_storage(
+            self.disk.clone(),
+            Path::new(SIM_STORE_DIR),
+            self.options.clone(),
+        );
+        self.disk.clear_injected_faults();
+        match opened {
+            Ok(store) => {
+                self.note(format!(
+                    "opened with a bit flipped in read {skip}: next seq {}; closing it",
+                    store.next_seq()
+                ));
+                drop(store);
+            }
+            Err(e) => {
+                self.stats.opens_refused_for_a_flipped_read += 1;
+                self.note(format!(
+                    "open with a bit flipped in read {skip} refused: {e}"
+                ));
+            }
+        }
     }
 
     fn start_subscription(&mut self) -> Result<(), String> {

@@ -145,6 +145,10 @@ pub fn open_error(dir: &Path, e: OpenError) -> CliError {
                 format!("store {d} is damaged: {e}; restore the missing or damaged files from a backup"),
             )
         }
+        OpenError::Log(e @ log::OpenError::UnstableRead { .. }) => CliError::new(
+            Code::NotFound,
+            format!("cannot open store {d}: {e}; nothing was changed, so retrying is safe; do not run `repair` while reads disagree"),
+        ),
         OpenError::Log(e @ log::OpenError::Io { .. }) => CliError::new(
             Code::NotFound,
             format!("cannot open store {d}: {e}; check the directory's permissions and free space"),
