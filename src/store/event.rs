@@ -307,38 +307,48 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// Encodes an event into a log record payload.
 pub(crate) fn encode(e: &ResolvedEvent<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_len_estimate(e));
+    encode_into(&mut out, e);
+    out
+}
+
+/// About how many bytes [`encode_into`] appends for `e` (exact up to the varints'
+/// widths): lets a caller size one buffer for many events.
+pub(crate) fn encoded_len_estimate(e: &ResolvedEvent<'_>) -> usize {
+    64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len()
+}
+
+/// Appends the encoding of `e` to `out` (what [`encode`] returns), so that the events of
+/// one append share one buffer instead of an allocation each.
+pub(crate) fn encode_into(out: &mut Vec<u8>, e: &ResolvedEvent<'_>) {
     let m = &e.event.metadata;
-    let mut out = Vec::with_capacity(
-        64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len(),
-    );
     out.push(EVENT_FORMAT_VERSION);
-    put_bytes(&mut out, e.aggregate_id.as_bytes());
-    put_bytes(&mut out, e.event.event_type.as_bytes());
-    put_varint(&mut out, e.version);
+    put_bytes(out, e.aggregate_id.as_bytes());
+    put_bytes(out, e.event.event_type.as_bytes());
+    put_varint(out, e.version);
     match e.prev {
-        Prev::First => put_varint(&mut out, PREV_FIRST),
+        Prev::First => put_varint(out, PREV_FIRST),
         Prev::Seq(s) => {
-            put_varint(&mut out, PREV_SEQ);
-            put_varint(&mut out, s);
+            put_varint(out, PREV_SEQ);
+            put_varint(out, s);
         }
         Prev::Back(k) => {
-            put_varint(&mut out, PREV_BACK);
-            put_varint(&mut out, u64::from(k));
+            put_varint(out, PREV_BACK);
+            put_varint(out, u64::from(k));
         }
     }
     out.extend_from_slice(e.event_id.as_bytes());
     let t = e.timestamp_us;
-    put_varint(&mut out, ((t << 1) ^ (t >> 63)) as u64);
+    put_varint(out, ((t << 1) ^ (t >> 63)) as u64);
     out.push(e.event.content_type.to_byte());
-    put_opt_str(&mut out, m.correlation_id.as_deref());
-    put_opt_str(&mut out, m.causation_id.as_deref());
-    put_varint(&mut out, m.extra.len() as u64);
+    put_opt_str(out, m.correlation_id.as_deref());
+    put_opt_str(out, m.causation_id.as_deref());
+    put_varint(out, m.extra.len() as u64);
     for (k, v) in &m.extra {
-        put_bytes(&mut out, k.as_bytes());
-        put_bytes(&mut out, v.as_bytes());
+        put_bytes(out, k.as_bytes());
+        put_bytes(out, v.as_bytes());
     }
-    put_bytes(&mut out, &e.event.payload);
-    out
+    put_bytes(out, &e.event.payload);
 }
 
 /// Reads the bincode varint encoding from a slice; every method returns `None` past the
@@ -768,6 +778,10 @@ mod tests {
             let mut theirs = vec![EVENT_FORMAT_VERSION];
             bincode_options().serialize_into(&mut theirs, &wire).unwrap();
             prop_assert_eq!(&ours, &theirs);
+            // Appending to a buffer shared with earlier events gives the same bytes.
+            let mut shared = b"an earlier event".to_vec();
+            encode_into(&mut shared, &resolved);
+            prop_assert_eq!(&shared[b"an earlier event".len()..], &ours[..]);
             let back = decode(1, &ours).unwrap().to_owned_event();
             prop_assert_eq!(back.aggregate_id, agg);
             prop_assert_eq!(back.version, version);

@@ -48,6 +48,10 @@ pub const METADATA_SIZE_BYTES_MAX: usize = 32 << 10;
 const _: () = assert!(
     METADATA_SIZE_BYTES_MAX + 4 * event::NAME_LEN_BYTES_MAX + 1024 < EVENT_OVERHEAD_BYTES_MAX
 );
+/// Bytes an event's encoding adds to its names, metadata and payload, about (format
+/// byte, length and integer varints, back pointer, id, timestamp, content type, option
+/// tags): used to size the buffer an append's events are encoded into.
+const EVENT_ENCODING_OVERHEAD_BYTES: usize = 64;
 /// Stripes of the per-aggregate append lock.
 const APPEND_LOCK_STRIPES: usize = 256;
 
@@ -691,6 +695,8 @@ impl Store {
             return Err(AppendError::BadEventCount { count: total, max });
         }
         let mut index_in_append = 0;
+        // Bytes the encoded events will take, about: sizes the one buffer they share.
+        let mut encoded_bytes_estimate = 0usize;
         for r in requests {
             check_name("aggregate id", r.aggregate_id)?;
             for e in r.events {
@@ -716,6 +722,11 @@ impl Store {
                         limit_bytes: METADATA_SIZE_BYTES_MAX,
                     });
                 }
+                encoded_bytes_estimate += EVENT_ENCODING_OVERHEAD_BYTES
+                    + r.aggregate_id.len()
+                    + e.event_type.len()
+                    + metadata_bytes
+                    + e.payload.len();
                 index_in_append += 1;
             }
         }
@@ -737,9 +748,13 @@ impl Store {
         let now = now_us();
         // Where each aggregate touched by this append stands: its version, and where its
         // last event is (stored at a seq, or an earlier payload of this append).
-        let mut heads: HashMap<&str, (u64, Tail)> = HashMap::default();
+        let mut heads: HashMap<&str, (u64, Tail)> =
+            HashMap::with_capacity_and_hasher(requests.len(), Default::default());
         let mut results: Vec<Option<(Appended, bool)>> = vec![None; requests.len()];
-        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(total);
+        // The events are encoded back to back into one buffer (an allocation per event
+        // cost more than the encoding); `ends[i]` is where event `i` of the append ends.
+        let mut encoded: Vec<u8> = Vec::with_capacity(encoded_bytes_estimate);
+        let mut ends: Vec<usize> = Vec::with_capacity(total);
         // (request index, first payload index, count, last version)
         let mut placed: Vec<(usize, usize, usize, u64)> = Vec::new();
         for (ri, r) in requests.iter().enumerate() {
@@ -778,29 +793,42 @@ impl Store {
                     }
                 }
             }
-            let first_payload = payloads.len();
+            let first_payload = ends.len();
             for (i, e) in r.events.iter().enumerate() {
-                let here = payloads.len();
+                let here = ends.len();
                 let prev = match tail {
                     Tail::None => Prev::First,
                     Tail::Seq(seq) => Prev::Seq(seq),
                     Tail::Payload(j) => Prev::Back(u32::try_from(here - j).unwrap_or(u32::MAX)),
                 };
-                payloads.push(event::encode(&ResolvedEvent {
-                    aggregate_id: r.aggregate_id,
-                    version: current + 1 + i as u64,
-                    prev,
-                    event_id: e.event_id.unwrap_or_else(Uuid::new_v4),
-                    timestamp_us: e.timestamp_us.unwrap_or(now),
-                    event: e,
-                }));
+                event::encode_into(
+                    &mut encoded,
+                    &ResolvedEvent {
+                        aggregate_id: r.aggregate_id,
+                        version: current + 1 + i as u64,
+                        prev,
+                        event_id: e.event_id.unwrap_or_else(Uuid::new_v4),
+                        timestamp_us: e.timestamp_us.unwrap_or(now),
+                        event: e,
+                    },
+                );
+                ends.push(encoded.len());
                 tail = Tail::Payload(here);
             }
             let last_version = current + r.events.len() as u64;
             heads.insert(r.aggregate_id, (last_version, tail));
             placed.push((ri, first_payload, r.events.len(), last_version));
         }
-        if !payloads.is_empty() {
+        if !ends.is_empty() {
+            let mut start = 0;
+            let payloads: Vec<&[u8]> = ends
+                .iter()
+                .map(|&end| {
+                    let p = &encoded[start..end];
+                    start = end;
+                    p
+                })
+                .collect();
             let seqs = inner.log.append(&payloads)?;
             for (ri, first, count, last_version) in placed {
                 results[ri] = Some((
