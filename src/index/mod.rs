@@ -307,6 +307,8 @@ struct Shared {
     options: IndexOptions,
     flushed_batches: AtomicU64,
     sled_writes: AtomicU64,
+    /// Held for a whole [`Shared::flush_once`]: one flush at a time.
+    flush_lock: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -511,6 +513,7 @@ impl Index {
             options,
             flushed_batches: AtomicU64::new(0),
             sled_writes: AtomicU64::new(0),
+            flush_lock: Mutex::new(()),
         });
 
         // Catch up from the log before anyone reads.
@@ -911,27 +914,45 @@ impl Shared {
     }
 
     /// Moves the active memtable to sled (or retries the batch a failed flush left).
+    /// Writes everything in the memtable when called to sled: a batch left over by a
+    /// failed flush first, then the active memtable.
     fn flush_once(&self) -> Result<(), IndexError> {
-        let batch = {
-            let mut mem = self.mem.write();
-            match &mem.flushing {
-                Some(f) => Arc::clone(f),
-                None => {
-                    if mem.active.next_seq == mem.active.first_seq {
-                        return Ok(());
+        // Flushes run one at a time. Without this, a flush called while the indexer was
+        // applying a batch applied that same batch again and returned with the newer
+        // events still only in memory (found as a flaky rebuilt-equals-incremental test);
+        // worse, it then cleared `flushing` while the indexer was applying the next batch,
+        // hiding those entries from lookups until they reached sled.
+        let _one_flush = self.flush_lock.lock();
+        loop {
+            let (batch, left_over) = {
+                let mut mem = self.mem.write();
+                match &mem.flushing {
+                    Some(f) => (Arc::clone(f), true),
+                    None => {
+                        if mem.active.next_seq == mem.active.first_seq {
+                            return Ok(());
+                        }
+                        let next = mem.active.next_seq;
+                        let taken =
+                            Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(next)));
+                        mem.flushing = Some(Arc::clone(&taken));
+                        (taken, false)
                     }
-                    let next = mem.active.next_seq;
-                    let taken =
-                        Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(next)));
-                    mem.flushing = Some(Arc::clone(&taken));
-                    taken
                 }
+            };
+            self.flush_batch(&batch)?;
+            if !left_over {
+                return Ok(());
             }
-        };
+        }
+    }
+
+    /// Applies `batch`, the one in `flushing`, to sled and retires it.
+    fn flush_batch(&self, batch: &Memtable) -> Result<(), IndexError> {
         if let Some(e) = &batch.error {
             return Err(IndexError::Log(e.clone()));
         }
-        self.apply(&batch)?;
+        self.apply(batch)?;
         self.indexed_next.store(batch.next_seq, Ordering::Release);
         // Into the cache before leaving the memtables: a lookup meanwhile still finds the
         // flushing batch first, so it never sees an older cached value.

@@ -185,3 +185,49 @@ fn verify_reports_a_corrupt_record_and_keeps_going() {
         report.problems
     );
 }
+
+/// `flush_index` returns only once everything appended before the call is in sled, also
+/// when the background indexer is in the middle of a flush of its own. It used to apply
+/// the indexer's batch a second time and return with the newer events still in memory
+/// (seen as a flaky `deleted_index_is_rebuilt_identical_to_the_incremental_one`).
+#[test]
+fn flush_index_covers_every_earlier_append_while_the_indexer_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    // The indexer flushes after every few events, so a call often finds it mid-flush.
+    options.index.flush_events = 3;
+    options.index.flush_interval_ms = 1;
+    let store = Store::open(dir.path(), options).unwrap();
+    // Seqs below this were acknowledged (append returned), so they are in the memtable.
+    let acked_next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let store = store.clone();
+        let acked_next = acked_next.clone();
+        std::thread::spawn(move || {
+            for i in 0..3_000u64 {
+                let a = store
+                    .append(
+                        &format!("agg-{}", i % 37),
+                        ExpectedVersion::Any,
+                        &[NewEvent::binary("type-0", i.to_le_bytes().to_vec())],
+                    )
+                    .unwrap();
+                acked_next.store(a.last_seq + 1, std::sync::atomic::Ordering::Release);
+            }
+        })
+    };
+    let mut calls = 0u64;
+    while !writer.is_finished() {
+        let acked_before = acked_next.load(std::sync::atomic::Ordering::Acquire);
+        store.flush_index().unwrap();
+        let indexed = store.index_counters().indexed_next;
+        assert!(
+            indexed >= acked_before,
+            "flush_index returned with sled at seq {indexed}, {acked_before} acknowledged \
+             before the call (call {calls})"
+        );
+        calls += 1;
+    }
+    writer.join().unwrap();
+    assert!(calls > 10, "only {calls} flushes overlapped the appends");
+}
