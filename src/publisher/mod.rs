@@ -699,8 +699,7 @@ impl Subscription {
     pub fn pause(&self) {
         let mut c = self.shared.control.lock();
         c.pause = true;
-        self.shared.control_pending.store(true, Ordering::Release);
-        self.shared.store.log().wake_waiters();
+        self.shared.control_changed();
         if c.status == Status::Running {
             c.status = Status::Paused;
         }
@@ -711,8 +710,7 @@ impl Subscription {
     pub fn resume(&self) {
         let mut c = self.shared.control.lock();
         c.pause = false;
-        self.shared.control_pending.store(true, Ordering::Release);
-        self.shared.store.log().wake_waiters();
+        self.shared.control_changed();
         if c.status == Status::Paused {
             c.status = Status::Running;
         }
@@ -723,8 +721,7 @@ impl Subscription {
     pub fn reset_to(&self, seq: u64) {
         let mut c = self.shared.control.lock();
         c.reset_to = Some(seq);
-        self.shared.control_pending.store(true, Ordering::Release);
-        self.shared.store.log().wake_waiters();
+        self.shared.control_changed();
         self.shared.control_cv.notify_all();
     }
 
@@ -763,8 +760,7 @@ impl Subscription {
         {
             let mut c = self.shared.control.lock();
             c.stop = true;
-            self.shared.control_pending.store(true, Ordering::Release);
-            self.shared.store.log().wake_waiters();
+            self.shared.control_changed();
             self.shared.control_cv.notify_all();
             while !c.finished {
                 if self
@@ -885,6 +881,13 @@ enum Step {
 }
 
 impl Shared {
+    /// Tells the worker its controls changed: it looks at them before its next event, and
+    /// a wait of its follower for new events ends now rather than at its timeout.
+    fn control_changed(&self) {
+        self.control_pending.store(true, Ordering::Release);
+        self.store.log().wake_waiters();
+    }
+
     fn run(&self, from: u64) {
         let mut follower = self.store.follow(from, self.options.filter.clone());
         let mut jitter = Jitter::new(now_us() as u64 ^ (self as *const Shared as u64));

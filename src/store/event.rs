@@ -482,19 +482,7 @@ impl<'a> Reader<'a> {
             Some(t) => t,
             None => self.tail_fields()?,
         };
-        Some(EventRef {
-            seq,
-            aggregate_id: head.aggregate_id,
-            version: head.version,
-            event_type: head.event_type,
-            event_id: head.event_id,
-            timestamp_us: tail.timestamp_us,
-            correlation_id: tail.correlation_id,
-            causation_id: tail.causation_id,
-            extra: tail.extra,
-            content_type: tail.content_type,
-            payload: tail.payload,
-        })
+        Some(tail.into_event(seq, head))
     }
 
     /// The fields after the head in the most common form, read at fixed offsets: after the
@@ -558,6 +546,26 @@ struct Tail<'a> {
     causation_id: Option<&'a str>,
     extra: Vec<(&'a str, &'a str)>,
     payload: &'a [u8],
+}
+
+impl<'a> Tail<'a> {
+    /// The whole event: `head` and this tail, at `seq`.
+    #[inline(always)]
+    fn into_event(self, seq: u64, head: EventHead<'a>) -> EventRef<'a> {
+        EventRef {
+            seq,
+            aggregate_id: head.aggregate_id,
+            version: head.version,
+            event_type: head.event_type,
+            event_id: head.event_id,
+            timestamp_us: self.timestamp_us,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            extra: self.extra,
+            content_type: self.content_type,
+            payload: self.payload,
+        }
+    }
 }
 
 #[inline(always)]
@@ -845,19 +853,7 @@ mod tests {
         let mut r = Reader { buf: rest };
         let head = general_head(&mut r)?;
         let tail = r.tail_fields()?;
-        Some(EventRef {
-            seq,
-            aggregate_id: head.aggregate_id,
-            version: head.version,
-            event_type: head.event_type,
-            event_id: head.event_id,
-            timestamp_us: tail.timestamp_us,
-            correlation_id: tail.correlation_id,
-            causation_id: tail.causation_id,
-            extra: tail.extra,
-            content_type: tail.content_type,
-            payload: tail.payload,
-        })
+        Some(tail.into_event(seq, head))
     }
 
     fn head_general(bytes: &[u8]) -> Option<EventHead<'_>> {
