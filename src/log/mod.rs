@@ -18,6 +18,7 @@
 //! See `docs/FORMAT.md` for the bytes on disk and the recovery rules.
 
 mod error;
+mod prealloc;
 pub mod record;
 mod recovery;
 pub mod segment;
@@ -28,6 +29,7 @@ pub use recovery::{Quarantined, RecoveryReport, QUARANTINE_DIR, RECOVERY_POINT_F
 use crate::storage::{FsStorage, LockGuard, Storage};
 use error::is_disk_full;
 use parking_lot::{Condvar, Mutex, RwLock};
+use prealloc::Preallocator;
 use record::{Decoded, RECORD_HEADER_SIZE_BYTES, RECORD_PAYLOAD_SIZE_BYTES_LIMIT};
 use recovery::RecoveryPoint;
 use segment::{Segment, SEGMENT_HEADER_SIZE_BYTES};
@@ -102,6 +104,11 @@ pub struct LogOptions {
     /// disk shows up before a record is written and `fdatasync` overwrites data blocks
     /// instead of growing the file. Default 8 MiB; 0 turns preallocation off.
     pub preallocate_chunk_bytes: u64,
+    /// Preallocate from a background thread, keeping one to two chunks ahead of the writer,
+    /// instead of inline in the append that reaches the end of the reserved space. Default
+    /// true. Only on a real file system: on simulated storage the log always preallocates
+    /// inline, so that a seeded run does the same operations in the same order every time.
+    pub preallocate_in_background: bool,
     /// On open, quarantine damaged parts of the log instead of refusing to open. Records
     /// from the damage on are lost; [`Log::recovery_report`] says which. Default false.
     pub repair: bool,
@@ -121,6 +128,7 @@ impl Default for LogOptions {
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
             durability: Durability::Sync,
             preallocate_chunk_bytes: PREALLOCATE_CHUNK_BYTES_DEFAULT,
+            preallocate_in_background: true,
             repair: false,
             group_commit_wait_us: 100,
         }
@@ -317,6 +325,9 @@ struct Inner {
     sync_thread_cv: Condvar,
     observer: std::sync::OnceLock<Arc<dyn CommitObserver>>,
     metrics: LogMetrics,
+    /// Whether `preallocator` runs (see [`LogOptions::preallocate_in_background`]).
+    preallocating_in_background: bool,
+    preallocator: Preallocator,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -339,6 +350,7 @@ struct Inner {
 pub struct Log {
     inner: Arc<Inner>,
     sync_thread: Option<JoinHandle<()>>,
+    preallocator_thread: Option<JoinHandle<()>>,
 }
 
 impl Log {
@@ -415,6 +427,13 @@ impl Log {
             source,
         })?;
         let next_seq = recovered.next_seq;
+        let preallocating_in_background = options.preallocate_in_background
+            && options.preallocate_chunk_bytes > 0
+            && storage.is_real_file_system();
+        let preallocator = Preallocator::default();
+        if preallocating_in_background {
+            preallocator.set_segment(Arc::clone(&last), allocated_bytes);
+        }
         let inner = Arc::new(Inner {
             storage,
             log_dir,
@@ -458,6 +477,8 @@ impl Log {
                 fsync_us: crate::metrics::Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
                 group_commit_records: crate::metrics::Histogram::new(crate::metrics::SIZE_BOUNDS),
             },
+            preallocating_in_background,
+            preallocator,
             _lock: lock,
             options,
         });
@@ -477,7 +498,24 @@ impl Log {
             }
             _ => None,
         };
-        Ok(Log { inner, sync_thread })
+        let preallocator_thread = if inner.preallocating_in_background {
+            let inner = Arc::clone(&inner);
+            let spawned = std::thread::Builder::new()
+                .name("eventlog-prealloc".into())
+                .spawn(move || inner.preallocator.run());
+            Some(spawned.map_err(|source| OpenError::Io {
+                path: PathBuf::new(),
+                action: "starting the background preallocation thread",
+                source,
+            })?)
+        } else {
+            None
+        };
+        Ok(Log {
+            inner,
+            sync_thread,
+            preallocator_thread,
+        })
     }
 
     /// Appends `payloads` as consecutive records, atomically: after any crash either all
@@ -688,6 +726,10 @@ impl Log {
             self.inner.sync_thread_cv.notify_all();
         }
         if let Some(t) = self.sync_thread.take() {
+            let _ = t.join();
+        }
+        self.inner.preallocator.stop();
+        if let Some(t) = self.preallocator_thread.take() {
             let _ = t.join();
         }
         self.inner.sync_active()?;
@@ -974,6 +1016,8 @@ impl Inner {
                 // Under Sync, unsynced records were never published, so they can be cut:
                 // otherwise the page cache could still hold them at the next open, which
                 // would take them for durable records the disk never got.
+                // No zeros may land after the cut, and none are needed any more.
+                self.preallocator.forget_segment();
                 if self.options.durability == Durability::Sync
                     && active.synced_offset_bytes < active.write_offset_bytes
                 {
@@ -996,20 +1040,49 @@ impl Inner {
         self.visible_cv.notify_all();
     }
 
+    /// Makes sure `needed_bytes` of the active segment are allocated before records are
+    /// written below that, asking the background thread (if any) to stay ahead.
     fn ensure_allocated(
         &self,
         active: &mut ActiveSegment,
         needed_bytes: u64,
     ) -> Result<(), FailKind> {
-        if needed_bytes <= active.allocated_bytes || self.options.preallocate_chunk_bytes == 0 {
+        let chunk = self.options.preallocate_chunk_bytes;
+        let cap = self.options.segment_size_bytes;
+        if chunk == 0 {
             return Ok(());
         }
-        let target = (needed_bytes + self.options.preallocate_chunk_bytes)
-            .min(self.options.segment_size_bytes)
-            .max(needed_bytes);
+        if self.preallocating_in_background {
+            // Keep one to two chunks ahead: ask while less than one is left.
+            if active.allocated_bytes < (needed_bytes + chunk).min(cap) {
+                let now = self
+                    .preallocator
+                    .request(&active.segment, (needed_bytes + 2 * chunk).min(cap));
+                active.allocated_bytes = active.allocated_bytes.max(now);
+            }
+            if needed_bytes <= active.allocated_bytes {
+                return Ok(());
+            }
+        } else if needed_bytes <= active.allocated_bytes {
+            return Ok(());
+        }
+        // The space is needed now: the thread fell behind or failed, or there is none.
+        // Waits for a step the thread is writing, then allocates what is still missing.
+        let _writing = self.preallocator.writing();
+        if self.preallocating_in_background {
+            let now = self.preallocator.request(&active.segment, 0);
+            active.allocated_bytes = active.allocated_bytes.max(now);
+            if needed_bytes <= active.allocated_bytes {
+                return Ok(());
+            }
+        }
+        let target = (needed_bytes + chunk).min(cap).max(needed_bytes);
         match active.segment.file.allocate(target) {
             Ok(()) => {
                 active.allocated_bytes = target;
+                if self.preallocating_in_background {
+                    self.preallocator.note_allocated(&active.segment, target);
+                }
                 Ok(())
             }
             Err(e) if is_disk_full(&e) => Err(FailKind::DiskFull(active.segment.path.clone())),
@@ -1089,6 +1162,9 @@ impl Inner {
             .len_bytes()
             .unwrap_or(SEGMENT_HEADER_SIZE_BYTES as u64);
         self.segments.write().push(Arc::clone(&new));
+        if self.preallocating_in_background {
+            self.preallocator.set_segment(Arc::clone(&new), allocated);
+        }
         active.segment = new;
         active.write_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;
         active.synced_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;

@@ -65,7 +65,10 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     fn set_len(&self, len_bytes: u64) -> io::Result<()>;
     /// Reserves disk space so that the file is at least `len_bytes` long and writes below
     /// that length cannot fail for lack of space. New bytes read as zeros. The log calls
-    /// it ahead of the writer, so that `sync_data` rarely has to grow the file.
+    /// it ahead of the writer (from a background thread on a real file system, while the
+    /// writer writes below the old length), so that `sync_data` rarely has to grow the
+    /// file. [`FsStorage`] also writes the zeros back to the device before returning, so
+    /// that they do not ride along with the next `sync_data`.
     fn allocate(&self, len_bytes: u64) -> io::Result<()>;
     /// Maps `[0, len_bytes)` of the file read-only. `len_bytes` may exceed the current file
     /// length: the caller promises never to read mapped bytes past the file's end.
