@@ -93,9 +93,10 @@ pub struct IndexOptions {
     pub flush_interval_ms: u64,
     /// sled's page cache. Default 16 MiB.
     pub cache_bytes: u64,
-    /// Aggregates whose latest version is kept in memory, so that appends need not ask
-    /// sled. When more are cached, the cache is emptied and refills. Default 500,000
-    /// (about 60 MB at most with short ids).
+    /// Aggregates whose latest version is kept in memory after it reached sled, so that
+    /// appends need not ask sled. When more are kept, those already in sled are dropped
+    /// and refill on use (aggregates with events not yet in sled are kept besides, at most
+    /// `lag_events_max` of them). Default 500,000 (about 70 MB at most with short ids).
     pub latest_cache_aggregates: usize,
 }
 
@@ -149,8 +150,14 @@ impl NameKey {
     fn as_str(&self) -> &str {
         match self {
             NameKey::Inline { len_bytes, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len_bytes)])
-                    .expect("an inline name key holds the bytes of a str, cut at its end")
+                let name = &bytes[..usize::from(*len_bytes)];
+                // Not validated again: this runs on every key comparison of every lookup,
+                // where checking the bytes cost more than the comparison itself.
+                debug_assert!(std::str::from_utf8(name).is_ok(), "inline name is UTF-8");
+                // SAFETY: `NameKey::new` is the only constructor of `Inline`, and it copies
+                // all the bytes of a `&str` (the rest stay zero, outside `len_bytes`), so
+                // the first `len_bytes` bytes are exactly that valid UTF-8 string.
+                unsafe { std::str::from_utf8_unchecked(name) }
             }
             NameKey::Shared(s) => s,
         }
@@ -187,11 +194,12 @@ impl std::fmt::Debug for NameKey {
 const _: () = assert!(std::mem::size_of::<NameKey>() == 32);
 const _: () = assert!(NAME_INLINE_BYTES_MAX <= u8::MAX as usize);
 
-/// Index entries not yet in sled.
+/// Index entries not yet in sled, of the events `first_seq .. next_seq`. Their latest
+/// versions are in [`LatestMap`], which only lists the aggregates touched here.
 #[derive(Debug, Default)]
 struct Memtable {
-    /// Latest (version, seq) per aggregate.
-    latest: HashMap<NameKey, (u64, u64)>,
+    /// The aggregates with events here, each once.
+    touched: Vec<NameKey>,
     /// Checkpoints (version, seq) per aggregate, versions increasing.
     checkpoints: HashMap<NameKey, Vec<(u64, u64)>>,
     /// Seqs per type, increasing.
@@ -212,39 +220,63 @@ impl Memtable {
             ..Default::default()
         }
     }
+}
 
-    /// Adds the event at `seq`.
-    fn insert(&mut self, seq: u64, payload: &[u8]) {
-        debug_assert_eq!(seq, self.next_seq, "memtable must be fed in seq order");
-        self.next_seq = seq + 1;
-        let head = match event::decode_head(payload) {
-            Ok(h) => h,
-            Err(e) => {
-                self.error
-                    .get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
-                return;
-            }
-        };
-        match self.latest.get_mut(head.aggregate_id) {
-            Some(v) => *v = (head.version, seq),
-            None => {
-                self.latest
-                    .insert(NameKey::new(head.aggregate_id), (head.version, seq));
-            }
+/// An aggregate's latest (version, seq), and the one it had before the active memtable's
+/// first event of it.
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    version: u64,
+    seq: u64,
+    /// Set when the active memtable first touches the aggregate. If the memtable being
+    /// flushed touched it too, this is what that flush must write: by then `version` and
+    /// `seq` may already be the active memtable's, which must not reach sled before the
+    /// `indexed_next` mark passes them (they are not durable in the log under every
+    /// durability, and a rebuild would not write them in that batch).
+    before_active: (u64, u64),
+}
+
+/// The latest (version, seq) of every aggregate with events in the memtables, and of
+/// others as a cache, so that finding an aggregate's version takes one lookup: one
+/// authoritative map instead of the active memtable, the flushing one and a cache in turn
+/// (three cache misses per append with many aggregates).
+///
+/// An entry with `seq` at or past the oldest memtable's `first_seq` is *dirty*: not all
+/// in sled yet. Dirty entries are never dropped, so a miss means sled has the answer.
+/// Clean entries are dropped when there are more than `clean_max`.
+#[derive(Debug)]
+struct LatestMap {
+    map: HashMap<NameKey, Latest>,
+    /// [`IndexOptions::latest_cache_aggregates`].
+    clean_max: usize,
+    /// The map is pruned to its dirty entries when it reaches this many entries: at most
+    /// `clean_max` more than were dirty at the last pruning, which keeps both the map's
+    /// size and the amortized cost of pruning bounded.
+    prune_at_len: usize,
+}
+
+impl LatestMap {
+    fn new(clean_max: usize) -> Self {
+        LatestMap {
+            map: HashMap::default(),
+            clean_max,
+            prune_at_len: clean_max,
         }
-        if is_checkpoint_version(head.version) {
-            self.checkpoints
-                .entry(NameKey::new(head.aggregate_id))
-                .or_default()
-                .push((head.version, seq));
+    }
+
+    fn get(&self, aggregate: &str) -> Option<(u64, u64)> {
+        self.map.get(aggregate).map(|l| (l.version, l.seq))
+    }
+
+    /// Drops the clean entries (`seq < dirty_from`) if the map is full.
+    fn prune_if_full(&mut self, dirty_from: u64) {
+        if self.map.len() < self.prune_at_len {
+            return;
         }
-        match self.by_type.get_mut(head.event_type) {
-            Some(v) => v.push(seq),
-            None => {
-                self.by_type.insert(Arc::from(head.event_type), vec![seq]);
-            }
-        }
-        self.len += 1;
+        // Emptying (of all that sled has) is the whole eviction policy: cheap, bounded,
+        // and a miss only costs one sled read.
+        self.map.retain(|_, l| l.seq >= dirty_from);
+        self.prune_at_len = self.map.len() + self.clean_max;
     }
 }
 
@@ -252,31 +284,120 @@ impl Memtable {
 struct MemState {
     active: Memtable,
     flushing: Option<Arc<Memtable>>,
+    latest: LatestMap,
 }
 
 impl MemState {
-    fn insert(&mut self, seq: u64, payload: &[u8]) {
-        self.active.insert(seq, payload);
+    /// Seqs from here on are not all in sled yet.
+    fn dirty_from(&self) -> u64 {
+        self.flushing
+            .as_ref()
+            .map_or(self.active.first_seq, |f| f.first_seq)
     }
-}
 
-/// Latest (version, seq) of aggregates whose entries already moved to sled, so appends
-/// need not ask sled. Filled when a flush completes (and on append-path misses); looked
-/// at only after the memtables, which hold anything newer.
-#[derive(Debug)]
-struct LatestCache {
-    map: HashMap<NameKey, (u64, u64)>,
-    max: usize,
-}
-
-impl LatestCache {
-    fn insert(&mut self, agg: NameKey, latest: (u64, u64)) {
-        if self.map.len() >= self.max && !self.map.contains_key(&agg) {
-            // Emptying is the whole eviction policy: cheap, bounded, and a miss only costs
-            // one sled read.
-            self.map.clear();
+    /// Adds the event at `seq` to the active memtable.
+    fn insert(&mut self, seq: u64, payload: &[u8]) {
+        let active = &mut self.active;
+        debug_assert_eq!(seq, active.next_seq, "memtable must be fed in seq order");
+        active.next_seq = seq + 1;
+        let head = match event::decode_head(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                active
+                    .error
+                    .get_or_insert_with(|| format!("record {seq} is not an event: {e}"));
+                return;
+            }
+        };
+        let dirty_from = self
+            .flushing
+            .as_ref()
+            .map_or(active.first_seq, |f| f.first_seq);
+        self.latest.prune_if_full(dirty_from);
+        // One lookup: the key is built once (inline ids are a copy of 32 bytes).
+        match self.latest.map.entry(NameKey::new(head.aggregate_id)) {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if o.get().seq < active.first_seq {
+                    // First event of this aggregate in the active memtable.
+                    active.touched.push(o.key().clone());
+                    let l = o.get_mut();
+                    l.before_active = (l.version, l.seq);
+                }
+                let l = o.get_mut();
+                l.version = head.version;
+                l.seq = seq;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                active.touched.push(v.key().clone());
+                v.insert(Latest {
+                    version: head.version,
+                    seq,
+                    // Never read: a flush reads it only for aggregates that were in the
+                    // map when the active memtable first touched them.
+                    before_active: (0, 0),
+                });
+            }
         }
-        self.map.insert(agg, latest);
+        if is_checkpoint_version(head.version) {
+            active
+                .checkpoints
+                .entry(NameKey::new(head.aggregate_id))
+                .or_default()
+                .push((head.version, seq));
+        }
+        match active.by_type.get_mut(head.event_type) {
+            Some(v) => v.push(seq),
+            None => {
+                active.by_type.insert(Arc::from(head.event_type), vec![seq]);
+            }
+        }
+        active.len += 1;
+    }
+
+    /// The latest (version, seq) within `batch` (the flushing memtable) of `name`, one of
+    /// the aggregates it touched.
+    fn latest_in_batch(&self, batch: &Memtable, name: &NameKey) -> Result<(u64, u64), String> {
+        // Dirty (its seq is at least the batch's first), so never dropped.
+        let found = self.latest.map.get(name);
+        debug_assert!(
+            found.is_some(),
+            "{name:?} of a flushing batch left the latest map"
+        );
+        let Some(l) = found else {
+            return Err(format!(
+                "index memtable lost aggregate {name:?} before flushing it"
+            ));
+        };
+        // Touched again by the active memtable since: what it had before.
+        let (version, seq) = if l.seq < batch.next_seq {
+            (l.version, l.seq)
+        } else {
+            l.before_active
+        };
+        let in_batch = (batch.first_seq..batch.next_seq).contains(&seq);
+        debug_assert!(in_batch, "latest seq {seq} of {name:?} outside its batch");
+        if !in_batch {
+            return Err(format!(
+                "index memtable has seq {seq} for aggregate {name:?}, outside its batch {}..{}",
+                batch.first_seq, batch.next_seq
+            ));
+        }
+        Ok((version, seq))
+    }
+
+    /// Remembers what sled answered for an aggregate with no entry. Keeps an entry found
+    /// meanwhile, which is as new or newer.
+    fn remember_from_sled(&mut self, aggregate: &str, (version, seq): (u64, u64)) {
+        let dirty_from = self.dirty_from();
+        self.latest.prune_if_full(dirty_from);
+        self.latest
+            .map
+            .entry(NameKey::new(aggregate))
+            .or_insert(Latest {
+                version,
+                seq,
+                before_active: (0, 0),
+            });
     }
 }
 
@@ -299,7 +420,6 @@ struct Shared {
     dir: PathBuf,
     trees: Trees,
     mem: RwLock<MemState>,
-    cache: RwLock<LatestCache>,
     indexed_next: AtomicU64,
     signal: Mutex<Signal>,
     wake_cv: Condvar,
@@ -501,10 +621,7 @@ impl Index {
             mem: RwLock::new(MemState {
                 active: Memtable::empty_at(indexed_next),
                 flushing: None,
-            }),
-            cache: RwLock::new(LatestCache {
-                map: HashMap::default(),
-                max: options.latest_cache_aggregates.max(1),
+                latest: LatestMap::new(options.latest_cache_aggregates.max(1)),
             }),
             indexed_next: AtomicU64::new(indexed_next),
             signal: Mutex::new(Signal::default()),
@@ -634,21 +751,12 @@ impl Index {
         })
     }
 
-    /// Newest first: the active memtable, the one being flushed, the cache.
+    /// What the latest map knows; a miss means sled has the answer.
     fn latest_in_memory(&self, aggregate: &str) -> Option<(u64, u64)> {
-        {
-            let mem = self.shared.mem.read();
-            if let Some(&v) = mem.active.latest.get(aggregate) {
-                return Some(v);
-            }
-            if let Some(&v) = mem.flushing.as_ref().and_then(|f| f.latest.get(aggregate)) {
-                return Some(v);
-            }
-        }
-        self.shared.cache.read().map.get(aggregate).copied()
+        self.shared.mem.read().latest.get(aggregate)
     }
 
-    /// Like [`Index::latest`], and remembers the answer in the latest-version cache.
+    /// Like [`Index::latest`], and remembers the answer in memory.
     ///
     /// Only call this while no commit for `aggregate` can happen (the store holds the
     /// aggregate's append lock), or a stale answer could be cached.
@@ -656,14 +764,37 @@ impl Index {
     /// # Errors
     /// As [`Index::latest`].
     pub fn latest_for_append(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        if let Some(v) = self.latest_in_memory(aggregate) {
-            return Ok(Some(v));
+        let mut out = Vec::with_capacity(1);
+        self.latest_for_append_many(&[aggregate], &mut out)?;
+        Ok(out[0])
+    }
+
+    /// [`Index::latest_for_append`] of each of `aggregates`, in order, into `out` (cleared
+    /// first). Looks them all up under one lock in one tight loop: with many aggregates
+    /// each lookup is a cache miss, and independent lookups in a row overlap theirs.
+    ///
+    /// # Errors
+    /// As [`Index::latest`].
+    pub fn latest_for_append_many(
+        &self,
+        aggregates: &[&str],
+        out: &mut Vec<Option<(u64, u64)>>,
+    ) -> Result<(), IndexError> {
+        out.clear();
+        {
+            let mem = self.shared.mem.read();
+            out.extend(aggregates.iter().map(|a| mem.latest.get(a)));
         }
-        let latest = self.shared.latest_in_sled(aggregate)?;
-        if let Some(l) = latest {
-            self.shared.cache.write().insert(NameKey::new(aggregate), l);
+        // Misses: sled has the answer (the map never drops an entry sled lacks).
+        for (aggregate, found) in aggregates.iter().zip(out.iter_mut()) {
+            if found.is_none() {
+                *found = self.shared.latest_in_sled(aggregate)?;
+                if let Some(l) = *found {
+                    self.shared.mem.write().remember_from_sled(aggregate, l);
+                }
+            }
         }
-        Ok(latest)
+        Ok(())
     }
 
     /// The seq of `aggregate`'s event at checkpoint `version` (see
@@ -740,10 +871,10 @@ impl Index {
         // Names first seen in the memtable and not yet in sled.
         let (new_aggs, new_types): (Vec<NameKey>, Vec<Arc<str>>) = {
             let mem = shared.mem.read();
-            let mut a: Vec<NameKey> = mem.active.latest.keys().cloned().collect();
+            let mut a: Vec<NameKey> = mem.active.touched.clone();
             let mut t: Vec<Arc<str>> = mem.active.by_type.keys().cloned().collect();
             if let Some(f) = &mem.flushing {
-                a.extend(f.latest.keys().cloned());
+                a.extend(f.touched.iter().cloned());
                 t.extend(f.by_type.keys().cloned());
             }
             a.sort_unstable_by(|x, y| x.as_str().cmp(y.as_str()));
@@ -952,16 +1083,11 @@ impl Shared {
         if let Some(e) = &batch.error {
             return Err(IndexError::Log(e.clone()));
         }
-        self.apply(batch)?;
+        let latest = self.batch_latest(batch)?;
+        self.apply(batch, &latest)?;
         self.indexed_next.store(batch.next_seq, Ordering::Release);
-        // Into the cache before leaving the memtables: a lookup meanwhile still finds the
-        // flushing batch first, so it never sees an older cached value.
-        {
-            let mut cache = self.cache.write();
-            for (agg, &latest) in &batch.latest {
-                cache.insert(agg.clone(), latest);
-            }
-        }
+        // The latest map already holds these entries; leaving `flushing` only makes them
+        // clean (droppable).
         self.mem.write().flushing = None;
         self.flushed_batches.fetch_add(1, Ordering::Relaxed);
         let _g = self.signal.lock();
@@ -969,15 +1095,36 @@ impl Shared {
         Ok(())
     }
 
-    fn apply(&self, m: &Memtable) -> Result<(), IndexError> {
+    /// The latest (version, seq) within `batch` (the one in `flushing`) of each aggregate
+    /// it touched, from the latest map.
+    fn batch_latest<'b>(
+        &self,
+        batch: &'b Memtable,
+    ) -> Result<Vec<(&'b str, u64, u64)>, IndexError> {
+        // Read in slices, so that commits wait for the read lock only briefly.
+        const NAMES_PER_LOCK: usize = 4096;
+        let mut out = Vec::with_capacity(batch.touched.len());
+        for names in batch.touched.chunks(NAMES_PER_LOCK) {
+            let mem = self.mem.read();
+            for name in names {
+                // Checked, not assumed: a panic would stop the indexer, and an error
+                // shows up as the indexer's last error instead.
+                let (version, seq) = mem.latest_in_batch(batch, name).map_err(IndexError::Log)?;
+                out.push((name.as_str(), version, seq));
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, m: &Memtable, latest: &[(&str, u64, u64)]) -> Result<(), IndexError> {
         let t = &self.trees;
         let mut writes = 0u64;
         let mut by_bucket: BTreeMap<u32, Vec<(&str, u64, u64)>> = BTreeMap::new();
-        for (name, &(version, seq)) in &m.latest {
+        for &(name, version, seq) in latest {
             by_bucket
-                .entry(agg_bucket(name.as_str()))
+                .entry(agg_bucket(name))
                 .or_default()
-                .push((name.as_str(), version, seq));
+                .push((name, version, seq));
         }
         let mut aggregates = sled::Batch::default();
         for (bucket, fresh) in by_bucket {
@@ -1198,6 +1345,90 @@ mod tests {
         for key in map.keys() {
             assert_eq!(NameKey::new(key.as_str()), *key);
         }
+    }
+
+    fn event_payload(aggregate: &str, version: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        event::encode_into(
+            &mut out,
+            &event::ResolvedEvent {
+                aggregate_id: aggregate,
+                version,
+                prev: event::Prev::First,
+                event_id: uuid::Uuid::nil(),
+                timestamp_us: 0,
+                event: &crate::store::NewEvent::binary("T", vec![1, 2, 3]),
+            },
+        );
+        out
+    }
+
+    #[test]
+    fn a_flushing_batch_writes_its_own_latest_versions_and_dirty_entries_are_never_dropped() {
+        let mut mem = MemState {
+            active: Memtable::empty_at(0),
+            flushing: None,
+            latest: LatestMap::new(1),
+        };
+        let feed = |mem: &mut MemState, events: &[(&str, u64)]| {
+            for (agg, version) in events {
+                let seq = mem.active.next_seq;
+                mem.insert(seq, &event_payload(agg, *version));
+            }
+        };
+        feed(&mut mem, &[("a", 1), ("b", 1), ("a", 2)]);
+        assert_eq!(mem.active.touched, [NameKey::new("a"), NameKey::new("b")]);
+        // The indexer takes the batch; the next events go to a new active memtable.
+        let batch = Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(3)));
+        mem.flushing = Some(Arc::clone(&batch));
+        feed(&mut mem, &[("a", 3), ("c", 1), ("a", 4)]);
+        assert_eq!(mem.active.touched, [NameKey::new("a"), NameKey::new("c")]);
+        assert_eq!(mem.latest.get("a"), Some((4, 5)), "lookups see the newest");
+        assert_eq!(
+            mem.latest_in_batch(&batch, &NameKey::new("a")),
+            Ok((2, 2)),
+            "the flush writes what the batch had, not the active memtable's version"
+        );
+        assert_eq!(mem.latest_in_batch(&batch, &NameKey::new("b")), Ok((1, 1)));
+        assert!(
+            mem.latest.map.len() > mem.latest.clean_max,
+            "past its size, every entry is dirty and kept"
+        );
+        // The flush is done: a, b of the batch are clean now (but a has newer events). The
+        // map prunes once it holds `clean_max` more entries than were dirty when it last
+        // pruned (3 here): at the second entry from sled.
+        mem.flushing = None;
+        mem.remember_from_sled("d", (7, 0));
+        assert_eq!(mem.latest.get("b"), Some((1, 1)));
+        mem.remember_from_sled("e", (7, 0));
+        assert_eq!(
+            mem.latest.get("b"),
+            None,
+            "clean entries are dropped when full"
+        );
+        assert_eq!(
+            mem.latest.get("d"),
+            None,
+            "clean entries are dropped when full"
+        );
+        assert_eq!(
+            mem.latest.get("a"),
+            Some((4, 5)),
+            "dirty: in the active memtable"
+        );
+        assert_eq!(
+            mem.latest.get("c"),
+            Some((1, 4)),
+            "dirty: in the active memtable"
+        );
+        assert_eq!(mem.latest.get("e"), Some((7, 0)));
+        // An entry from sled first touched by the active memtable keeps its sled value.
+        feed(&mut mem, &[("e", 8)]);
+        let batch = Arc::new(std::mem::replace(&mut mem.active, Memtable::empty_at(7)));
+        mem.flushing = Some(Arc::clone(&batch));
+        feed(&mut mem, &[("e", 9)]);
+        assert_eq!(mem.latest_in_batch(&batch, &NameKey::new("e")), Ok((8, 6)));
+        assert_eq!(mem.latest.get("e"), Some((9, 7)));
     }
 
     /// Regression (found by the `store_ops` fuzz target): reopening right after a drop

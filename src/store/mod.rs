@@ -756,11 +756,16 @@ impl Store {
         let mut encoded: Vec<u8> = Vec::with_capacity(encoded_bytes_estimate);
         let mut ends: Vec<usize> = Vec::with_capacity(total);
         // (request index, first payload index, count, last version)
-        let mut placed: Vec<(usize, usize, usize, u64)> = Vec::new();
+        let mut placed: Vec<(usize, usize, usize, u64)> = Vec::with_capacity(requests.len());
+        // Every aggregate's latest version at once (a repeated one is looked up again, and
+        // then taken from `heads`): the lookups overlap their cache misses.
+        let names: Vec<&str> = requests.iter().map(|r| r.aggregate_id).collect();
+        let mut latest = Vec::with_capacity(requests.len());
+        inner.index.latest_for_append_many(&names, &mut latest)?;
         for (ri, r) in requests.iter().enumerate() {
             let (current, mut tail) = match heads.get(r.aggregate_id) {
                 Some(&h) => h,
-                None => match inner.index.latest_for_append(r.aggregate_id)? {
+                None => match latest[ri] {
                     Some((version, seq)) => (version, Tail::Seq(seq)),
                     None => (0, Tail::None),
                 },
