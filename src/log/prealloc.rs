@@ -162,12 +162,13 @@ mod tests {
     use crate::log::{Log, LogOptions};
 
     fn options(in_background: bool) -> LogOptions {
-        let mut o = LogOptions::default();
-        o.segment_size_bytes = 256 << 10;
-        o.record_size_bytes_max = 16 << 10;
-        o.preallocate_chunk_bytes = 8 << 10;
-        o.preallocate_in_background = in_background;
-        o
+        LogOptions {
+            segment_size_bytes: 256 << 10,
+            record_size_bytes_max: 16 << 10,
+            preallocate_chunk_bytes: 8 << 10,
+            preallocate_in_background: in_background,
+            ..LogOptions::default()
+        }
     }
 
     fn payload(seq: u64) -> Vec<u8> {
@@ -216,7 +217,10 @@ mod tests {
             check(&log);
             // And appends go on after the reopen (the thread starts on the last segment).
             log.append(&[payload(seq)]).expect("append after reopen");
-            assert_eq!(log.read(seq).expect("read").payload(), payload(seq).as_slice());
+            assert_eq!(
+                log.read(seq).expect("read").payload(),
+                payload(seq).as_slice()
+            );
         }
     }
 }
