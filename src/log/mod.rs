@@ -1479,7 +1479,7 @@ const CACHE_LINE_BYTES: usize = 64;
 /// Asks the CPU to start fetching the cache line holding `bytes[at]` (if `at` is in
 /// `bytes`). Only a hint: nothing is read, and no fault can come of it.
 #[inline]
-fn prefetch(bytes: &[u8], at: usize) {
+pub(crate) fn prefetch(bytes: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
     if at < bytes.len() {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

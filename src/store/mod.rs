@@ -54,6 +54,8 @@ const _: () = assert!(
 const EVENT_ENCODING_OVERHEAD_BYTES: usize = 64;
 /// Stripes of the per-aggregate append lock.
 const APPEND_LOCK_STRIPES: usize = 256;
+/// How many requests ahead of the one being checked an append asks for the names of.
+const NAME_PREFETCH_AHEAD: usize = 8;
 
 /// Options for [`Store::open`]. Start from `Options::default()`.
 #[derive(Debug, Clone)]
@@ -697,7 +699,16 @@ impl Store {
         let mut index_in_append = 0;
         // Bytes the encoded events will take, about: sizes the one buffer they share.
         let mut encoded_bytes_estimate = 0usize;
-        for r in requests {
+        for (ri, r) in requests.iter().enumerate() {
+            // The caller's strings are usually cold (ids picked from a large set): ask for
+            // those of a few requests ahead, so the misses overlap instead of coming one
+            // by one here, where each string is read first.
+            if let Some(ahead) = requests.get(ri + NAME_PREFETCH_AHEAD) {
+                log::prefetch(ahead.aggregate_id.as_bytes(), 0);
+                if let Some(e) = ahead.events.first() {
+                    log::prefetch(e.event_type.as_bytes(), 0);
+                }
+            }
             check_name("aggregate id", r.aggregate_id)?;
             for e in r.events {
                 check_name("event type", &e.event_type)?;
