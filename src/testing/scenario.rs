@@ -412,6 +412,10 @@ impl<'c> Sim<'c> {
         options.log.preallocate_chunk_bytes = 16 << 10;
         options.log.group_commit_wait_us = 0;
         options.index.cache_bytes = 1 << 20;
+        // Small and seed-dependent, so that index flushes interleave with appends and the
+        // latest-version map drops its clean entries often (a miss must still find sled's).
+        options.index.flush_events = 4 + (seed % 61) as usize;
+        options.index.latest_cache_aggregates = 1 + (seed % 13) as usize;
         let sub_options = SubscriptionOptions {
             retry: RetryPolicy {
                 attempts_max: ATTEMPTS_MAX,
