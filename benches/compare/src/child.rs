@@ -238,6 +238,7 @@ fn reads(a: &Args) {
         return;
     }
     let mut db = stores::open(store, &dir, Durability::Sync);
+    db.settle();
     let stored = db.stored();
     let warm = db.replay();
     let t = Instant::now();
