@@ -31,11 +31,15 @@ impl Args {
     }
 
     fn u(&self, k: &str) -> u64 {
-        self.s(k).parse().unwrap_or_else(|_| panic!("child: {k} not a number"))
+        self.s(k)
+            .parse()
+            .unwrap_or_else(|_| panic!("child: {k} not a number"))
     }
 
     fn f(&self, k: &str) -> f64 {
-        self.s(k).parse().unwrap_or_else(|_| panic!("child: {k} not a number"))
+        self.s(k)
+            .parse()
+            .unwrap_or_else(|_| panic!("child: {k} not a number"))
     }
 
     fn path(&self, k: &str) -> PathBuf {
@@ -170,7 +174,10 @@ fn append(a: &Args) {
         w.append(&items);
         secs += t.elapsed().as_secs_f64();
         done += k as u64;
-        last_agg = items.last().map(|i| i.aggregate.clone()).unwrap_or_default();
+        last_agg = items
+            .last()
+            .map(|i| i.aggregate.clone())
+            .unwrap_or_default();
     }
     let vmhwm = peak_rss_bytes();
     let anon_peak = anon.peak();
@@ -272,7 +279,10 @@ fn reads(a: &Args) {
         lat.sort_by(f64::total_cmp);
         out.push(("p50_us", quantile(&lat, 0.5).to_string()));
         out.push(("p99_us", quantile(&lat, 0.99).to_string()));
-        out.push(("agg_events_mean", (total as f64 / samples as f64).to_string()));
+        out.push((
+            "agg_events_mean",
+            (total as f64 / samples as f64).to_string(),
+        ));
     }
     out.push(("vmhwm", peak_rss_bytes().to_string()));
     out.push(("anon_peak", anon.peak().to_string()));
@@ -295,7 +305,10 @@ fn single(a: &Args) {
         let staged = stores::read_staged(&a.path("stage"));
         let mut first = vec![0u8; staged.ends[0] as usize];
         use std::os::unix::fs::FileExt;
-        staged.bin.read_exact_at(&mut first, 0).expect("read staged");
+        staged
+            .bin
+            .read_exact_at(&mut first, 0)
+            .expect("read staged");
         let h = match eventlog::log::record::decode(&first, u32::MAX) {
             eventlog::log::record::Decoded::Record(h) => h,
             other => panic!("staged: {other:?}"),
@@ -303,9 +316,7 @@ fn single(a: &Args) {
         let start = eventlog::log::record::RECORD_HEADER_SIZE_BYTES;
         let template = first[start..start + h.payload_len as usize].to_vec();
         let gc = stores::RawGroupCommit::create(&dir, template);
-        let (lat, elapsed) = run_threads(threads, dur, &barrier, |_| {
-            || gc.append_one()
-        });
+        let (lat, elapsed) = run_threads(threads, dur, &barrier, |_| || gc.append_one());
         let events = gc.records();
         (lat, elapsed, events)
     } else {
@@ -328,7 +339,10 @@ fn single(a: &Args) {
         ("secs", elapsed.to_string()),
         ("p50_us", quantile(&lat, 0.5).to_string()),
         ("p99_us", quantile(&lat, 0.99).to_string()),
-        ("max_us", lat.last().copied().unwrap_or(f64::NAN).to_string()),
+        (
+            "max_us",
+            lat.last().copied().unwrap_or(f64::NAN).to_string(),
+        ),
     ]);
 }
 
@@ -409,4 +423,3 @@ fn import(a: &Args) {
         ("disk_bytes", dir_bytes(&dir).to_string()),
     ]);
 }
-

@@ -130,8 +130,8 @@ pub fn now_us() -> i64 {
 /// Reads the real data set: (aggregate, event) per line, in file order.
 pub fn read_real(path: &Path) -> Vec<Item> {
     use std::io::BufRead;
-    let file = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
     let mut rng = Rng::new(0xDA7A);
     let mut out = Vec::new();
@@ -335,7 +335,10 @@ pub fn machine(dir: &Path) -> Machine {
         }
         let mp = f[1].replace("\\040", " ");
         if dir.starts_with(&mp) && best.as_ref().is_none_or(|(len, _)| mp.len() >= *len) {
-            best = Some((mp.len(), [f[0].into(), mp.clone(), f[2].into(), f[3].into()]));
+            best = Some((
+                mp.len(),
+                [f[0].into(), mp.clone(), f[2].into(), f[3].into()],
+            ));
         }
     }
     let [device, mount_point, fs_type, mount_options] = best

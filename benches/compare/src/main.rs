@@ -334,7 +334,9 @@ impl Results {
     }
 
     fn get_extra(&self, key: &str, store: &str) -> Option<f64> {
-        self.extra.get(&(key.into(), store.into())).map(|v| median(v))
+        self.extra
+            .get(&(key.into(), store.into()))
+            .map(|v| median(v))
     }
 
     fn json(&self) -> String {
@@ -386,7 +388,8 @@ fn main() {
         return;
     }
     let cfg = Cfg::parse();
-    std::fs::create_dir_all(&cfg.dir).unwrap_or_else(|e| die(&format!("creating {}: {e}", cfg.dir.display())));
+    std::fs::create_dir_all(&cfg.dir)
+        .unwrap_or_else(|e| die(&format!("creating {}: {e}", cfg.dir.display())));
     let base = tempfile::Builder::new()
         .prefix("compare-")
         .tempdir_in(&cfg.dir)
@@ -421,7 +424,15 @@ fn main() {
     let load_end = load_now();
     let fsync_end = common::fsync_probe(base.path());
     let md = report(
-        &cfg, &m, &res, &notes, &scaling_md, &date, &load_start, &load_end, fsync_end,
+        &cfg,
+        &m,
+        &res,
+        &notes,
+        &scaling_md,
+        &date,
+        &load_start,
+        &load_end,
+        fsync_end,
         started.elapsed().as_secs_f64(),
     );
     print!("{md}");
@@ -451,7 +462,10 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
     }
     if cfg.has("raw") {
         if cfg.runs("append") || cfg.runs("single") || cfg.runs("interval") {
-            progress(started, "staging eventlog's framed bytes for raw (synthetic) ...");
+            progress(
+                started,
+                "staging eventlog's framed bytes for raw (synthetic) ...",
+            );
             let mut a = cfg.gen_args(999);
             a.push("kind=synthetic".into());
             a.push(format!("events={}", cfg.events));
@@ -459,7 +473,10 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
             run_child("stage", &a);
         }
         if cfg.runs("import") && real_present {
-            progress(started, "staging eventlog's framed bytes for raw (real data) ...");
+            progress(
+                started,
+                "staging eventlog's framed bytes for raw (real data) ...",
+            );
             run_child(
                 "stage",
                 &[
@@ -483,7 +500,13 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                 a.push(format!("dir={}", dir.display()));
                 a.push(format!("events={}", cfg.events));
                 a.push("durability=sync".into());
-                progress(started, &format!("{tag}: {store}: batched durable append of {} ...", thousands(cfg.events as f64)));
+                progress(
+                    started,
+                    &format!(
+                        "{tag}: {store}: batched durable append of {} ...",
+                        thousands(cfg.events as f64)
+                    ),
+                );
                 let r = if store == "raw" {
                     a.push(format!("stage={}", stage_syn.display()));
                     run_child("append", &a)
@@ -492,13 +515,29 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                     run_append_then_kill(&a, &mut rng)
                 };
                 let n = f(&r, "events");
-                res.add("append_batched", store, "events_per_s", n / f(&r, "secs"), "events/s");
+                res.add(
+                    "append_batched",
+                    store,
+                    "events_per_s",
+                    n / f(&r, "secs"),
+                    "events/s",
+                );
                 res.add("memory", store, "peak_rss_bytes", f(&r, "vmhwm"), "bytes");
                 res.extra("anon_peak", store, f(&r, "anon_peak"));
                 res.extra("append_cpu_s", store, f(&r, "cpu_secs"));
-                progress(started, &format!("  {:.0} events/s, peak RSS {:.0} MB", n / f(&r, "secs"), f(&r, "vmhwm") / 1e6));
+                progress(
+                    started,
+                    &format!(
+                        "  {:.0} events/s, peak RSS {:.0} MB",
+                        n / f(&r, "secs"),
+                        f(&r, "vmhwm") / 1e6
+                    ),
+                );
                 if store != "raw" {
-                    progress(started, &format!("{tag}: {store}: reopen after SIGKILL ..."));
+                    progress(
+                        started,
+                        &format!("{tag}: {store}: reopen after SIGKILL ..."),
+                    );
                     let agg = r.get("last_agg").cloned().unwrap_or_default();
                     let o = run_child(
                         "reopen",
@@ -513,30 +552,65 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                         stored >= n,
                         "{store}: {stored} events after the crash, {n} were acknowledged"
                     );
-                    assert!(f(&o, "read") >= 1.0, "{store}: the last aggregate read back");
+                    assert!(
+                        f(&o, "read") >= 1.0,
+                        "{store}: the last aggregate read back"
+                    );
                     res.add("reopen_after_crash", store, "seconds", f(&o, "secs"), "s");
                     res.extra("stored_after_crash", store, stored);
-                    progress(started, &format!("  {:.3} s ({} events stored)", f(&o, "secs"), stored));
+                    progress(
+                        started,
+                        &format!("  {:.3} s ({} events stored)", f(&o, "secs"), stored),
+                    );
                 }
-                progress(started, &format!("{tag}: {store}: reads (replay, one type, aggregate histories) ..."));
+                progress(
+                    started,
+                    &format!("{tag}: {store}: reads (replay, one type, aggregate histories) ..."),
+                );
                 let mut a = cfg.gen_args(seed + 100);
                 a.push(format!("store={store}"));
                 a.push(format!("dir={}", dir.display()));
                 a.push(format!("samples={}", cfg.samples));
                 let r = run_child("reads", &a);
                 let stored = f(&r, "replay_events");
-                res.add("replay", store, "events_per_s", stored / f(&r, "replay_secs"), "events/s");
+                res.add(
+                    "replay",
+                    store,
+                    "events_per_s",
+                    stored / f(&r, "replay_secs"),
+                    "events/s",
+                );
                 if store != "raw" {
-                    res.add("read_type", store, "events_per_s", f(&r, "type_events") / f(&r, "type_secs"), "events/s");
+                    res.add(
+                        "read_type",
+                        store,
+                        "events_per_s",
+                        f(&r, "type_events") / f(&r, "type_secs"),
+                        "events/s",
+                    );
                     res.add("read_aggregate", store, "p50_us", f(&r, "p50_us"), "us");
                     res.add("read_aggregate", store, "p99_us", f(&r, "p99_us"), "us");
                     res.extra("agg_events_mean", store, f(&r, "agg_events_mean"));
                     res.extra("type_events", store, f(&r, "type_events"));
                 }
-                res.add("disk", store, "bytes_per_event", f(&r, "disk_bytes") / stored, "bytes/event");
+                res.add(
+                    "disk",
+                    store,
+                    "bytes_per_event",
+                    f(&r, "disk_bytes") / stored,
+                    "bytes/event",
+                );
                 if store == "eventlog" {
-                    res.extra("eventlog_log_bytes_per_event", store, dir_bytes(&dir.join("log")) as f64 / stored);
-                    res.extra("eventlog_index_bytes_per_event", store, dir_bytes(&dir.join("index")) as f64 / stored);
+                    res.extra(
+                        "eventlog_log_bytes_per_event",
+                        store,
+                        dir_bytes(&dir.join("log")) as f64 / stored,
+                    );
+                    res.extra(
+                        "eventlog_index_bytes_per_event",
+                        store,
+                        dir_bytes(&dir.join("index")) as f64 / stored,
+                    );
                 }
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -545,7 +619,13 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
             for &t in &cfg.threads {
                 for store in &cfg.stores {
                     let dir = fresh_dir(base, &format!("{store}-single"));
-                    progress(started, &format!("{tag}: {store}: single-event durable appends, {t} threads, {} s ...", cfg.secs));
+                    progress(
+                        started,
+                        &format!(
+                            "{tag}: {store}: single-event durable appends, {t} threads, {} s ...",
+                            cfg.secs
+                        ),
+                    );
                     let mut a = cfg.gen_args(seed + 200);
                     a.push(format!("store={store}"));
                     a.push(format!("dir={}", dir.display()));
@@ -559,7 +639,14 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                     res.add(&w, store, "p50_us", f(&r, "p50_us"), "us");
                     res.add(&w, store, "p99_us", f(&r, "p99_us"), "us");
                     res.extra(&format!("{w}_max_us"), store, f(&r, "max_us"));
-                    progress(started, &format!("  {eps:.0} events/s, p99 {:.0} us, max {:.0} us", f(&r, "p99_us"), f(&r, "max_us")));
+                    progress(
+                        started,
+                        &format!(
+                            "  {eps:.0} events/s, p99 {:.0} us, max {:.0} us",
+                            f(&r, "p99_us"),
+                            f(&r, "max_us")
+                        ),
+                    );
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
@@ -567,7 +654,10 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
         if cfg.runs("import") && real_present {
             for store in &cfg.stores {
                 let dir = fresh_dir(base, &format!("{store}-import"));
-                progress(started, &format!("{tag}: {store}: import of the real data set ..."));
+                progress(
+                    started,
+                    &format!("{tag}: {store}: import of the real data set ..."),
+                );
                 let r = run_child(
                     "import",
                     &[
@@ -591,7 +681,10 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
         if cfg.runs("interval") {
             for store in &cfg.stores {
                 let dir = fresh_dir(base, &format!("{store}-interval"));
-                progress(started, &format!("{tag}: {store}: batched append, Interval durability ..."));
+                progress(
+                    started,
+                    &format!("{tag}: {store}: batched append, Interval durability ..."),
+                );
                 let mut a = cfg.gen_args(seed + 300);
                 a.push(format!("store={store}"));
                 a.push(format!("dir={}", dir.display()));
@@ -644,7 +737,12 @@ fn run_scaling(cfg: &Cfg, base: &Path, started: &Instant) -> String {
         }
         let mut reps: Vec<ScalePoint> = Vec::new();
         for rep in 0..cfg.scaling_reps {
-            let tag = format!("scaling {} rep {}/{}", thousands(n as f64), rep + 1, cfg.scaling_reps);
+            let tag = format!(
+                "scaling {} rep {}/{}",
+                thousands(n as f64),
+                rep + 1,
+                cfg.scaling_reps
+            );
             let dir = fresh_dir(base, "scaling");
             let mut a = cfg.gen_args(7000 + rep as u64);
             a.push("store=eventlog".into());
@@ -654,7 +752,14 @@ fn run_scaling(cfg: &Cfg, base: &Path, started: &Instant) -> String {
             a.push("continue=1".into());
             progress(started, &format!("{tag}: append ..."));
             let r = run_append_then_kill(&a, &mut rng);
-            progress(started, &format!("{tag}: {:.0} events/s, VmHWM {:.0} MB; reopen after SIGKILL ...", n as f64 / f(&r, "secs"), f(&r, "vmhwm") / 1e6));
+            progress(
+                started,
+                &format!(
+                    "{tag}: {:.0} events/s, VmHWM {:.0} MB; reopen after SIGKILL ...",
+                    n as f64 / f(&r, "secs"),
+                    f(&r, "vmhwm") / 1e6
+                ),
+            );
             let o = run_child(
                 "reopen",
                 &[
@@ -664,7 +769,10 @@ fn run_scaling(cfg: &Cfg, base: &Path, started: &Instant) -> String {
                 ],
             );
             assert!(f(&o, "stored") >= n as f64);
-            progress(started, &format!("{tag}: reopen {:.3} s; replay ...", f(&o, "secs")));
+            progress(
+                started,
+                &format!("{tag}: reopen {:.3} s; replay ...", f(&o, "secs")),
+            );
             let mut a = cfg.gen_args(1);
             a.push("store=eventlog".into());
             a.push(format!("dir={}", dir.display()));
@@ -718,7 +826,10 @@ fn loglog_slope(xs: &[f64], ys: &[f64]) -> f64 {
 
 fn scaling_report(cfg: &Cfg, pts: &[ScalePoint], skipped: &[String]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "## Scaling: eventlog append, reopen and replay against the number of events\n");
+    let _ = writeln!(
+        s,
+        "## Scaling: eventlog append, reopen and replay against the number of events\n"
+    );
     let _ = writeln!(
         s,
         "Same workload ({} aggregates, {} types, {} B payload, appends of {}, `Durability::Sync`), \
@@ -732,7 +843,10 @@ fn scaling_report(cfg: &Cfg, pts: &[ScalePoint], skipped: &[String]) -> String {
         cfg.scaling_reps
     );
     let _ = writeln!(s, "| events | append s | append events/s | µs/event | append VmHWM MB | append heap MB | reopen after crash s | replay s | replay events/s | replay VmHWM MB | replay heap MB | disk B/event |");
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for p in pts {
         let _ = writeln!(
             s,
@@ -756,7 +870,8 @@ fn scaling_report(cfg: &Cfg, pts: &[ScalePoint], skipped: &[String]) -> String {
     }
     if pts.len() >= 2 {
         let xs: Vec<f64> = pts.iter().map(|p| p.n as f64).collect();
-        let slope = |g: fn(&ScalePoint) -> f64| loglog_slope(&xs, &pts.iter().map(g).collect::<Vec<_>>());
+        let slope =
+            |g: fn(&ScalePoint) -> f64| loglog_slope(&xs, &pts.iter().map(g).collect::<Vec<_>>());
         let verdict = |k: f64| {
             if k <= 1.1 {
                 "linear or better"
@@ -774,11 +889,20 @@ fn scaling_report(cfg: &Cfg, pts: &[ScalePoint], skipped: &[String]) -> String {
         let _ = writeln!(s, "\nFit: least-squares slope of log(y) on log(events) (1.0 = linear, < 1 sublinear, > 1 superlinear):\n");
         let _ = writeln!(s, "- append time: **{sa:.2}** ({})", verdict(sa));
         let _ = writeln!(s, "- replay time: **{sr:.2}** ({})", verdict(sr));
-        let _ = writeln!(s, "- peak RSS during the append (VmHWM): **{sm:.2}** ({})", verdict(sm));
-        let _ = writeln!(s, "- peak heap during the append: **{sh:.2}** ({})", verdict(sh));
+        let _ = writeln!(
+            s,
+            "- peak RSS during the append (VmHWM): **{sm:.2}** ({})",
+            verdict(sm)
+        );
+        let _ = writeln!(
+            s,
+            "- peak heap during the append: **{sh:.2}** ({})",
+            verdict(sh)
+        );
         let _ = writeln!(s, "- reopen after a crash: {so:.2}");
         if let Some(p) = pts.iter().find(|p| p.n == 10_000_000) {
-            let _ = writeln!(
+            let _ =
+                writeln!(
                 s,
                 "\nGoal: reopen after a crash with 10,000,000 events under 0.5 s: **{:.3} s, {}**.",
                 p.reopen_secs,
@@ -842,12 +966,20 @@ fn report(
     let _ = writeln!(w, "Made by `{}` (run from the repository root) on {date}, in {:.0} s. The comparison crate is `benches/compare/`, a workspace of its own, so SQLite and the rest stay out of the library's build; `-- --help` lists its options.\n", cfg.command(), total_secs);
     let _ = writeln!(w, "## Machine\n");
     let _ = writeln!(w, "- CPUs: {} ({})", m.cpus, m.cpu_model);
-    let _ = writeln!(w, "- memory: {:.1} GiB", m.mem_total_bytes as f64 / (1u64 << 30) as f64);
+    let _ = writeln!(
+        w,
+        "- memory: {:.1} GiB",
+        m.mem_total_bytes as f64 / (1u64 << 30) as f64
+    );
     let _ = writeln!(w, "- kernel: {}", m.kernel);
     let _ = writeln!(
         w,
         "- filesystem: **{}** on {} (mounted at {}, {}); bench files under {}",
-        m.fs_type, m.device, m.mount_point, m.mount_options, m.dir.display()
+        m.fs_type,
+        m.device,
+        m.mount_point,
+        m.mount_options,
+        m.dir.display()
     );
     let _ = writeln!(
         w,
@@ -882,26 +1014,60 @@ fn report(
         );
         let _ = writeln!(w, "| workload | metric | eventlog | SQLite | sled | raw | eventlog ÷ SQLite | eventlog ÷ sled | eventlog ÷ raw |");
         let _ = writeln!(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
-        let mut rows: Vec<(&str, &str, &str)> = vec![
-            ("append_batched", "events_per_s", "batched durable append (1,000 per append)"),
-        ];
+        let mut rows: Vec<(&str, &str, &str)> = vec![(
+            "append_batched",
+            "events_per_s",
+            "batched durable append (1,000 per append)",
+        )];
         let single: Vec<(String, String)> = cfg
             .threads
             .iter()
-            .map(|t| (format!("append_single_{t}t"), format!("single-event durable append, {t} thread{}", if *t == 1 { "" } else { "s" })))
+            .map(|t| {
+                (
+                    format!("append_single_{t}t"),
+                    format!(
+                        "single-event durable append, {t} thread{}",
+                        if *t == 1 { "" } else { "s" }
+                    ),
+                )
+            })
             .collect();
         for (wk, label) in &single {
             rows.push((wk.as_str(), "events_per_s", label.as_str()));
         }
         rows.extend([
-            ("read_aggregate", "p50_us", "aggregate history read (warm) p50"),
-            ("read_aggregate", "p99_us", "aggregate history read (warm) p99"),
+            (
+                "read_aggregate",
+                "p50_us",
+                "aggregate history read (warm) p50",
+            ),
+            (
+                "read_aggregate",
+                "p99_us",
+                "aggregate history read (warm) p99",
+            ),
             ("read_type", "events_per_s", "read one type from the start"),
             ("replay", "events_per_s", "full replay from seq 0"),
-            ("reopen_after_crash", "seconds", "reopen after SIGKILL mid-append, until the first read answers"),
-            ("disk", "bytes_per_event", "disk bytes per event (log + indexes, allocated blocks)"),
-            ("memory", "peak_rss_bytes", "peak RSS during the batched append (VmHWM of its process)"),
-            ("import_real", "events_per_s", "import of the real data set (batches of 1,000)"),
+            (
+                "reopen_after_crash",
+                "seconds",
+                "reopen after SIGKILL mid-append, until the first read answers",
+            ),
+            (
+                "disk",
+                "bytes_per_event",
+                "disk bytes per event (log + indexes, allocated blocks)",
+            ),
+            (
+                "memory",
+                "peak_rss_bytes",
+                "peak RSS during the batched append (VmHWM of its process)",
+            ),
+            (
+                "import_real",
+                "events_per_s",
+                "import of the real data set (batches of 1,000)",
+            ),
         ]);
         for (wk, metric, label) in rows {
             let v = |store: &str| res.get(wk, store, metric);
@@ -947,7 +1113,11 @@ fn goals(w: &mut String, cfg: &Cfg, res: &Results) {
     }
     let _ = writeln!(w, "| goal | bar | measured | verdict |");
     let _ = writeln!(w, "|---|---|---|---|");
-    let mut line = |goal: &str, bar: &str, measured: Option<f64>, ok: &dyn Fn(f64) -> bool, shown: &dyn Fn(f64) -> String| {
+    let mut line = |goal: &str,
+                    bar: &str,
+                    measured: Option<f64>,
+                    ok: &dyn Fn(f64) -> bool,
+                    shown: &dyn Fn(f64) -> String| {
         let (m, v) = match measured {
             Some(x) if x.is_finite() => (shown(x), if ok(x) { "met" } else { "**NOT met**" }),
             _ => ("not measured".to_string(), "—"),
@@ -961,35 +1131,50 @@ fn goals(w: &mut String, cfg: &Cfg, res: &Results) {
     line(
         "batched durable append",
         "eventlog ≥ 0.80 × raw",
-        div(g("append_batched", "eventlog", "events_per_s"), g("append_batched", "raw", "events_per_s")),
+        div(
+            g("append_batched", "eventlog", "events_per_s"),
+            g("append_batched", "raw", "events_per_s"),
+        ),
         &|r| r >= 0.8,
         &|r| format!("{r:.2} × raw"),
     );
     line(
         "16-thread single-event durable append",
         "eventlog ≥ 8 × SQLite",
-        div(g("append_single_16t", "eventlog", "events_per_s"), g("append_single_16t", "sqlite", "events_per_s")),
+        div(
+            g("append_single_16t", "eventlog", "events_per_s"),
+            g("append_single_16t", "sqlite", "events_per_s"),
+        ),
         &|r| r >= 8.0,
         &|r| format!("{r:.1} × SQLite"),
     );
     line(
         "aggregate history read p99",
         "eventlog ≤ 0.3 × SQLite",
-        div(g("read_aggregate", "eventlog", "p99_us"), g("read_aggregate", "sqlite", "p99_us")),
+        div(
+            g("read_aggregate", "eventlog", "p99_us"),
+            g("read_aggregate", "sqlite", "p99_us"),
+        ),
         &|r| r <= 0.3,
         &|r| format!("{r:.2} × SQLite"),
     );
     line(
         "full replay",
         "eventlog ≥ 3 × SQLite",
-        div(g("replay", "eventlog", "events_per_s"), g("replay", "sqlite", "events_per_s")),
+        div(
+            g("replay", "eventlog", "events_per_s"),
+            g("replay", "sqlite", "events_per_s"),
+        ),
         &|r| r >= 3.0,
         &|r| format!("{r:.1} × SQLite"),
     );
     line(
         "read by type",
         "eventlog ≥ 4 × SQLite",
-        div(g("read_type", "eventlog", "events_per_s"), g("read_type", "sqlite", "events_per_s")),
+        div(
+            g("read_type", "eventlog", "events_per_s"),
+            g("read_type", "sqlite", "events_per_s"),
+        ),
         &|r| r >= 4.0,
         &|r| format!("{r:.1} × SQLite"),
     );
@@ -1003,7 +1188,10 @@ fn goals(w: &mut String, cfg: &Cfg, res: &Results) {
     line(
         "disk bytes per event, log + indexes",
         "eventlog ≤ SQLite",
-        div(g("disk", "eventlog", "bytes_per_event"), g("disk", "sqlite", "bytes_per_event")),
+        div(
+            g("disk", "eventlog", "bytes_per_event"),
+            g("disk", "sqlite", "bytes_per_event"),
+        ),
         &|r| r <= 1.0,
         &|r| {
             format!(
@@ -1020,7 +1208,10 @@ fn goals(w: &mut String, cfg: &Cfg, res: &Results) {
         &|b| b < 150e6,
         &|b| format!("{:.0} MB", b / 1e6),
     );
-    let _ = writeln!(w, "\nThe 10,000,000-event reopen goal is checked in the scaling section (when run).\n");
+    let _ = writeln!(
+        w,
+        "\nThe 10,000,000-event reopen goal is checked in the scaling section (when run).\n"
+    );
 }
 
 fn details(w: &mut String, cfg: &Cfg, res: &Results) {
@@ -1032,14 +1223,17 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
         for t in &cfg.threads {
             let wk = format!("append_single_{t}t");
             for st in STORES {
-                let Some(eps) = res.get(&wk, st, "events_per_s") else { continue };
+                let Some(eps) = res.get(&wk, st, "events_per_s") else {
+                    continue;
+                };
                 let _ = writeln!(
                     w,
                     "| {t} | {st} | {} | {:.0} µs | {:.0} µs | {:.0} µs |",
                     thousands(eps),
                     res.get(&wk, st, "p50_us").unwrap_or(f64::NAN),
                     res.get(&wk, st, "p99_us").unwrap_or(f64::NAN),
-                    res.get_extra(&format!("{wk}_max_us"), st).unwrap_or(f64::NAN),
+                    res.get_extra(&format!("{wk}_max_us"), st)
+                        .unwrap_or(f64::NAN),
                 );
             }
         }
@@ -1050,7 +1244,10 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             res.get_extra("eventlog_log_bytes_per_event", "eventlog"),
             res.get_extra("eventlog_index_bytes_per_event", "eventlog"),
         ) {
-            let _ = writeln!(w, "- eventlog's disk bytes per event split: log {l:.0}, index (sled) {i:.0}.");
+            let _ = writeln!(
+                w,
+                "- eventlog's disk bytes per event split: log {l:.0}, index (sled) {i:.0}."
+            );
         }
         let mut anon = Vec::new();
         for st in STORES {
@@ -1068,7 +1265,11 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             let _ = writeln!(w, "- CPU time (user + system, all threads of the process) of the batched append of {} events (including generating the events, alike for every store): {}. With 2 cores shared with other processes, CPU-bound stores lose the most to the load.", thousands(cfg.events as f64), cpu.join(", "));
         }
         if !anon.is_empty() {
-            let _ = writeln!(w, "- peak heap (RssAnon sampled every 10 ms) during the batched append: {}.", anon.join(", "));
+            let _ = writeln!(
+                w,
+                "- peak heap (RssAnon sampled every 10 ms) during the batched append: {}.",
+                anon.join(", ")
+            );
         }
         let mut agg = Vec::new();
         for st in STORES {
@@ -1077,8 +1278,12 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             }
         }
         if !agg.is_empty() {
-            let _ = writeln!(w, "- events per aggregate history read (mean): {}; events of the type read: {}.", agg.join(", "),
-                thousands(res.get_extra("type_events", "eventlog").unwrap_or(f64::NAN)));
+            let _ = writeln!(
+                w,
+                "- events per aggregate history read (mean): {}; events of the type read: {}.",
+                agg.join(", "),
+                thousands(res.get_extra("type_events", "eventlog").unwrap_or(f64::NAN))
+            );
         }
         let mut st_after = Vec::new();
         for st in STORES {

@@ -221,7 +221,8 @@ fn sqlite_connect(path: &Path, durability: Durability) -> rusqlite::Connection {
         },
     )
     .expect("synchronous");
-    c.busy_timeout(Duration::from_secs(120)).expect("busy_timeout");
+    c.busy_timeout(Duration::from_secs(120))
+        .expect("busy_timeout");
     c
 }
 
@@ -309,7 +310,9 @@ impl Db for Sqlite {
 
     fn read_type(&mut self, event_type: &str) -> u64 {
         self.rows(
-            &format!("SELECT {SQLITE_COLUMNS} FROM events WHERE type = ?1 AND seq >= 0 ORDER BY seq"),
+            &format!(
+                "SELECT {SQLITE_COLUMNS} FROM events WHERE type = ?1 AND seq >= 0 ORDER BY seq"
+            ),
             Some(event_type),
         )
     }
@@ -473,7 +476,9 @@ impl Appender for SledAppender {
             // flushes the drive's volatile write cache nor commits the file's metadata, so
             // on its own it does not survive a power loss. The fdatasync makes it so.
             self.db.flush().expect("sled flush");
-            self.data_file.sync_data().expect("fdatasync of sled's file");
+            self.data_file
+                .sync_data()
+                .expect("fdatasync of sled's file");
         }
     }
 }
@@ -603,7 +608,11 @@ pub fn write_staged<'a>(
                      ends: &mut Vec<u64>| {
         for (i, p) in pending.iter().enumerate() {
             buf.clear();
-            let flags = if i + 1 == pending.len() { FLAG_BATCH_END } else { 0 };
+            let flags = if i + 1 == pending.len() {
+                FLAG_BATCH_END
+            } else {
+                0
+            };
             record::encode_into(&mut buf, *seq, flags, p);
             out.write_all(&buf).expect("write staged");
             *pos += buf.len() as u64;
@@ -635,7 +644,10 @@ pub fn write_staged<'a>(
 pub fn raw_append(dir: &Path, staged: &Staged, durability: Durability, records: u64) -> (f64, u64) {
     // The first appends holding at least `records` records (all of them when it is
     // `staged.records`).
-    let per_append = staged.records.div_ceil(staged.ends.len().max(1) as u64).max(1);
+    let per_append = staged
+        .records
+        .div_ceil(staged.ends.len().max(1) as u64)
+        .max(1);
     let batches = (records.div_ceil(per_append) as usize).min(staged.ends.len());
     std::fs::create_dir_all(dir).expect("raw dir");
     let file = Arc::new(
@@ -661,7 +673,10 @@ pub fn raw_append(dir: &Path, staged: &Staged, durability: Durability, records: 
     let mut secs = 0.0;
     for &end in &staged.ends[..batches] {
         buf.resize((end - start) as usize, 0);
-        staged.bin.read_exact_at(&mut buf, start).expect("read staged");
+        staged
+            .bin
+            .read_exact_at(&mut buf, start)
+            .expect("read staged");
         let t = Instant::now();
         (&*file).write_all(&buf).expect("write");
         if durability == Durability::Sync {
