@@ -121,6 +121,13 @@ impl FsFile {
     /// without a cache flush or any metadata. Called on preallocated zeros: otherwise the
     /// next `fdatasync`, the one an appender waits for, would have to write megabytes of
     /// them along with its records.
+    ///
+    /// Goes through an open file description of its own. `sync_file_range` reports a
+    /// write-back error of *any* page of the file, and marks it seen, per open file
+    /// description: through the log's own descriptor it could take an error that belongs
+    /// to the log's records, and the log's next `fdatasync` would then succeed without
+    /// them (the "fsyncgate" problem). A second description leaves every error for the
+    /// log's `fdatasync` to report; errors seen here only end the write-back early.
     #[cfg(target_os = "linux")]
     fn write_back(&self, offset: u64, len_bytes: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
@@ -130,12 +137,17 @@ impl FsFile {
         ) else {
             return Ok(());
         };
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let Ok(own) = OpenOptions::new().write(true).open(proc_path) else {
+            // Without /proc the zeros go with the next fdatasync: slower, as safe.
+            return Ok(());
+        };
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
             | libc::SYNC_FILE_RANGE_WRITE
             | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-        // SAFETY: sync_file_range(2) on the open descriptor of `self.file`, which outlives
-        // the call; it reads no memory of ours.
-        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
+        // SAFETY: sync_file_range(2) on `own`, open for the whole call; it reads no
+        // memory of ours.
+        let rc = unsafe { libc::sync_file_range(own.as_raw_fd(), offset, len, flags) };
         if rc == 0 {
             Ok(())
         } else {
