@@ -297,6 +297,7 @@ impl MemState {
 
     /// Adds the event at `seq` to the active memtable.
     fn insert(&mut self, seq: u64, payload: &[u8]) {
+        let dirty_from = self.dirty_from();
         let active = &mut self.active;
         debug_assert_eq!(seq, active.next_seq, "memtable must be fed in seq order");
         active.next_seq = seq + 1;
@@ -309,10 +310,6 @@ impl MemState {
                 return;
             }
         };
-        let dirty_from = self
-            .flushing
-            .as_ref()
-            .map_or(active.first_seq, |f| f.first_seq);
         self.latest.prune_if_full(dirty_from);
         // One lookup: the key is built once (inline ids are a copy of 32 bytes).
         match self.latest.map.entry(NameKey::new(head.aggregate_id)) {
@@ -756,22 +753,13 @@ impl Index {
         self.shared.mem.read().latest.get(aggregate)
     }
 
-    /// Like [`Index::latest`], and remembers the answer in memory.
+    /// [`Index::latest`] of each of `aggregates`, in order, into `out` (cleared first),
+    /// remembering sled's answers in memory. Looks them all up under one lock in one tight
+    /// loop: with many aggregates each lookup is a cache miss, and independent lookups in
+    /// a row overlap theirs.
     ///
-    /// Only call this while no commit for `aggregate` can happen (the store holds the
-    /// aggregate's append lock), or a stale answer could be cached.
-    ///
-    /// # Errors
-    /// As [`Index::latest`].
-    pub fn latest_for_append(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        let mut out = Vec::with_capacity(1);
-        self.latest_for_append_many(&[aggregate], &mut out)?;
-        Ok(out[0])
-    }
-
-    /// [`Index::latest_for_append`] of each of `aggregates`, in order, into `out` (cleared
-    /// first). Looks them all up under one lock in one tight loop: with many aggregates
-    /// each lookup is a cache miss, and independent lookups in a row overlap theirs.
+    /// Only call this while no commit for any of `aggregates` can happen (the store holds
+    /// their append locks), or a stale answer could be remembered.
     ///
     /// # Errors
     /// As [`Index::latest`].
@@ -786,12 +774,19 @@ impl Index {
             out.extend(aggregates.iter().map(|a| mem.latest.get(a)));
         }
         // Misses: sled has the answer (the map never drops an entry sled lacks).
+        let mut from_sled = Vec::new();
         for (aggregate, found) in aggregates.iter().zip(out.iter_mut()) {
             if found.is_none() {
                 *found = self.shared.latest_in_sled(aggregate)?;
                 if let Some(l) = *found {
-                    self.shared.mem.write().remember_from_sled(aggregate, l);
+                    from_sled.push((*aggregate, l));
                 }
+            }
+        }
+        if !from_sled.is_empty() {
+            let mut mem = self.shared.mem.write();
+            for (aggregate, l) in from_sled {
+                mem.remember_from_sled(aggregate, l);
             }
         }
         Ok(())

@@ -1070,7 +1070,7 @@ impl Inner {
         // Waits for a step the thread is writing, then allocates what is still missing.
         let _writing = self.preallocator.writing();
         if self.preallocating_in_background {
-            let now = self.preallocator.request(&active.segment, 0);
+            let now = self.preallocator.allocated_bytes(&active.segment);
             active.allocated_bytes = active.allocated_bytes.max(now);
             if needed_bytes <= active.allocated_bytes {
                 return Ok(());

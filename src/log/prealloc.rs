@@ -35,6 +35,10 @@ struct State {
     allocated_bytes: u64,
     /// Bytes of `segment` the writer wants allocated.
     wanted_bytes: u64,
+    /// The last step failed: no more are tried (nor warned about) until the writer has
+    /// allocated inline again, which shows there is space, or moves to a new segment.
+    /// Without this a full disk would cost a failed step and a warning per append.
+    failed: bool,
     stop: bool,
 }
 
@@ -53,6 +57,7 @@ impl Preallocator {
         st.segment = Some(segment);
         st.allocated_bytes = allocated_bytes;
         st.wanted_bytes = allocated_bytes;
+        st.failed = false;
     }
 
     /// Stops preallocating (the log is poisoned or closing its segment for good). Holds
@@ -70,11 +75,21 @@ impl Preallocator {
         if !st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
             return 0;
         }
-        if wanted_bytes > st.wanted_bytes {
+        if wanted_bytes > st.wanted_bytes && !st.failed {
             st.wanted_bytes = wanted_bytes;
             self.cv.notify_one();
         }
         st.allocated_bytes
+    }
+
+    /// How much of `segment` is allocated (0 if the thread is not working on it).
+    pub(crate) fn allocated_bytes(&self, segment: &Arc<Segment>) -> u64 {
+        let st = self.state.lock();
+        if st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
+            st.allocated_bytes
+        } else {
+            0
+        }
     }
 
     /// Records that the writer itself allocated `segment` up to `bytes`.
@@ -82,6 +97,7 @@ impl Preallocator {
         let mut st = self.state.lock();
         if st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
             st.allocated_bytes = st.allocated_bytes.max(bytes);
+            st.failed = false;
         }
     }
 
@@ -140,8 +156,8 @@ impl Preallocator {
                 Ok(()) if current => st.allocated_bytes = st.allocated_bytes.max(step_end),
                 Ok(()) => {}
                 Err(e) => {
-                    // Not retried until the writer asks for more: on a full disk it would
-                    // only spin. The writer, allocating inline, reports the error itself.
+                    // Not retried until the writer has allocated inline (see `failed`): on
+                    // a full disk it would only spin. The writer reports the error itself.
                     tracing::warn!(
                         segment = %segment.path.display(),
                         to_bytes = step_end,
@@ -150,6 +166,7 @@ impl Preallocator {
                     );
                     if current {
                         st.wanted_bytes = st.allocated_bytes;
+                        st.failed = true;
                     }
                 }
             }

@@ -52,6 +52,29 @@ pub struct Metadata {
     pub extra: BTreeMap<String, String>,
 }
 
+impl Metadata {
+    /// Bytes of its strings (ids, keys and values): what
+    /// [`METADATA_SIZE_BYTES_MAX`](crate::store::METADATA_SIZE_BYTES_MAX) limits.
+    ///
+    /// # Examples
+    /// ```
+    /// use eventlog::store::Metadata;
+    /// let mut m = Metadata::default();
+    /// m.correlation_id = Some("req-1".into());
+    /// m.extra.insert("user".into(), "ada".into());
+    /// assert_eq!(m.len_bytes(), 5 + 4 + 3);
+    /// ```
+    pub fn len_bytes(&self) -> usize {
+        self.correlation_id.as_ref().map_or(0, String::len)
+            + self.causation_id.as_ref().map_or(0, String::len)
+            + self
+                .extra
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
 /// An event to append.
 ///
 /// # Examples
@@ -307,15 +330,24 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 /// Encodes an event into a log record payload.
 pub(crate) fn encode(e: &ResolvedEvent<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len_estimate(e));
+    let mut out = Vec::with_capacity(encoded_len_estimate(e.aggregate_id, e.event));
     encode_into(&mut out, e);
     out
 }
 
-/// About how many bytes [`encode_into`] appends for `e` (exact up to the varints'
-/// widths): lets a caller size one buffer for many events.
-pub(crate) fn encoded_len_estimate(e: &ResolvedEvent<'_>) -> usize {
-    64 + e.aggregate_id.len() + e.event.event_type.len() + e.event.payload.len()
+/// Bytes an event's encoding adds to its names, metadata and payload, about (format
+/// byte, length and integer varints, back pointer, id, timestamp, content type, option
+/// tags).
+const ENCODING_OVERHEAD_BYTES: usize = 64;
+
+/// About how many bytes [`encode_into`] appends for `event` of `aggregate_id` (exact up
+/// to the varints' widths): lets a caller size one buffer for many events.
+pub(crate) fn encoded_len_estimate(aggregate_id: &str, event: &NewEvent) -> usize {
+    ENCODING_OVERHEAD_BYTES
+        + aggregate_id.len()
+        + event.event_type.len()
+        + event.metadata.len_bytes()
+        + event.payload.len()
 }
 
 /// Appends the encoding of `e` to `out` (what [`encode`] returns), so that the events of

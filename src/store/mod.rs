@@ -48,10 +48,6 @@ pub const METADATA_SIZE_BYTES_MAX: usize = 32 << 10;
 const _: () = assert!(
     METADATA_SIZE_BYTES_MAX + 4 * event::NAME_LEN_BYTES_MAX + 1024 < EVENT_OVERHEAD_BYTES_MAX
 );
-/// Bytes an event's encoding adds to its names, metadata and payload, about (format
-/// byte, length and integer varints, back pointer, id, timestamp, content type, option
-/// tags): used to size the buffer an append's events are encoded into.
-const EVENT_ENCODING_OVERHEAD_BYTES: usize = 64;
 /// Stripes of the per-aggregate append lock.
 const APPEND_LOCK_STRIPES: usize = 256;
 /// How many requests ahead of the one being checked an append asks for the names of.
@@ -719,13 +715,7 @@ impl Store {
                         limit_bytes: inner.options.payload_size_bytes_max,
                     });
                 }
-                let m = &e.metadata;
-                let metadata_bytes = m.correlation_id.as_ref().map_or(0, String::len)
-                    + m.causation_id.as_ref().map_or(0, String::len)
-                    + m.extra
-                        .iter()
-                        .map(|(k, v)| k.len() + v.len())
-                        .sum::<usize>();
+                let metadata_bytes = e.metadata.len_bytes();
                 if metadata_bytes > METADATA_SIZE_BYTES_MAX {
                     return Err(AppendError::MetadataTooLarge {
                         index: index_in_append,
@@ -733,11 +723,7 @@ impl Store {
                         limit_bytes: METADATA_SIZE_BYTES_MAX,
                     });
                 }
-                encoded_bytes_estimate += EVENT_ENCODING_OVERHEAD_BYTES
-                    + r.aggregate_id.len()
-                    + e.event_type.len()
-                    + metadata_bytes
-                    + e.payload.len();
+                encoded_bytes_estimate += event::encoded_len_estimate(r.aggregate_id, e);
                 index_in_append += 1;
             }
         }

@@ -289,13 +289,7 @@ fn check_sizes(e: &NewEvent) -> Result<(), String> {
             count(PAYLOAD_SIZE_BYTES_MAX_DEFAULT as u64)
         ));
     }
-    let m = &e.metadata;
-    let metadata_bytes = m.correlation_id.as_ref().map_or(0, String::len)
-        + m.causation_id.as_ref().map_or(0, String::len)
-        + m.extra
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
+    let metadata_bytes = e.metadata.len_bytes();
     if metadata_bytes > METADATA_SIZE_BYTES_MAX {
         return Err(format!(
             "metadata is {} bytes, the limit is {} bytes",
