@@ -34,7 +34,9 @@ pub mod keys;
 
 use crate::log::{CommitObserver, Log};
 use crate::store::event;
-use keys::{agg_bucket, decode_u64, is_checkpoint_version, name_key, TYPE_BUCKET_BITS};
+use keys::{
+    agg_bucket, decode_u64, is_checkpoint_version, name_key, AGG_BUCKETS, TYPE_BUCKET_BITS,
+};
 use parking_lot::{Condvar, Mutex, RwLock};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeMap;
@@ -52,6 +54,11 @@ const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
 /// Events indexed per sled batch while catching up at open.
 const CATCH_UP_BATCH_EVENTS: usize = 500_000;
+/// A bucket of `aggregates` read from sled for a miss is put in the latest map whole (and
+/// marked complete, so later misses in it need no sled read) only up to this many
+/// aggregates: with 500,000 aggregates a bucket holds about 61. Larger buckets would cost
+/// more to insert than the sled reads they save, and fill the map's clean bound fast.
+const BUCKET_REMEMBERED_WHOLE_MAX: usize = 64;
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +260,16 @@ struct LatestMap {
     /// `clean_max` more than were dirty at the last pruning, which keeps both the map's
     /// size and the amortized cost of pruning bounded.
     prune_at_len: usize,
+    /// One bit per `aggregates` bucket ([`agg_bucket`]), set when every aggregate the
+    /// bucket holds in sled was put in the map: a miss of an id of that bucket then means
+    /// the aggregate has no events, so a new stream costs no sled read. Pruning drops clean
+    /// entries, so it clears every bit.
+    complete_buckets: Vec<u64>,
+    /// Prunings so far. A bucket read from sled outside the lock may be put in the map
+    /// whole only if none happened since the lookups that missed: otherwise an entry newer
+    /// than that read could have been flushed and dropped meanwhile, and the read's older
+    /// value would take its place.
+    prunes: u64,
 }
 
 impl LatestMap {
@@ -261,11 +278,48 @@ impl LatestMap {
             map: HashMap::default(),
             clean_max,
             prune_at_len: clean_max,
+            complete_buckets: vec![0; AGG_BUCKETS.div_ceil(64) as usize],
+            prunes: 0,
         }
     }
 
     fn get(&self, aggregate: &str) -> Option<(u64, u64)> {
         self.map.get(aggregate).map(|l| (l.version, l.seq))
+    }
+
+    /// What the map knows of `aggregate`: `Some(Some(_))` its latest (version, seq),
+    /// `Some(None)` that it has no events (a miss in a complete bucket), `None` that sled
+    /// has the answer.
+    fn lookup(&self, aggregate: &str) -> Option<Option<(u64, u64)>> {
+        match self.get(aggregate) {
+            Some(found) => Some(Some(found)),
+            None if self.is_complete(agg_bucket(aggregate)) => Some(None),
+            None => None,
+        }
+    }
+
+    fn is_complete(&self, bucket: u32) -> bool {
+        self.complete_buckets[(bucket / 64) as usize] & (1 << (bucket % 64)) != 0
+    }
+
+    /// Puts an aggregate's latest as sled has it, keeping an entry found meanwhile, which
+    /// is as new or newer. Callers prune first.
+    fn remember(&mut self, aggregate: &str, version: u64, seq: u64) {
+        self.map.entry(NameKey::new(aggregate)).or_insert(Latest {
+            version,
+            seq,
+            before_active: (0, 0),
+        });
+    }
+
+    /// Puts every aggregate of a bucket read from sled in the map and marks the bucket
+    /// complete. Only call this if no pruning happened since before the read (see
+    /// [`LatestMap::prunes`]).
+    fn remember_bucket(&mut self, bucket: u32, entries: &[(&str, u64, u64)]) {
+        for &(name, version, seq) in entries {
+            self.remember(name, version, seq);
+        }
+        self.complete_buckets[(bucket / 64) as usize] |= 1 << (bucket % 64);
     }
 
     /// Drops the clean entries (`seq < dirty_from`) if the map is full.
@@ -277,6 +331,9 @@ impl LatestMap {
         // and a miss only costs one sled read.
         self.map.retain(|_, l| l.seq >= dirty_from);
         self.prune_at_len = self.map.len() + self.clean_max;
+        // Clean entries of complete buckets went too.
+        self.complete_buckets.fill(0);
+        self.prunes += 1;
     }
 }
 
@@ -382,19 +439,12 @@ impl MemState {
         Ok((version, seq))
     }
 
-    /// Remembers what sled answered for an aggregate with no entry. Keeps an entry found
-    /// meanwhile, which is as new or newer.
+    /// Remembers what sled answered for an aggregate with no entry (pruning first).
+    #[cfg(test)]
     fn remember_from_sled(&mut self, aggregate: &str, (version, seq): (u64, u64)) {
         let dirty_from = self.dirty_from();
         self.latest.prune_if_full(dirty_from);
-        self.latest
-            .map
-            .entry(NameKey::new(aggregate))
-            .or_insert(Latest {
-                version,
-                seq,
-                before_active: (0, 0),
-            });
+        self.latest.remember(aggregate, version, seq);
     }
 }
 
@@ -424,6 +474,8 @@ struct Shared {
     options: IndexOptions,
     flushed_batches: AtomicU64,
     sled_writes: AtomicU64,
+    /// Latest-version reads that went to sled (each one bucket).
+    sled_reads: AtomicU64,
     /// Held for a whole [`Shared::flush_once`]: one flush at a time.
     flush_lock: Mutex<()>,
 }
@@ -464,6 +516,9 @@ pub struct IndexCounters {
     pub flushed_batches: u64,
     /// sled entries written since open.
     pub sled_writes: u64,
+    /// Latest-version lookups that had to read sled since open (one bucket each): the
+    /// misses of the in-memory map.
+    pub sled_reads: u64,
 }
 
 /// The commit observer that feeds the memtable.
@@ -627,6 +682,7 @@ impl Index {
             options,
             flushed_batches: AtomicU64::new(0),
             sled_writes: AtomicU64::new(0),
+            sled_reads: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
         });
 
@@ -696,6 +752,7 @@ impl Index {
             lag_events: self.lag_events() as u64,
             flushed_batches: self.shared.flushed_batches.load(Ordering::Relaxed),
             sled_writes: self.shared.sled_writes.load(Ordering::Relaxed),
+            sled_reads: self.shared.sled_reads.load(Ordering::Relaxed),
         }
     }
 
@@ -742,21 +799,19 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn latest(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        Ok(match self.latest_in_memory(aggregate) {
-            Some(v) => Some(v),
-            None => self.shared.latest_in_sled(aggregate)?,
-        })
-    }
-
-    /// What the latest map knows; a miss means sled has the answer.
-    fn latest_in_memory(&self, aggregate: &str) -> Option<(u64, u64)> {
-        self.shared.mem.read().latest.get(aggregate)
+        let known = self.shared.mem.read().latest.lookup(aggregate);
+        match known {
+            Some(found) => Ok(found),
+            None => self.shared.latest_in_sled(aggregate),
+        }
     }
 
     /// [`Index::latest`] of each of `aggregates`, in order, into `out` (cleared first),
     /// remembering sled's answers in memory. Looks them all up under one lock in one tight
     /// loop: with many aggregates each lookup is a cache miss, and independent lookups in
-    /// a row overlap theirs.
+    /// a row overlap theirs. Misses read each sled bucket once, and a small bucket is
+    /// remembered whole, so that the new aggregates of a bucket cost one sled read
+    /// together rather than one each.
     ///
     /// Only call this while no commit for any of `aggregates` can happen (the store holds
     /// their append locks), or a stale answer could be remembered.
@@ -769,24 +824,65 @@ impl Index {
         out: &mut Vec<Option<(u64, u64)>>,
     ) -> Result<(), IndexError> {
         out.clear();
-        {
+        // (bucket, index in `aggregates`) of the lookups sled must answer.
+        let mut misses: Vec<(u32, usize)> = Vec::new();
+        let prunes_seen = {
             let mem = self.shared.mem.read();
-            out.extend(aggregates.iter().map(|a| mem.latest.get(a)));
-        }
-        // Misses: sled has the answer (the map never drops an entry sled lacks).
-        let mut from_sled = Vec::new();
-        for (aggregate, found) in aggregates.iter().zip(out.iter_mut()) {
-            if found.is_none() {
-                *found = self.shared.latest_in_sled(aggregate)?;
-                if let Some(l) = *found {
-                    from_sled.push((*aggregate, l));
+            for (i, aggregate) in aggregates.iter().enumerate() {
+                match mem.latest.lookup(aggregate) {
+                    Some(found) => out.push(found),
+                    None => {
+                        out.push(None);
+                        misses.push((agg_bucket(aggregate), i));
+                    }
                 }
             }
+            mem.latest.prunes
+        };
+        if misses.is_empty() {
+            return Ok(());
         }
-        if !from_sled.is_empty() {
-            let mut mem = self.shared.mem.write();
-            for (aggregate, l) in from_sled {
-                mem.remember_from_sled(aggregate, l);
+        // Misses: sled has the answer (the map never drops an entry sled lacks).
+        misses.sort_unstable();
+        let mut buckets: Vec<(u32, Option<sled::IVec>)> = Vec::new();
+        for &(bucket, i) in &misses {
+            if buckets.last().map(|b| b.0) != Some(bucket) {
+                self.shared.sled_reads.fetch_add(1, Ordering::Relaxed);
+                let value = self
+                    .shared
+                    .trees
+                    .aggregates
+                    .get(bucket.to_be_bytes())
+                    .map_err(sled_err(&self.shared.dir))?;
+                buckets.push((bucket, value));
+            }
+            if let Some((_, Some(value))) = buckets.last() {
+                out[i] = keys::find_in_latest_bucket(value, aggregates[i])
+                    .ok_or_else(|| self.shared.malformed("aggregates"))?;
+            }
+        }
+        let mut mem = self.shared.mem.write();
+        let dirty_from = mem.dirty_from();
+        mem.latest.prune_if_full(dirty_from);
+        let whole_allowed = mem.latest.prunes == prunes_seen;
+        let mut remembered_whole = Vec::with_capacity(buckets.len());
+        for (bucket, value) in &buckets {
+            let entries = match value {
+                Some(v) => keys::decode_latest_bucket(v)
+                    .ok_or_else(|| self.shared.malformed("aggregates"))?,
+                None => Vec::new(),
+            };
+            if whole_allowed && entries.len() <= BUCKET_REMEMBERED_WHOLE_MAX {
+                mem.latest.remember_bucket(*bucket, &entries);
+                remembered_whole.push(*bucket);
+            }
+        }
+        // The others' answers one by one (their append locks make them current).
+        for &(bucket, i) in &misses {
+            if remembered_whole.binary_search(&bucket).is_err() {
+                if let Some((version, seq)) = out[i] {
+                    mem.latest.remember(aggregates[i], version, seq);
+                }
             }
         }
         Ok(())
@@ -985,6 +1081,7 @@ impl Drop for Index {
 
 impl Shared {
     fn latest_in_sled(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
+        self.sled_reads.fetch_add(1, Ordering::Relaxed);
         let bucket = agg_bucket(aggregate).to_be_bytes();
         match self
             .trees
@@ -1424,6 +1521,37 @@ mod tests {
         feed(&mut mem, &[("e", 9)]);
         assert_eq!(mem.latest_in_batch(&batch, &NameKey::new("e")), Ok((8, 6)));
         assert_eq!(mem.latest.get("e"), Some((9, 7)));
+    }
+
+    #[test]
+    fn a_bucket_remembered_whole_answers_misses_until_a_pruning() {
+        let mut latest = LatestMap::new(2);
+        let bucket = agg_bucket("a");
+        let name_where = |same: bool| {
+            (0..)
+                .map(|i| format!("n{i}"))
+                .find(|n| (agg_bucket(n) == bucket) == same)
+                .expect("some name")
+        };
+        let (same, other) = (name_where(true), name_where(false));
+        assert_eq!(latest.lookup(&same), None, "unknown: sled has the answer");
+        latest.remember_bucket(bucket, &[("a", 3, 10)]);
+        assert_eq!(latest.lookup("a"), Some(Some((3, 10))));
+        assert_eq!(
+            latest.lookup(&same),
+            Some(None),
+            "a miss in a complete bucket: no events"
+        );
+        assert_eq!(latest.lookup(&other), None, "other buckets still ask sled");
+        latest.remember("x", 1, 1);
+        latest.prune_if_full(100);
+        assert_eq!(latest.prunes, 1);
+        assert_eq!(latest.lookup("a"), None, "clean entries are dropped");
+        assert_eq!(
+            latest.lookup(&same),
+            None,
+            "after a pruning the bucket must be read again"
+        );
     }
 
     /// Regression (found by the `store_ops` fuzz target): reopening right after a drop

@@ -1123,11 +1123,18 @@ impl Store {
             "sled entries written by the indexer.",
             ix.sled_writes,
         );
+        render_value(
+            &mut out,
+            "eventlog_index_sled_reads_total",
+            "counter",
+            "Latest-version lookups that missed memory and read sled (one bucket each).",
+            ix.sled_reads,
+        );
         self.inner.plugins.render_metrics(&mut out);
         out
     }
 
-    /// Counters of the index's work (lag, sled batches and writes).
+    /// Counters of the index's work (lag, sled batches, writes and reads).
     pub fn index_counters(&self) -> IndexCounters {
         self.inner.index.counters()
     }

@@ -644,3 +644,61 @@ fn long_aggregates_read_from_any_version_in_both_directions() {
     let store = open_store(dir.path());
     check(&store, "reopened");
 }
+
+/// Appends one event to each of `ids` under `expected`, 5,000 requests per batch.
+fn append_one_each(store: &Store, ids: &[String], expected: ExpectedVersion) {
+    let event = [ev("Opened", "{}")];
+    for chunk in ids.chunks(5_000) {
+        let requests: Vec<AppendRequest<'_>> = chunk
+            .iter()
+            .map(|id| AppendRequest {
+                aggregate_id: id,
+                expected,
+                events: &event,
+            })
+            .collect();
+        store
+            .append_batch(&requests)
+            .unwrap_or_else(|e| panic!("appending under {expected:?}: {e}"));
+    }
+}
+
+/// A new aggregate's version lookup misses memory; its sled bucket is read once and
+/// remembered whole, so new aggregates cost at most one sled read per bucket, not one
+/// each. The versions stay right through flushes and through prunings of the remembered
+/// entries (a small latest-version cache), and after a reopen.
+#[test]
+fn new_aggregates_cost_a_sled_read_per_bucket_not_per_aggregate() {
+    use eventlog::index::keys::AGG_BUCKETS;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    let first: Vec<String> = (0..20_000).map(|i| format!("account-{i}")).collect();
+    append_one_each(&store, &first, ExpectedVersion::NoStream);
+    let reads = store.index_counters().sled_reads;
+    assert!(
+        reads <= u64::from(AGG_BUCKETS),
+        "20,000 new aggregates read sled {reads} times, more than once per bucket ({AGG_BUCKETS})"
+    );
+    store.flush_index().unwrap();
+    drop(store);
+    // Their second events, with the cache far smaller than the aggregates: entries are
+    // dropped and buckets read again, and every expected version must still hold.
+    options.index.latest_cache_aggregates = 2_000;
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    append_one_each(&store, &first, ExpectedVersion::Exact(1));
+    let second: Vec<String> = (0..20_000).map(|i| format!("ledger-{i}")).collect();
+    append_one_each(&store, &second, ExpectedVersion::NoStream);
+    store.flush_index().unwrap();
+    append_one_each(&store, &second, ExpectedVersion::Exact(1));
+    append_one_each(&store, &first, ExpectedVersion::Exact(2));
+    drop(store);
+    let store = Store::open(dir.path(), options).unwrap();
+    for (ids, version) in [(&first, 3), (&second, 2)] {
+        for id in ids.iter().step_by(97) {
+            assert_eq!(store.aggregate_version(id).unwrap(), version, "{id}");
+            assert_eq!(history(&store, id).len() as u64, version, "{id}");
+        }
+    }
+    append_one_each(&store, &second, ExpectedVersion::Exact(2));
+}
