@@ -59,6 +59,9 @@ const CATCH_UP_BATCH_EVENTS: usize = 500_000;
 /// aggregates: with 500,000 aggregates a bucket holds about 61. Larger buckets would cost
 /// more to insert than the sled reads they save, and fill the map's clean bound fast.
 const BUCKET_REMEMBERED_WHOLE_MAX: usize = 64;
+/// Longest a flush waits for the log to acknowledge or abandon the group it is syncing
+/// (whose events must not reach sled before): one `fdatasync`, normally milliseconds.
+const GROUP_SETTLE_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +345,23 @@ struct MemState {
     active: Memtable,
     flushing: Option<Arc<Memtable>>,
     latest: LatestMap,
+    /// The group the log has written and not yet acknowledged (it is being synced), if
+    /// any: its events are at the end of the active memtable, hidden from readers.
+    unpublished: Option<Unpublished>,
+    /// For each aggregate of the unpublished group, its latest-map entry from before the
+    /// group (`None`: it had none): what readers see meanwhile, and what an abandoned
+    /// group restores. Kept here, not in [`Unpublished`], to reuse its allocation.
+    before_unpublished: Vec<(NameKey, Option<Latest>)>,
+}
+
+/// Where the active memtable stood before the unpublished group: what it is cut back to
+/// if the group is abandoned.
+#[derive(Debug, Clone, Copy)]
+struct Unpublished {
+    first_seq: u64,
+    touched_len: usize,
+    len: usize,
+    had_error: bool,
 }
 
 impl MemState {
@@ -352,9 +372,100 @@ impl MemState {
             .map_or(self.active.first_seq, |f| f.first_seq)
     }
 
+    /// Whether the event at `seq` is hidden from readers (written, not acknowledged).
+    fn is_unpublished(&self, seq: u64) -> bool {
+        self.unpublished.is_some_and(|u| seq >= u.first_seq)
+    }
+
+    /// Seqs below this may be shown to readers.
+    fn published_end(&self) -> u64 {
+        self.unpublished
+            .map_or(self.active.next_seq, |u| u.first_seq)
+    }
+
+    /// The latest (version, seq) of `aggregate` that readers may see; the map's answer as
+    /// [`LatestMap::lookup`] gives it.
+    fn latest_published(&self, aggregate: &str) -> Option<Option<(u64, u64)>> {
+        match self.latest.lookup(aggregate) {
+            Some(Some((_, seq))) if self.is_unpublished(seq) => {
+                let before = self
+                    .before_unpublished
+                    .iter()
+                    .find(|(name, _)| name.as_str() == aggregate);
+                debug_assert!(
+                    before.is_some(),
+                    "an unpublished entry of {aggregate} without its value from before"
+                );
+                Some(before.and_then(|(_, l)| l.map(|l| (l.version, l.seq))))
+            }
+            found => found,
+        }
+    }
+
+    /// Starts a group written by the log and not acknowledged yet: its events are
+    /// inserted next, hidden until [`MemState::publish`].
+    fn begin_unpublished(&mut self, first_seq: u64) {
+        debug_assert!(
+            self.unpublished.is_none(),
+            "one unpublished group at a time"
+        );
+        debug_assert_eq!(first_seq, self.active.next_seq, "groups come in seq order");
+        self.before_unpublished.clear();
+        self.unpublished = Some(Unpublished {
+            first_seq,
+            touched_len: self.active.touched.len(),
+            len: self.active.len,
+            had_error: self.active.error.is_some(),
+        });
+    }
+
+    /// The unpublished group was acknowledged: readers may see it.
+    fn publish(&mut self) {
+        self.unpublished = None;
+        self.before_unpublished.clear();
+    }
+
+    /// The unpublished group will never be acknowledged: takes its events out again, so
+    /// the memtable is as it was before the group (and a flush never writes them).
+    fn abandon(&mut self) {
+        let Some(u) = self.unpublished.take() else {
+            return;
+        };
+        for (name, before) in self.before_unpublished.drain(..) {
+            match before {
+                Some(l) => {
+                    self.latest.map.insert(name, l);
+                }
+                None => {
+                    self.latest.map.remove(name.as_str());
+                }
+            }
+        }
+        let active = &mut self.active;
+        active.touched.truncate(u.touched_len);
+        active.by_type.retain(|_, seqs| {
+            while seqs.last().is_some_and(|&s| s >= u.first_seq) {
+                seqs.pop();
+            }
+            !seqs.is_empty()
+        });
+        active.checkpoints.retain(|_, cps| {
+            while cps.last().is_some_and(|c| c.1 >= u.first_seq) {
+                cps.pop();
+            }
+            !cps.is_empty()
+        });
+        active.next_seq = u.first_seq;
+        active.len = u.len;
+        if !u.had_error {
+            active.error = None;
+        }
+    }
+
     /// Adds the event at `seq` to the active memtable.
     fn insert(&mut self, seq: u64, payload: &[u8]) {
         let dirty_from = self.dirty_from();
+        let unpublished_from = self.unpublished.map(|u| u.first_seq);
         let active = &mut self.active;
         debug_assert_eq!(seq, active.next_seq, "memtable must be fed in seq order");
         active.next_seq = seq + 1;
@@ -371,6 +482,11 @@ impl MemState {
         // One lookup: the key is built once (inline ids are a copy of 32 bytes).
         match self.latest.map.entry(NameKey::new(head.aggregate_id)) {
             std::collections::hash_map::Entry::Occupied(mut o) => {
+                if unpublished_from.is_some_and(|from| o.get().seq < from) {
+                    // First event of this aggregate in the unpublished group.
+                    self.before_unpublished
+                        .push((o.key().clone(), Some(*o.get())));
+                }
                 if o.get().seq < active.first_seq {
                     // First event of this aggregate in the active memtable.
                     active.touched.push(o.key().clone());
@@ -382,6 +498,9 @@ impl MemState {
                 l.seq = seq;
             }
             std::collections::hash_map::Entry::Vacant(v) => {
+                if unpublished_from.is_some() {
+                    self.before_unpublished.push((v.key().clone(), None));
+                }
                 active.touched.push(v.key().clone());
                 v.insert(Latest {
                     version: head.version,
@@ -471,6 +590,8 @@ struct Shared {
     signal: Mutex<Signal>,
     wake_cv: Condvar,
     room_cv: Condvar,
+    /// Notified (under `signal`) when an unpublished group is published or abandoned.
+    settled_cv: Condvar,
     options: IndexOptions,
     flushed_batches: AtomicU64,
     sled_writes: AtomicU64,
@@ -526,17 +647,30 @@ pub struct IndexCounters {
 struct Feed(Arc<Shared>);
 
 impl CommitObserver for Feed {
-    fn committed(&self, first_seq: u64, payloads: &[&[u8]]) {
+    fn written(&self, first_seq: u64, payloads: &[&[u8]]) {
+        let mut mem = self.0.mem.write();
+        mem.begin_unpublished(first_seq);
+        for (i, p) in payloads.iter().enumerate() {
+            mem.insert(first_seq + i as u64, p);
+        }
+    }
+
+    fn published(&self, next_seq: u64) {
         let len = {
             let mut mem = self.0.mem.write();
-            for (i, p) in payloads.iter().enumerate() {
-                mem.insert(first_seq + i as u64, p);
-            }
+            debug_assert_eq!(next_seq, mem.active.next_seq, "published what was written");
+            mem.publish();
             mem.active.len
         };
+        self.0.settled();
         if len >= self.0.options.flush_events {
             self.0.wake_cv.notify_one();
         }
+    }
+
+    fn abandoned(&self) {
+        self.0.mem.write().abandon();
+        self.0.settled();
     }
 }
 
@@ -674,11 +808,14 @@ impl Index {
                 active: Memtable::empty_at(indexed_next),
                 flushing: None,
                 latest: LatestMap::new(options.latest_cache_aggregates.max(1)),
+                unpublished: None,
+                before_unpublished: Vec::new(),
             }),
             indexed_next: AtomicU64::new(indexed_next),
             signal: Mutex::new(Signal::default()),
             wake_cv: Condvar::new(),
             room_cv: Condvar::new(),
+            settled_cv: Condvar::new(),
             options,
             flushed_batches: AtomicU64::new(0),
             sled_writes: AtomicU64::new(0),
@@ -799,7 +936,7 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn latest(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        let known = self.shared.mem.read().latest.lookup(aggregate);
+        let known = self.shared.mem.read().latest_published(aggregate);
         match known {
             Some(found) => Ok(found),
             None => self.shared.latest_in_sled(aggregate),
@@ -894,13 +1031,16 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn checkpoint(&self, aggregate: &str, version: u64) -> Result<Option<u64>, IndexError> {
-        let find = |m: &Memtable| {
-            m.checkpoints
-                .get(aggregate)
-                .and_then(|v| v.iter().find(|c| c.0 == version).map(|c| c.1))
-        };
         {
             let mem = self.shared.mem.read();
+            let published_end = mem.published_end();
+            let find = |m: &Memtable| {
+                m.checkpoints.get(aggregate).and_then(|v| {
+                    v.iter()
+                        .find(|c| c.0 == version && c.1 < published_end)
+                        .map(|c| c.1)
+                })
+            };
             if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
                 return Ok(Some(s));
             }
@@ -936,7 +1076,8 @@ impl Index {
                 mem_seqs.extend(f.iter().filter(|&&s| s >= from_seq));
             }
             if let Some(a) = mem.active.by_type.get(event_type) {
-                mem_seqs.extend(a.iter().filter(|&&s| s >= from_seq));
+                let published_end = mem.published_end();
+                mem_seqs.extend(a.iter().filter(|&&s| s >= from_seq && s < published_end));
             }
         }
         let start = name_key(event_type, from_seq >> TYPE_BUCKET_BITS);
@@ -962,8 +1103,19 @@ impl Index {
         // Names first seen in the memtable and not yet in sled.
         let (new_aggs, new_types): (Vec<NameKey>, Vec<Arc<str>>) = {
             let mem = shared.mem.read();
-            let mut a: Vec<NameKey> = mem.active.touched.clone();
-            let mut t: Vec<Arc<str>> = mem.active.by_type.keys().cloned().collect();
+            // Not the unpublished group's: it is at the end of the active memtable.
+            let touched_end = mem
+                .unpublished
+                .map_or(mem.active.touched.len(), |u| u.touched_len);
+            let published_end = mem.published_end();
+            let mut a: Vec<NameKey> = mem.active.touched[..touched_end].to_vec();
+            let mut t: Vec<Arc<str>> = mem
+                .active
+                .by_type
+                .iter()
+                .filter(|(_, seqs)| seqs.first().is_some_and(|&s| s < published_end))
+                .map(|(name, _)| Arc::clone(name))
+                .collect();
             if let Some(f) = &mem.flushing {
                 a.extend(f.touched.iter().cloned());
                 t.extend(f.by_type.keys().cloned());
@@ -1095,6 +1247,33 @@ impl Shared {
         }
     }
 
+    /// Wakes flushes waiting for an unpublished group to be published or abandoned.
+    fn settled(&self) {
+        let _g = self.signal.lock();
+        self.settled_cv.notify_all();
+    }
+
+    /// Waits until no group is unpublished: at most the log's sync of one group, bounded
+    /// by [`GROUP_SETTLE_WAIT_MAX`].
+    fn wait_until_settled(&self) -> Result<(), IndexError> {
+        let deadline = Instant::now() + GROUP_SETTLE_WAIT_MAX;
+        let mut signal = self.signal.lock();
+        while self.mem.read().unpublished.is_some() {
+            if self
+                .settled_cv
+                .wait_until(&mut signal, deadline)
+                .timed_out()
+            {
+                return Err(IndexError::Log(format!(
+                    "a group of events has waited for its fdatasync for more than {} s; \
+                     the disk may be hanging",
+                    GROUP_SETTLE_WAIT_MAX.as_secs()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn malformed(&self, tree: &'static str) -> IndexError {
         IndexError::Malformed {
             tree,
@@ -1154,6 +1333,13 @@ impl Shared {
                     None => {
                         if mem.active.next_seq == mem.active.first_seq {
                             return Ok(());
+                        }
+                        if mem.unpublished.is_some() {
+                            // Its events must not reach sled before they are acknowledged
+                            // (nor ever, if abandoned): wait for the log's sync.
+                            drop(mem);
+                            self.wait_until_settled()?;
+                            continue;
                         }
                         let next = mem.active.next_seq;
                         let taken =
@@ -1440,6 +1626,10 @@ mod tests {
     }
 
     fn event_payload(aggregate: &str, version: u64) -> Vec<u8> {
+        typed_event_payload(aggregate, version, "T")
+    }
+
+    fn typed_event_payload(aggregate: &str, version: u64, event_type: &str) -> Vec<u8> {
         let mut out = Vec::new();
         event::encode_into(
             &mut out,
@@ -1449,7 +1639,7 @@ mod tests {
                 prev: event::Prev::First,
                 event_id: uuid::Uuid::nil(),
                 timestamp_us: 0,
-                event: &crate::store::NewEvent::binary("T", vec![1, 2, 3]),
+                event: &crate::store::NewEvent::binary(event_type, vec![1, 2, 3]),
             },
         );
         out
@@ -1461,6 +1651,8 @@ mod tests {
             active: Memtable::empty_at(0),
             flushing: None,
             latest: LatestMap::new(1),
+            unpublished: None,
+            before_unpublished: Vec::new(),
         };
         let feed = |mem: &mut MemState, events: &[(&str, u64)]| {
             for (agg, version) in events {
@@ -1521,6 +1713,83 @@ mod tests {
         feed(&mut mem, &[("e", 9)]);
         assert_eq!(mem.latest_in_batch(&batch, &NameKey::new("e")), Ok((8, 6)));
         assert_eq!(mem.latest.get("e"), Some((9, 7)));
+    }
+
+    type MemSnapshot = (
+        BTreeMap<String, (u64, u64, (u64, u64))>,
+        Vec<String>,
+        BTreeMap<String, Vec<u64>>,
+        BTreeMap<String, Vec<(u64, u64)>>,
+        (u64, usize, bool),
+    );
+
+    fn snapshot(mem: &MemState) -> MemSnapshot {
+        (
+            mem.latest
+                .map
+                .iter()
+                .map(|(k, l)| (k.as_str().to_string(), (l.version, l.seq, l.before_active)))
+                .collect(),
+            mem.active
+                .touched
+                .iter()
+                .map(|k| k.as_str().to_string())
+                .collect(),
+            mem.active
+                .by_type
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            mem.active
+                .checkpoints
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.clone()))
+                .collect(),
+            (
+                mem.active.next_seq,
+                mem.active.len,
+                mem.active.error.is_some(),
+            ),
+        )
+    }
+
+    #[test]
+    fn an_unpublished_group_is_hidden_from_readers_and_an_abandoned_one_leaves_no_trace() {
+        let mut mem = MemState {
+            active: Memtable::empty_at(0),
+            flushing: None,
+            latest: LatestMap::new(100),
+            unpublished: None,
+            before_unpublished: Vec::new(),
+        };
+        let feed = |mem: &mut MemState, events: &[(&str, u64, &str)]| {
+            for (agg, version, event_type) in events {
+                let seq = mem.active.next_seq;
+                mem.insert(seq, &typed_event_payload(agg, *version, event_type));
+            }
+        };
+        feed(&mut mem, &[("a", 1, "T"), ("b", 1, "T")]);
+        let before = snapshot(&mem);
+        let group: &[(&str, u64, &str)] = &[("a", 2, "T"), ("c", 1, "U"), ("a", 3, "T")];
+        mem.begin_unpublished(2);
+        feed(&mut mem, group);
+        // Appends (which hold the aggregates' locks) see the group; readers do not.
+        assert_eq!(mem.latest.lookup("a"), Some(Some((3, 4))));
+        assert_eq!(mem.latest_published("a"), Some(Some((1, 0))));
+        assert_eq!(mem.latest_published("b"), Some(Some((1, 1))));
+        assert_eq!(mem.latest_published("c"), Some(None), "c has no events yet");
+        assert_eq!(mem.published_end(), 2);
+        mem.abandon();
+        assert_eq!(snapshot(&mem), before, "an abandoned group leaves no trace");
+        assert_eq!(mem.latest_published("c"), None, "unknown again: ask sled");
+
+        mem.begin_unpublished(2);
+        feed(&mut mem, group);
+        mem.publish();
+        assert_eq!(mem.latest_published("a"), Some(Some((3, 4))));
+        assert_eq!(mem.latest_published("c"), Some(Some((1, 3))));
+        assert_eq!(mem.published_end(), 5);
+        assert!(mem.before_unpublished.is_empty());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! See `docs/FORMAT.md` for the bytes on disk and the recovery rules.
 
 mod error;
+mod helper;
 mod prealloc;
 pub mod record;
 mod recovery;
@@ -201,15 +202,28 @@ impl Record {
     }
 }
 
-/// Told about every group of records as it becomes readable, in seq order, before the
-/// appenders of those records are acknowledged. Higher layers use it to keep derived
-/// state (indexes, subscriptions) in step with the log without re-reading it.
+/// Told about every group of records as it is written and as it becomes readable, in
+/// seq order, before the appenders of those records are acknowledged. Higher layers use
+/// it to keep derived state (indexes) in step with the log without re-reading it.
+///
+/// Each group is [`written`](CommitObserver::written) first and then either
+/// [`published`](CommitObserver::published) or [`abandoned`](CommitObserver::abandoned),
+/// before the next group is written. Under [`Durability::Sync`] the group's `fdatasync`
+/// runs meanwhile (on another thread for large groups), so between `written` and
+/// `published` the records are not durable yet: the observer must not show them to
+/// readers.
 ///
 /// It runs on the committing thread while the log's writer is busy, so it must be quick
 /// and must not call back into the log's append path.
 pub trait CommitObserver: Send + Sync + std::fmt::Debug {
-    /// Records `first_seq ..` with these payloads were committed.
-    fn committed(&self, first_seq: u64, payloads: &[&[u8]]);
+    /// Records `first_seq ..` with these payloads were written; not acknowledged yet.
+    fn written(&self, first_seq: u64, payloads: &[&[u8]]);
+    /// Every record below `next_seq` is acknowledged: durable as the log's durability
+    /// says, and readable.
+    fn published(&self, next_seq: u64);
+    /// The records of the last [`written`](CommitObserver::written) group will never be
+    /// acknowledged (their sync failed and the log is poisoned): forget them.
+    fn abandoned(&self);
 }
 
 /// Histograms of the log's work, from [`Log::metrics`].
@@ -328,6 +342,10 @@ struct Inner {
     /// Whether `preallocator` runs (see [`LogOptions::preallocate_in_background`]).
     preallocating_in_background: bool,
     preallocator: Preallocator,
+    /// Tells the observer about large groups while the leader syncs them (see
+    /// [`helper`]); `None` unless `Durability::Sync` on a real file system (simulated
+    /// storage stays single-threaded, hence deterministic).
+    helper: Option<helper::Helper>,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -430,6 +448,15 @@ impl Log {
         let preallocating_in_background = options.preallocate_in_background
             && options.preallocate_chunk_bytes > 0
             && storage.is_real_file_system();
+        let helper = if options.durability == Durability::Sync && storage.is_real_file_system() {
+            Some(helper::Helper::start().map_err(|source| OpenError::Io {
+                path: PathBuf::new(),
+                action: "starting the commit helper thread",
+                source,
+            })?)
+        } else {
+            None
+        };
         let preallocator = Preallocator::default();
         if preallocating_in_background {
             preallocator.set_segment(Arc::clone(&last), allocated_bytes);
@@ -479,6 +506,7 @@ impl Log {
             },
             preallocating_in_background,
             preallocator,
+            helper,
             _lock: lock,
             options,
         });
@@ -849,7 +877,8 @@ impl Inner {
 
     /// Writes everything pending (one group commit), releasing the writer lock during I/O.
     fn lead(&self, w: &mut parking_lot::MutexGuard<'_, WriterState>) {
-        let bytes = std::mem::take(&mut w.pending);
+        // Shared, so the commit helper can read the payloads while this thread syncs.
+        let bytes = Arc::new(std::mem::take(&mut w.pending));
         let lens = std::mem::take(&mut w.pending_lens);
         let batches = std::mem::take(&mut w.pending_batches);
         let first_seq = w.pending_first_seq;
@@ -876,11 +905,13 @@ impl Inner {
             w.pending_batches.clear();
             w.pending_first_seq = w.acked_next;
         }
-        // Reuse the buffer's allocation for the next group.
+        // Reuse the buffer's allocation for the next group (the helper's job, which
+        // shared it, is done and dropped by now).
         if w.pending.is_empty() {
-            let mut bytes = bytes;
-            bytes.clear();
-            w.pending = bytes;
+            if let Ok(mut bytes) = Arc::try_unwrap(bytes) {
+                bytes.clear();
+                w.pending = bytes;
+            }
             w.pending_first_seq = w.next_seq;
         }
     }
@@ -890,7 +921,7 @@ impl Inner {
     fn write_group(
         &self,
         active: &mut ActiveSegment,
-        bytes: &[u8],
+        bytes: &Arc<Vec<u8>>,
         lens: &[u32],
         batches: &[(usize, u64)],
         first_seq: u64,
@@ -968,26 +999,60 @@ impl Inner {
                 .observe(chunk_records as u64);
             self.records_written
                 .fetch_add(chunk_records as u64, Ordering::Relaxed);
+            let observer = self.observer.get();
+            let first_of_chunk = seq - chunk_records as u64;
+            // Where each record's payload is in `bytes`.
+            let payload_ranges: Vec<Range<usize>> = match observer {
+                Some(_) => offsets
+                    .iter()
+                    .zip(&lens[chunk_first_rec..chunk_first_rec + chunk_records])
+                    .map(|(&o, &len)| {
+                        let start = chunk_start_bytes
+                            + (u64::from(o) - file_offset) as usize
+                            + RECORD_HEADER_SIZE_BYTES;
+                        start..start + len as usize - RECORD_HEADER_SIZE_BYTES
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let tell_written = {
+                let observer = observer.cloned();
+                let bytes = Arc::clone(bytes);
+                move || {
+                    if let Some(observer) = observer {
+                        let payloads: Vec<&[u8]> =
+                            payload_ranges.iter().map(|r| &bytes[r.clone()]).collect();
+                        observer.written(first_of_chunk, &payloads);
+                    }
+                }
+            };
             if sync {
-                if let Err(kind) = self.fsync(active) {
+                let synced = match &self.helper {
+                    Some(helper)
+                        if observer.is_some() && chunk_records >= helper::OVERLAP_RECORDS_MIN =>
+                    {
+                        helper.run_while(Box::new(tell_written), || self.fsync(active))
+                    }
+                    _ => {
+                        tell_written();
+                        self.fsync(active)
+                    }
+                };
+                if let Err(kind) = synced {
+                    if let Some(observer) = observer {
+                        observer.abandoned();
+                    }
                     return GroupOutcome {
                         acked_next,
                         failure: Some(kind),
                     };
                 }
+            } else {
+                tell_written();
             }
             self.publish(&active.segment, &offsets, off, seq);
-            if let Some(observer) = self.observer.get() {
-                let payloads: Vec<&[u8]> = offsets
-                    .iter()
-                    .zip(&lens[chunk_first_rec..chunk_first_rec + chunk_records])
-                    .map(|(&o, &len)| {
-                        let start =
-                            (u64::from(o) - file_offset) as usize + RECORD_HEADER_SIZE_BYTES;
-                        &chunk[start..start + len as usize - RECORD_HEADER_SIZE_BYTES]
-                    })
-                    .collect();
-                observer.committed(seq - chunk_records as u64, &payloads);
+            if let Some(observer) = observer {
+                observer.published(seq);
             }
             acked_next = seq;
         }
