@@ -305,6 +305,10 @@ impl LatestMap {
         self.complete_buckets[(bucket / 64) as usize] & (1 << (bucket % 64)) != 0
     }
 
+    fn forget_complete(&mut self, bucket: u32) {
+        self.complete_buckets[(bucket / 64) as usize] &= !(1 << (bucket % 64));
+    }
+
     /// Puts an aggregate's latest as sled has it, keeping an entry found meanwhile, which
     /// is as new or newer. Callers prune first.
     fn remember(&mut self, aggregate: &str, version: u64, seq: u64) {
@@ -437,7 +441,10 @@ impl MemState {
                     self.latest.map.insert(name, l);
                 }
                 None => {
+                    // It may have been in sled (an entry pruned between the append's
+                    // lookup and the insert): its bucket is not known whole any more.
                     self.latest.map.remove(name.as_str());
+                    self.latest.forget_complete(agg_bucket(name.as_str()));
                 }
             }
         }

@@ -343,9 +343,13 @@ struct Inner {
     preallocating_in_background: bool,
     preallocator: Preallocator,
     /// Tells the observer about large groups while the leader syncs them (see
-    /// [`helper`]); `None` unless `Durability::Sync` on a real file system (simulated
-    /// storage stays single-threaded, hence deterministic).
-    helper: Option<helper::Helper>,
+    /// [`helper`]). Started by the first group that can use it, so logs without an
+    /// observer (dead-letter logs) run no such thread; `None` inside if it could not be
+    /// started (groups then tell the observer inline).
+    helper: std::sync::OnceLock<Option<helper::Helper>>,
+    /// Whether groups may use the helper: under `Durability::Sync` on a real file system
+    /// (simulated storage stays single-threaded, hence deterministic).
+    helper_allowed: bool,
     _lock: Box<dyn LockGuard>,
 }
 
@@ -448,15 +452,8 @@ impl Log {
         let preallocating_in_background = options.preallocate_in_background
             && options.preallocate_chunk_bytes > 0
             && storage.is_real_file_system();
-        let helper = if options.durability == Durability::Sync && storage.is_real_file_system() {
-            Some(helper::Helper::start().map_err(|source| OpenError::Io {
-                path: PathBuf::new(),
-                action: "starting the commit helper thread",
-                source,
-            })?)
-        } else {
-            None
-        };
+        let helper_allowed =
+            options.durability == Durability::Sync && storage.is_real_file_system();
         let preallocator = Preallocator::default();
         if preallocating_in_background {
             preallocator.set_segment(Arc::clone(&last), allocated_bytes);
@@ -506,7 +503,8 @@ impl Log {
             },
             preallocating_in_background,
             preallocator,
-            helper,
+            helper: std::sync::OnceLock::new(),
+            helper_allowed,
             _lock: lock,
             options,
         });
@@ -1027,12 +1025,11 @@ impl Inner {
                 }
             };
             if sync {
-                let synced = match &self.helper {
-                    Some(helper)
-                        if observer.is_some() && chunk_records >= helper::OVERLAP_RECORDS_MIN =>
-                    {
-                        helper.run_while(Box::new(tell_written), || self.fsync(active))
-                    }
+                let use_helper = self.helper_allowed
+                    && observer.is_some()
+                    && chunk_records >= helper::OVERLAP_RECORDS_MIN;
+                let synced = match self.helper(use_helper) {
+                    Some(helper) => helper.run_while(Box::new(tell_written), || self.fsync(active)),
                     _ => {
                         tell_written();
                         self.fsync(active)
@@ -1060,6 +1057,22 @@ impl Inner {
             acked_next,
             failure: None,
         }
+    }
+
+    /// The commit helper if `wanted`, starting it on first use.
+    fn helper(&self, wanted: bool) -> Option<&helper::Helper> {
+        if !wanted {
+            return None;
+        }
+        self.helper
+            .get_or_init(|| match helper::Helper::start() {
+                Ok(helper) => Some(helper),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the commit helper thread; large groups feed the index before their sync instead of during it");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     fn fsync(&self, active: &mut ActiveSegment) -> Result<(), FailKind> {
