@@ -938,7 +938,8 @@ impl Index {
         }
     }
 
-    /// The latest (version, seq) of `aggregate`; `None` if it has no events.
+    /// The latest acknowledged (version, seq) of `aggregate`; `None` if it has no
+    /// acknowledged events. Events of a group being synced do not count yet.
     ///
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
@@ -958,7 +959,9 @@ impl Index {
     /// together rather than one each.
     ///
     /// Only call this while no commit for any of `aggregates` can happen (the store holds
-    /// their append locks), or a stale answer could be remembered.
+    /// their append locks), or a stale answer could be remembered. Unlike
+    /// [`Index::latest`] it would count a group being synced, but under those locks no
+    /// such group holds `aggregates` (an abandoned group is taken out again).
     ///
     /// # Errors
     /// As [`Index::latest`].
