@@ -702,3 +702,99 @@ fn new_aggregates_cost_a_sled_read_per_bucket_not_per_aggregate() {
     }
     append_one_each(&store, &second, ExpectedVersion::Exact(2));
 }
+
+/// Large groups (1,000 events, enough for the log to update the index on its helper
+/// thread while it syncs) with readers and index flushes running throughout: a reader
+/// never sees an event the log has not acknowledged (every seq the index hands out reads
+/// back, histories stay contiguous, versions never go backwards), and every append is
+/// readable as soon as it returned.
+#[test]
+fn readers_never_see_a_large_group_before_it_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    const AGGREGATES: u64 = 200;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|r| {
+            let store = store.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen_versions = vec![0u64; AGGREGATES as usize];
+                let mut checks = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || checks < 20 {
+                    let a = (checks * 7 + r) % AGGREGATES;
+                    let agg = format!("acct-{a}");
+                    let version = store.aggregate_version(&agg).unwrap();
+                    assert!(
+                        version >= seen_versions[a as usize],
+                        "reader {r}: {agg} went back from {} to {version}",
+                        seen_versions[a as usize]
+                    );
+                    seen_versions[a as usize] = version;
+                    let h = history(&store, &agg);
+                    assert!(
+                        h.len() as u64 >= version,
+                        "{agg}: history shorter than its version"
+                    );
+                    for (i, e) in h.iter().enumerate() {
+                        assert_eq!(e.0, i as u64 + 1, "reader {r} saw a gap in {agg}");
+                        assert_eq!(e.3, format!("{agg}:{}", e.0).into_bytes());
+                    }
+                    let mut last = None;
+                    for e in store.read_type("Deposited", 0, usize::MAX).unwrap() {
+                        let s = e.expect("every seq the type index gives reads back").seq();
+                        assert!(last.is_none_or(|l| s > l), "type seqs increase");
+                        last = Some(s);
+                    }
+                    checks += 1;
+                }
+                checks
+            })
+        })
+        .collect();
+    let mut next_version = vec![0u64; AGGREGATES as usize];
+    for batch in 0..30u64 {
+        let events: Vec<(String, [NewEvent; 1])> = (0..1_000u64)
+            .map(|i| {
+                let a = (batch * 1_000 + i) % AGGREGATES;
+                next_version[a as usize] += 1;
+                let agg = format!("acct-{a}");
+                let data = format!("{agg}:{}", next_version[a as usize]);
+                (agg, [NewEvent::binary("Deposited", data)])
+            })
+            .collect();
+        let requests: Vec<AppendRequest<'_>> = events
+            .iter()
+            .map(|(agg, event)| AppendRequest {
+                aggregate_id: agg,
+                expected: ExpectedVersion::Any,
+                events: event,
+            })
+            .collect();
+        let appended = store.append_batch(&requests).unwrap();
+        let last = appended.last().unwrap();
+        let (agg, _) = events.last().unwrap();
+        assert_eq!(
+            store.aggregate_version(agg).unwrap(),
+            last.last_version,
+            "read-your-writes: the version of the append that just returned"
+        );
+        let newest_deposit = store
+            .read_type("Deposited", last.last_seq, 1)
+            .unwrap()
+            .next()
+            .expect("the append that just returned is readable by type")
+            .unwrap();
+        assert_eq!(newest_deposit.seq(), last.last_seq);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() >= 20);
+    }
+    for (a, &version) in next_version.iter().enumerate() {
+        assert_eq!(
+            store.aggregate_version(&format!("acct-{a}")).unwrap(),
+            version
+        );
+    }
+}
