@@ -301,12 +301,19 @@ impl LatestMap {
         }
     }
 
+    /// The word of `complete_buckets` holding `bucket`'s bit, and the bit.
+    fn complete_bit(bucket: u32) -> (usize, u64) {
+        ((bucket / 64) as usize, 1 << (bucket % 64))
+    }
+
     fn is_complete(&self, bucket: u32) -> bool {
-        self.complete_buckets[(bucket / 64) as usize] & (1 << (bucket % 64)) != 0
+        let (word, bit) = Self::complete_bit(bucket);
+        self.complete_buckets[word] & bit != 0
     }
 
     fn forget_complete(&mut self, bucket: u32) {
-        self.complete_buckets[(bucket / 64) as usize] &= !(1 << (bucket % 64));
+        let (word, bit) = Self::complete_bit(bucket);
+        self.complete_buckets[word] &= !bit;
     }
 
     /// Puts an aggregate's latest as sled has it, keeping an entry found meanwhile, which
@@ -326,7 +333,8 @@ impl LatestMap {
         for &(name, version, seq) in entries {
             self.remember(name, version, seq);
         }
-        self.complete_buckets[(bucket / 64) as usize] |= 1 << (bucket % 64);
+        let (word, bit) = Self::complete_bit(bucket);
+        self.complete_buckets[word] |= bit;
     }
 
     /// Drops the clean entries (`seq < dirty_from`) if the map is full.
@@ -369,6 +377,18 @@ struct Unpublished {
 }
 
 impl MemState {
+    /// Empty memtables starting at `first_seq`, and an empty latest map keeping at most
+    /// `clean_max` clean entries.
+    fn new(first_seq: u64, clean_max: usize) -> Self {
+        MemState {
+            active: Memtable::empty_at(first_seq),
+            flushing: None,
+            latest: LatestMap::new(clean_max),
+            unpublished: None,
+            before_unpublished: Vec::new(),
+        }
+    }
+
     /// Seqs from here on are not all in sled yet.
     fn dirty_from(&self) -> u64 {
         self.flushing
@@ -450,16 +470,13 @@ impl MemState {
         }
         let active = &mut self.active;
         active.touched.truncate(u.touched_len);
+        // Both hold seqs in increasing order: cut each at the group's first.
         active.by_type.retain(|_, seqs| {
-            while seqs.last().is_some_and(|&s| s >= u.first_seq) {
-                seqs.pop();
-            }
+            seqs.truncate(seqs.partition_point(|&s| s < u.first_seq));
             !seqs.is_empty()
         });
         active.checkpoints.retain(|_, cps| {
-            while cps.last().is_some_and(|c| c.1 >= u.first_seq) {
-                cps.pop();
-            }
+            cps.truncate(cps.partition_point(|c| c.1 < u.first_seq));
             !cps.is_empty()
         });
         active.next_seq = u.first_seq;
@@ -811,13 +828,10 @@ impl Index {
         let shared = Arc::new(Shared {
             dir: index_dir,
             trees,
-            mem: RwLock::new(MemState {
-                active: Memtable::empty_at(indexed_next),
-                flushing: None,
-                latest: LatestMap::new(options.latest_cache_aggregates.max(1)),
-                unpublished: None,
-                before_unpublished: Vec::new(),
-            }),
+            mem: RwLock::new(MemState::new(
+                indexed_next,
+                options.latest_cache_aggregates.max(1),
+            )),
             indexed_next: AtomicU64::new(indexed_next),
             signal: Mutex::new(Signal::default()),
             wake_cv: Condvar::new(),
@@ -989,44 +1003,52 @@ impl Index {
         if misses.is_empty() {
             return Ok(());
         }
-        // Misses: sled has the answer (the map never drops an entry sled lacks).
+        // Misses: sled has the answer (the map never drops an entry sled lacks). Each
+        // bucket is read and decoded once.
         misses.sort_unstable();
-        let mut buckets: Vec<(u32, Option<sled::IVec>)> = Vec::new();
+        let mut values: Vec<(u32, Option<sled::IVec>)> = Vec::new();
+        for &(bucket, _) in &misses {
+            if values.last().map(|b| b.0) != Some(bucket) {
+                values.push((bucket, self.shared.read_latest_bucket(bucket)?));
+            }
+        }
+        // (bucket, its entries)
+        let buckets = values
+            .iter()
+            .map(|(bucket, value)| {
+                let entries = match value {
+                    Some(v) => keys::decode_latest_bucket(v)
+                        .ok_or_else(|| self.shared.malformed("aggregates"))?,
+                    None => Vec::new(),
+                };
+                Ok((*bucket, entries))
+            })
+            .collect::<Result<Vec<_>, IndexError>>()?;
+        let entries_of = |bucket: u32| {
+            let at = buckets.partition_point(|b| b.0 < bucket);
+            &buckets[at].1
+        };
         for &(bucket, i) in &misses {
-            if buckets.last().map(|b| b.0) != Some(bucket) {
-                self.shared.sled_reads.fetch_add(1, Ordering::Relaxed);
-                let value = self
-                    .shared
-                    .trees
-                    .aggregates
-                    .get(bucket.to_be_bytes())
-                    .map_err(sled_err(&self.shared.dir))?;
-                buckets.push((bucket, value));
-            }
-            if let Some((_, Some(value))) = buckets.last() {
-                out[i] = keys::find_in_latest_bucket(value, aggregates[i])
-                    .ok_or_else(|| self.shared.malformed("aggregates"))?;
-            }
+            // Found by comparing, not by the stored order, as `find_in_latest_bucket` does.
+            out[i] = entries_of(bucket)
+                .iter()
+                .find(|e| e.0 == aggregates[i])
+                .map(|e| (e.1, e.2));
         }
         let mut mem = self.shared.mem.write();
         let dirty_from = mem.dirty_from();
         mem.latest.prune_if_full(dirty_from);
         let whole_allowed = mem.latest.prunes == prunes_seen;
-        let mut remembered_whole = Vec::with_capacity(buckets.len());
-        for (bucket, value) in &buckets {
-            let entries = match value {
-                Some(v) => keys::decode_latest_bucket(v)
-                    .ok_or_else(|| self.shared.malformed("aggregates"))?,
-                None => Vec::new(),
-            };
+        for (bucket, entries) in &buckets {
             if whole_allowed && entries.len() <= BUCKET_REMEMBERED_WHOLE_MAX {
-                mem.latest.remember_bucket(*bucket, &entries);
-                remembered_whole.push(*bucket);
+                mem.latest.remember_bucket(*bucket, entries);
             }
         }
         // The others' answers one by one (their append locks make them current).
         for &(bucket, i) in &misses {
-            if remembered_whole.binary_search(&bucket).is_err() {
+            let remembered_whole =
+                whole_allowed && entries_of(bucket).len() <= BUCKET_REMEMBERED_WHOLE_MAX;
+            if !remembered_whole {
                 if let Some((version, seq)) = out[i] {
                     mem.latest.remember(aggregates[i], version, seq);
                 }
@@ -1243,18 +1265,21 @@ impl Drop for Index {
 
 impl Shared {
     fn latest_in_sled(&self, aggregate: &str) -> Result<Option<(u64, u64)>, IndexError> {
-        self.sled_reads.fetch_add(1, Ordering::Relaxed);
-        let bucket = agg_bucket(aggregate).to_be_bytes();
-        match self
-            .trees
-            .aggregates
-            .get(bucket)
-            .map_err(sled_err(&self.dir))?
-        {
+        match self.read_latest_bucket(agg_bucket(aggregate))? {
             Some(v) => keys::find_in_latest_bucket(&v, aggregate)
                 .ok_or_else(|| self.malformed("aggregates")),
             None => Ok(None),
         }
+    }
+
+    /// The `aggregates` value of `bucket`, for a latest-version lookup (counted in
+    /// `sled_reads`).
+    fn read_latest_bucket(&self, bucket: u32) -> Result<Option<sled::IVec>, IndexError> {
+        self.sled_reads.fetch_add(1, Ordering::Relaxed);
+        self.trees
+            .aggregates
+            .get(bucket.to_be_bytes())
+            .map_err(sled_err(&self.dir))
     }
 
     /// Wakes flushes waiting for an unpublished group to be published or abandoned.
@@ -1657,13 +1682,7 @@ mod tests {
 
     #[test]
     fn a_flushing_batch_writes_its_own_latest_versions_and_dirty_entries_are_never_dropped() {
-        let mut mem = MemState {
-            active: Memtable::empty_at(0),
-            flushing: None,
-            latest: LatestMap::new(1),
-            unpublished: None,
-            before_unpublished: Vec::new(),
-        };
+        let mut mem = MemState::new(0, 1);
         let feed = |mem: &mut MemState, events: &[(&str, u64)]| {
             for (agg, version) in events {
                 let seq = mem.active.next_seq;
@@ -1765,13 +1784,7 @@ mod tests {
 
     #[test]
     fn an_unpublished_group_is_hidden_from_readers_and_an_abandoned_one_leaves_no_trace() {
-        let mut mem = MemState {
-            active: Memtable::empty_at(0),
-            flushing: None,
-            latest: LatestMap::new(100),
-            unpublished: None,
-            before_unpublished: Vec::new(),
-        };
+        let mut mem = MemState::new(0, 100);
         let feed = |mem: &mut MemState, events: &[(&str, u64, &str)]| {
             for (agg, version, event_type) in events {
                 let seq = mem.active.next_seq;

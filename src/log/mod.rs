@@ -1028,7 +1028,8 @@ impl Inner {
                 let use_helper = self.helper_allowed
                     && observer.is_some()
                     && chunk_records >= helper::OVERLAP_RECORDS_MIN;
-                let synced = match self.helper(use_helper) {
+                let helper = if use_helper { self.helper() } else { None };
+                let synced = match helper {
                     Some(helper) => helper.run_while(Box::new(tell_written), || self.fsync(active)),
                     _ => {
                         tell_written();
@@ -1059,11 +1060,8 @@ impl Inner {
         }
     }
 
-    /// The commit helper if `wanted`, starting it on first use.
-    fn helper(&self, wanted: bool) -> Option<&helper::Helper> {
-        if !wanted {
-            return None;
-        }
+    /// The commit helper, started on first use; `None` if it could not be started.
+    fn helper(&self) -> Option<&helper::Helper> {
         self.helper
             .get_or_init(|| match helper::Helper::start() {
                 Ok(helper) => Some(helper),

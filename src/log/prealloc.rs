@@ -42,6 +42,15 @@ struct State {
     stop: bool,
 }
 
+impl State {
+    /// Whether `segment` is the one being preallocated.
+    fn is_current(&self, segment: &Arc<Segment>) -> bool {
+        self.segment
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, segment))
+    }
+}
+
 /// Shared between the writer and the background thread. See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Preallocator {
@@ -72,7 +81,7 @@ impl Preallocator {
     /// allocated now (0 if the thread is not working on `segment`).
     pub(crate) fn request(&self, segment: &Arc<Segment>, wanted_bytes: u64) -> u64 {
         let mut st = self.state.lock();
-        if !st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
+        if !st.is_current(segment) {
             return 0;
         }
         if wanted_bytes > st.wanted_bytes && !st.failed {
@@ -85,7 +94,7 @@ impl Preallocator {
     /// How much of `segment` is allocated (0 if the thread is not working on it).
     pub(crate) fn allocated_bytes(&self, segment: &Arc<Segment>) -> u64 {
         let st = self.state.lock();
-        if st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
+        if st.is_current(segment) {
             st.allocated_bytes
         } else {
             0
@@ -95,7 +104,7 @@ impl Preallocator {
     /// Records that the writer itself allocated `segment` up to `bytes`.
     pub(crate) fn note_allocated(&self, segment: &Arc<Segment>, bytes: u64) {
         let mut st = self.state.lock();
-        if st.segment.as_ref().is_some_and(|s| Arc::ptr_eq(s, segment)) {
+        if st.is_current(segment) {
             st.allocated_bytes = st.allocated_bytes.max(bytes);
             st.failed = false;
         }
@@ -138,20 +147,13 @@ impl Preallocator {
             {
                 // The writer may have allocated this far itself, or moved on, meanwhile.
                 let st = self.state.lock();
-                let current = st
-                    .segment
-                    .as_ref()
-                    .is_some_and(|s| Arc::ptr_eq(s, &segment));
-                if st.stop || !current || st.allocated_bytes >= step_end {
+                if st.stop || !st.is_current(&segment) || st.allocated_bytes >= step_end {
                     continue;
                 }
             }
             let allocated = segment.file.allocate(step_end);
             let mut st = self.state.lock();
-            let current = st
-                .segment
-                .as_ref()
-                .is_some_and(|s| Arc::ptr_eq(s, &segment));
+            let current = st.is_current(&segment);
             match allocated {
                 Ok(()) if current => st.allocated_bytes = st.allocated_bytes.max(step_end),
                 Ok(()) => {}

@@ -356,36 +356,78 @@ fn concurrent_appends_to_one_aggregate_never_lose_or_duplicate_a_version() {
     );
 }
 
+/// Reader threads, each running its check over and over (with the round number) until
+/// [`Readers::finish`], and at least `rounds_min` times.
+struct Readers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+    rounds_min: u64,
+}
+
+/// Starts `count` readers; `make(r)` gives reader `r` its check.
+fn spawn_readers<F>(store: &Store, count: u64, rounds_min: u64, make: impl Fn(u64) -> F) -> Readers
+where
+    F: FnMut(&Store, u64) + Send + 'static,
+{
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads = (0..count)
+        .map(|r| {
+            let store = store.clone();
+            let stop = stop.clone();
+            let mut check = make(r);
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < rounds_min {
+                    check(&store, rounds);
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    Readers {
+        stop,
+        threads,
+        rounds_min,
+    }
+}
+
+impl Readers {
+    /// Stops the readers; panics if one failed a check or ran too few rounds.
+    fn finish(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            assert!(t.join().unwrap() >= self.rounds_min);
+        }
+    }
+}
+
+/// `agg`'s history as reader `reader` sees it, checked to run from version 1 without a gap,
+/// each event's payload being `agg:version`.
+fn contiguous_history(store: &Store, agg: &str, reader: u64) -> Vec<(u64, u64, String, Vec<u8>)> {
+    let h = history(store, agg);
+    for (i, e) in h.iter().enumerate() {
+        assert_eq!(e.0, i as u64 + 1, "reader {reader} saw a gap in {agg}");
+        assert_eq!(e.3, format!("{agg}:{}", e.0).into_bytes());
+    }
+    h
+}
+
 #[test]
 fn readers_on_threads_see_consistent_histories_while_writers_append() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let readers: Vec<_> = (0..3)
-        .map(|r| {
-            let store = store.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut checks = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) || checks < 10 {
-                    let agg = format!("agg-{}", checks % 10);
-                    let h = history(&store, &agg);
-                    for (i, e) in h.iter().enumerate() {
-                        assert_eq!(e.0, i as u64 + 1, "reader {r} saw a gap in {agg}");
-                        assert_eq!(e.3, format!("{agg}:{}", e.0).into_bytes());
-                    }
-                    let mut last = None;
-                    for e in store.read_all(0, usize::MAX) {
-                        let s = e.unwrap().seq();
-                        assert!(last.is_none_or(|l| s == l + 1));
-                        last = Some(s);
-                    }
-                    checks += 1;
-                }
-                checks
-            })
-        })
-        .collect();
+    let readers = spawn_readers(&store, 3, 10, |r| {
+        move |store: &Store, round: u64| {
+            contiguous_history(store, &format!("agg-{}", round % 10), r);
+            let mut last = None;
+            for e in store.read_all(0, usize::MAX) {
+                let s = e.unwrap().seq();
+                assert!(last.is_none_or(|l| s == l + 1));
+                last = Some(s);
+            }
+        }
+    });
     let writers: Vec<_> = (0..2)
         .map(|w| {
             let store = store.clone();
@@ -409,10 +451,7 @@ fn readers_on_threads_see_consistent_histories_while_writers_append() {
     for w in writers {
         w.join().unwrap();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        assert!(r.join().unwrap() >= 10);
-    }
+    readers.finish();
 }
 
 #[test]
@@ -713,45 +752,31 @@ fn readers_never_see_a_large_group_before_it_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     const AGGREGATES: u64 = 200;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let readers: Vec<_> = (0..3)
-        .map(|r| {
-            let store = store.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut seen_versions = vec![0u64; AGGREGATES as usize];
-                let mut checks = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) || checks < 20 {
-                    let a = (checks * 7 + r) % AGGREGATES;
-                    let agg = format!("acct-{a}");
-                    let version = store.aggregate_version(&agg).unwrap();
-                    assert!(
-                        version >= seen_versions[a as usize],
-                        "reader {r}: {agg} went back from {} to {version}",
-                        seen_versions[a as usize]
-                    );
-                    seen_versions[a as usize] = version;
-                    let h = history(&store, &agg);
-                    assert!(
-                        h.len() as u64 >= version,
-                        "{agg}: history shorter than its version"
-                    );
-                    for (i, e) in h.iter().enumerate() {
-                        assert_eq!(e.0, i as u64 + 1, "reader {r} saw a gap in {agg}");
-                        assert_eq!(e.3, format!("{agg}:{}", e.0).into_bytes());
-                    }
-                    let mut last = None;
-                    for e in store.read_type("Deposited", 0, usize::MAX).unwrap() {
-                        let s = e.expect("every seq the type index gives reads back").seq();
-                        assert!(last.is_none_or(|l| s > l), "type seqs increase");
-                        last = Some(s);
-                    }
-                    checks += 1;
-                }
-                checks
-            })
-        })
-        .collect();
+    let readers = spawn_readers(&store, 3, 20, |r| {
+        let mut seen_versions = vec![0u64; AGGREGATES as usize];
+        move |store: &Store, round: u64| {
+            let a = (round * 7 + r) % AGGREGATES;
+            let agg = format!("acct-{a}");
+            let version = store.aggregate_version(&agg).unwrap();
+            assert!(
+                version >= seen_versions[a as usize],
+                "reader {r}: {agg} went back from {} to {version}",
+                seen_versions[a as usize]
+            );
+            seen_versions[a as usize] = version;
+            let h = contiguous_history(store, &agg, r);
+            assert!(
+                h.len() as u64 >= version,
+                "{agg}: history shorter than its version"
+            );
+            let mut last = None;
+            for e in store.read_type("Deposited", 0, usize::MAX).unwrap() {
+                let s = e.expect("every seq the type index gives reads back").seq();
+                assert!(last.is_none_or(|l| s > l), "type seqs increase");
+                last = Some(s);
+            }
+        }
+    });
     let mut next_version = vec![0u64; AGGREGATES as usize];
     for batch in 0..30u64 {
         let events: Vec<(String, [NewEvent; 1])> = (0..1_000u64)
@@ -787,10 +812,7 @@ fn readers_never_see_a_large_group_before_it_is_acknowledged() {
             .unwrap();
         assert_eq!(newest_deposit.seq(), last.last_seq);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        assert!(r.join().unwrap() >= 20);
-    }
+    readers.finish();
     for (a, &version) in next_version.iter().enumerate() {
         assert_eq!(
             store.aggregate_version(&format!("acct-{a}")).unwrap(),
