@@ -120,6 +120,15 @@ pub fn name_key(name: &str, n: u64) -> Vec<u8> {
     k
 }
 
+/// `aggregate \0 event id` (the id's 16 bytes): the key of the `event_ids` tree.
+pub fn event_id_key(aggregate: &str, event_id: &uuid::Uuid) -> Vec<u8> {
+    let mut k = Vec::with_capacity(aggregate.len() + 17);
+    k.extend_from_slice(aggregate.as_bytes());
+    k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
 /// Decodes a `name_key`; `None` if it is not one.
 pub fn decode_name_key(k: &[u8]) -> Option<(&str, u64)> {
     if k.len() < 9 {

@@ -1,6 +1,7 @@
 //! Secondary indexes in sled: for each aggregate its latest version (and seq) and a
-//! version -> seq checkpoint every 64 versions, for each event type its seqs, and the
-//! highest seq indexed. Always rebuildable from the log.
+//! version -> seq checkpoint every 64 versions, for each event type its seqs, the seq of
+//! each event id given by an appender (for recognizing retries), and the highest seq
+//! indexed. Always rebuildable from the log.
 //!
 //! # Why so few index entries
 //! Every event carries a back pointer to the previous event of its aggregate (see
@@ -9,7 +10,9 @@
 //! checkpoint every [`keys::AGG_CHECKPOINT_VERSIONS`] versions (`agg_events`) so that a
 //! read from any version walks at most that many links. Type postings hold thousands of
 //! seqs per sled value. That makes index maintenance a small fraction of a sled write per
-//! event, which sled 0.34 can sustain alongside the log's appends.
+//! event, which sled 0.34 can sustain alongside the log's appends. The one entry per event
+//! is in `event_ids`, and only for events whose appender gave the id: generated ids are
+//! unique by construction and carry a mark (see `docs/FORMAT.md`), so they need none.
 //!
 //! # How the index keeps up without slowing appends
 //! Committed events enter an in-memory *memtable* straight from the log's commit path
@@ -25,8 +28,8 @@
 //!
 //! # Crash safety
 //! sled recovers to a prefix of its writes. Each flush writes the entries and last the
-//! `indexed_next` mark; re-applying any suffix is idempotent (latest values and checkpoints
-//! are overwritten with the same or newer values, type buckets are unions), and keys hold
+//! `indexed_next` mark; re-applying any suffix is idempotent (latest values, checkpoints and
+//! event ids are overwritten with the same or newer values, type buckets are unions), and keys hold
 //! names, not ids handed out in some order, so a rebuilt index is byte for byte the index
 //! built incrementally.
 
@@ -49,7 +52,7 @@ use std::time::{Duration, Instant};
 /// Name of the index's subdirectory inside a store directory.
 pub const INDEX_DIR_NAME: &str = "index";
 /// Version of the index layout; a different stored version makes the index rebuild.
-pub const INDEX_FORMAT_VERSION: u64 = 2;
+pub const INDEX_FORMAT_VERSION: u64 = 3;
 const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
 /// Events indexed per sled batch while catching up at open.
@@ -214,6 +217,9 @@ struct Memtable {
     checkpoints: HashMap<NameKey, Vec<(u64, u64)>>,
     /// Seqs per type, increasing.
     by_type: HashMap<Arc<str>, Vec<u64>>,
+    /// (aggregate, event id) -> seq, for ids given by callers (not generated: see
+    /// [`event::is_generated_event_id`]).
+    event_ids: HashMap<(NameKey, u128), u64>,
     /// Seqs covered: `first_seq .. next_seq`.
     first_seq: u64,
     next_seq: u64,
@@ -479,6 +485,7 @@ impl MemState {
             cps.truncate(cps.partition_point(|c| c.1 < u.first_seq));
             !cps.is_empty()
         });
+        active.event_ids.retain(|_, seq| *seq < u.first_seq);
         active.next_seq = u.first_seq;
         active.len = u.len;
         if !u.had_error {
@@ -548,6 +555,13 @@ impl MemState {
                 active.by_type.insert(Arc::from(head.event_type), vec![seq]);
             }
         }
+        if !event::is_generated_event_id(&head.event_id) {
+            // The first use stays (appends never store an id twice in an aggregate).
+            active
+                .event_ids
+                .entry((NameKey::new(head.aggregate_id), head.event_id.as_u128()))
+                .or_insert(seq);
+        }
         active.len += 1;
     }
 
@@ -602,6 +616,8 @@ struct Trees {
     types: sled::Tree,
     /// event type \0 bucket -> seqs (delta varints)
     type_events: sled::Tree,
+    /// aggregate id \0 event id -> seq, for ids given by callers
+    event_ids: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -745,6 +761,7 @@ fn open_trees(dir: &Path, options: &IndexOptions) -> Result<Trees, sled::Error> 
         agg_events: db.open_tree("agg_events")?,
         types: db.open_tree("types")?,
         type_events: db.open_tree("type_events")?,
+        event_ids: db.open_tree("event_ids")?,
         meta: db.open_tree("meta")?,
         db,
     })
@@ -807,6 +824,7 @@ impl Index {
                 &trees.agg_events,
                 &trees.types,
                 &trees.type_events,
+                &trees.event_ids,
                 &trees.meta,
             ] {
                 t.clear().map_err(sled_err(&index_dir))?;
@@ -1091,6 +1109,45 @@ impl Index {
         }
     }
 
+    /// The seq of `aggregate`'s event with id `event_id`, if the id was given by the
+    /// appender (generated ids, see [`event::is_generated_event_id`], are not indexed:
+    /// `None` for them says nothing).
+    ///
+    /// # Errors
+    /// [`IndexError`] if sled fails or holds a malformed entry.
+    pub fn event_seq(
+        &self,
+        aggregate: &str,
+        event_id: &uuid::Uuid,
+    ) -> Result<Option<u64>, IndexError> {
+        {
+            let mem = self.shared.mem.read();
+            let published_end = mem.published_end();
+            let key = (NameKey::new(aggregate), event_id.as_u128());
+            let find = |m: &Memtable| {
+                m.event_ids
+                    .get(&key)
+                    .copied()
+                    .filter(|&s| s < published_end)
+            };
+            if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
+                return Ok(Some(s));
+            }
+        }
+        let shared = &self.shared;
+        match shared
+            .trees
+            .event_ids
+            .get(keys::event_id_key(aggregate, event_id))
+            .map_err(sled_err(&shared.dir))?
+        {
+            Some(v) => Ok(Some(
+                decode_u64(&v).ok_or_else(|| shared.malformed("event_ids"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// Seqs of events of type `event_type` from `from_seq` on, ascending. Lazy.
     ///
     /// # Errors
@@ -1197,6 +1254,7 @@ impl Index {
             ("agg_events", &t.agg_events),
             ("types", &t.types),
             ("type_events", &t.type_events),
+            ("event_ids", &t.event_ids),
             ("meta", &t.meta),
         ] {
             let mut entries = Vec::new();
@@ -1519,6 +1577,17 @@ impl Shared {
         t.type_events
             .apply_batch(type_events)
             .map_err(sled_err(&self.dir))?;
+        let mut event_ids = sled::Batch::default();
+        for ((name, id), seq) in &m.event_ids {
+            event_ids.insert(
+                keys::event_id_key(name.as_str(), &uuid::Uuid::from_u128(*id)),
+                &seq.to_be_bytes()[..],
+            );
+            writes += 1;
+        }
+        t.event_ids
+            .apply_batch(event_ids)
+            .map_err(sled_err(&self.dir))?;
         // Last: everything below this seq is now in sled.
         t.meta
             .insert(META_INDEXED_NEXT_KEY, &m.next_seq.to_be_bytes())
@@ -1672,7 +1741,8 @@ mod tests {
                 aggregate_id: aggregate,
                 version,
                 prev: event::Prev::First,
-                event_id: uuid::Uuid::nil(),
+                // An id as a caller would give it (indexed), distinct per version.
+                event_id: uuid::Uuid::from_u128(u128::from(version)),
                 timestamp_us: 0,
                 event: &crate::store::NewEvent::binary(event_type, vec![1, 2, 3]),
             },
@@ -1749,6 +1819,7 @@ mod tests {
         Vec<String>,
         BTreeMap<String, Vec<u64>>,
         BTreeMap<String, Vec<(u64, u64)>>,
+        BTreeMap<(String, u128), u64>,
         (u64, usize, bool),
     );
 
@@ -1774,6 +1845,11 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), v.clone()))
                 .collect(),
+            mem.active
+                .event_ids
+                .iter()
+                .map(|((name, id), seq)| ((name.as_str().to_string(), *id), *seq))
+                .collect(),
             (
                 mem.active.next_seq,
                 mem.active.len,
@@ -1793,9 +1869,15 @@ mod tests {
         };
         feed(&mut mem, &[("a", 1, "T"), ("b", 1, "T")]);
         let before = snapshot(&mem);
+        assert_eq!(before.4.len(), 2, "both events' ids are indexed");
         let group: &[(&str, u64, &str)] = &[("a", 2, "T"), ("c", 1, "U"), ("a", 3, "T")];
         mem.begin_unpublished(2);
         feed(&mut mem, group);
+        assert_eq!(
+            snapshot(&mem).4.len(),
+            5,
+            "the group's ids are in the memtable"
+        );
         // Appends (which hold the aggregates' locks) see the group; readers do not.
         assert_eq!(mem.latest.lookup("a"), Some(Some((3, 4))));
         assert_eq!(mem.latest_published("a"), Some(Some((1, 0))));

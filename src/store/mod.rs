@@ -29,7 +29,7 @@ use crate::metrics::{Counter, Histogram};
 use crate::storage::{FsStorage, Storage};
 use event::{EventHead, Prev, ResolvedEvent};
 use parking_lot::{Mutex, MutexGuard};
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -138,6 +138,34 @@ pub struct Appended {
 }
 
 /// Where an aggregate's newest event is while an append is being prepared.
+/// The stored events of an aggregate that carry a retried request's ids.
+#[derive(Debug)]
+struct RetryMatches {
+    /// (index of the event in the request, stored version, seq)
+    found: Vec<(usize, u64, u64)>,
+    /// Every stored event found has the type, payload and content type asked for.
+    same_content: bool,
+}
+
+impl Default for RetryMatches {
+    fn default() -> Self {
+        RetryMatches {
+            found: Vec::new(),
+            same_content: true,
+        }
+    }
+}
+
+impl RetryMatches {
+    /// Adds `stored`, found with the id of `asked`, event `i` of the request.
+    fn add(&mut self, i: usize, asked: &NewEvent, stored: &EventRef<'_>, seq: u64) {
+        self.same_content &= stored.event_type == asked.event_type
+            && stored.payload == asked.payload.as_slice()
+            && stored.content_type == asked.content_type;
+        self.found.push((i, stored.version, seq));
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Tail {
     /// No events yet.
@@ -324,6 +352,8 @@ struct StoreMetrics {
     events_appended: Counter,
     bytes_appended: Counter,
     append_us: Histogram,
+    /// Retry checks that read an aggregate's history (see `Store::find_retry`).
+    retry_history_scans: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -334,6 +364,7 @@ impl Default for StoreMetrics {
             events_appended: Counter::default(),
             bytes_appended: Counter::default(),
             append_us: Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
+            retry_history_scans: Counter::default(),
         }
     }
 }
@@ -748,6 +779,9 @@ impl Store {
         let mut heads: HashMap<&str, (u64, Tail)> =
             HashMap::with_capacity_and_hasher(requests.len(), Default::default());
         let mut results: Vec<Option<(Appended, bool)>> = vec![None; requests.len()];
+        // Every (aggregate, event id) this append stores: an id may appear once per
+        // aggregate, also across the requests of one batch.
+        let mut ids_placed: HashSet<(&str, Uuid)> = HashSet::default();
         // The events are encoded back to back into one buffer (an allocation per event
         // cost more than the encoding); `ends[i]` is where event `i` of the append ends.
         let mut encoded: Vec<u8> = Vec::with_capacity(encoded_bytes_estimate);
@@ -767,11 +801,11 @@ impl Store {
                     None => (0, Tail::None),
                 },
             };
-            if r.events.iter().any(|e| e.event_id.is_some())
-                && current > 0
-                && !heads.contains_key(r.aggregate_id)
-            {
-                if let Some(original) = self.find_retry(r, current)? {
+            // Ids are checked against the stored events (an earlier request of this
+            // batch to the same aggregate stored nothing yet).
+            let stored_version = latest[ri].map_or(0, |(version, _)| version);
+            if stored_version > 0 && r.events.iter().any(|e| e.event_id.is_some()) {
+                if let Some(original) = self.find_retry(r, stored_version)? {
                     results[ri] = Some((original, false));
                     continue;
                 }
@@ -783,10 +817,9 @@ impl Store {
                     actual: current,
                 });
             }
-            let mut ids_in_request = HashMap::default();
             for (i, e) in r.events.iter().enumerate() {
                 if let Some(id) = e.event_id {
-                    if ids_in_request.insert(id, i).is_some() {
+                    if !ids_placed.insert((r.aggregate_id, id)) {
                         return Err(AppendError::DuplicateEventId {
                             aggregate_id: r.aggregate_id.into(),
                             event_id: id,
@@ -809,7 +842,7 @@ impl Store {
                         aggregate_id: r.aggregate_id,
                         version: current + 1 + i as u64,
                         prev,
-                        event_id: e.event_id.unwrap_or_else(Uuid::new_v4),
+                        event_id: e.event_id.unwrap_or_else(event::generated_event_id),
                         timestamp_us: e.timestamp_us.unwrap_or(now),
                         event: e,
                     },
@@ -851,36 +884,33 @@ impl Store {
 
     /// If `r` repeats an append already stored (the same events with the same ids, in
     /// order, at a position the expectation admits), the original result. An id used by a
-    /// different event is an error. Costs a read of the aggregate's history, so only
-    /// appends that carry their own event ids pay it.
+    /// different event is an error. `current` is the aggregate's stored version.
+    ///
+    /// The stored events with `r`'s ids are found through the index (a lookup per id),
+    /// which keeps the ids callers give. Generated ids are not indexed, so an id that
+    /// looks generated (a caller's copy of one) makes this read the aggregate's history
+    /// instead (counted by `eventlog_retry_history_scans_total`).
     fn find_retry(
         &self,
         r: &AppendRequest<'_>,
         current: u64,
     ) -> Result<Option<Appended>, AppendError> {
-        let wanted: HashMap<Uuid, usize> = r
-            .events
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.event_id.map(|id| (id, i)))
-            .collect();
-        let mut found: Vec<(usize, u64, u64)> = Vec::new(); // (event index, version, seq)
-        let mut same_content = true;
-        for item in self
-            .read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX)
-            .map_err(|e| AppendError::Read(Box::new(e)))?
-        {
-            let stored = item.map_err(|e| AppendError::Read(Box::new(e)))?;
-            let head = stored.head().map_err(|e| AppendError::Read(Box::new(e)))?;
-            if let Some(&i) = wanted.get(&head.event_id) {
-                let e = stored.event().map_err(|e| AppendError::Read(Box::new(e)))?;
-                let asked = &r.events[i];
-                same_content &= e.event_type == asked.event_type
-                    && e.payload == asked.payload.as_slice()
-                    && e.content_type == asked.content_type;
-                found.push((i, head.version, stored.seq()));
-            }
-        }
+        let looks_generated = r.events.iter().any(|e| {
+            e.event_id
+                .is_some_and(|id| event::is_generated_event_id(&id))
+        });
+        let matches = if looks_generated {
+            self.inner.metrics.retry_history_scans.add(1);
+            self.retry_matches_in_history(r)?
+        } else {
+            self.retry_matches_in_index(r)?
+        };
+        let RetryMatches {
+            mut found,
+            same_content,
+        } = matches;
+        // In the order they are stored.
+        found.sort_unstable_by_key(|&(_, version, _)| version);
         let Some(&(first_index, first_version, first_seq)) = found.first() else {
             return Ok(None);
         };
@@ -909,6 +939,60 @@ impl Store {
             event_id: r.events[i].event_id.unwrap_or_default(),
             version,
         })
+    }
+
+    /// The stored events of `r`'s aggregate with `r`'s ids, found through the index.
+    fn retry_matches_in_index(&self, r: &AppendRequest<'_>) -> Result<RetryMatches, AppendError> {
+        let read_err = |e: ReadError| AppendError::Read(Box::new(e));
+        let mut matches = RetryMatches::default();
+        for (i, asked) in r.events.iter().enumerate() {
+            let Some(id) = asked.event_id else {
+                continue;
+            };
+            let Some(seq) = self
+                .inner
+                .index
+                .event_seq(r.aggregate_id, &id)
+                .map_err(|e| read_err(e.into()))?
+            else {
+                continue;
+            };
+            let stored = self.read_seq(seq).map_err(read_err)?;
+            let e = stored.event().map_err(read_err)?;
+            if e.aggregate_id != r.aggregate_id || e.event_id != id {
+                return Err(read_err(ReadError::IndexMismatch {
+                    seq,
+                    expected: format!("event {id} of aggregate {:?}", r.aggregate_id),
+                    found: format!("event {} of aggregate {:?}", e.event_id, e.aggregate_id),
+                }));
+            }
+            matches.add(i, asked, &e, seq);
+        }
+        Ok(matches)
+    }
+
+    /// The stored events of `r`'s aggregate with `r`'s ids, found by reading its history.
+    fn retry_matches_in_history(&self, r: &AppendRequest<'_>) -> Result<RetryMatches, AppendError> {
+        let read_err = |e: ReadError| AppendError::Read(Box::new(e));
+        let wanted: HashMap<Uuid, usize> = r
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.event_id.map(|id| (id, i)))
+            .collect();
+        let mut matches = RetryMatches::default();
+        for item in self
+            .read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX)
+            .map_err(read_err)?
+        {
+            let stored = item.map_err(read_err)?;
+            let head = stored.head().map_err(read_err)?;
+            if let Some(&i) = wanted.get(&head.event_id) {
+                let e = stored.event().map_err(read_err)?;
+                matches.add(i, &r.events[i], &e, stored.seq());
+            }
+        }
+        Ok(matches)
     }
 
     /// Events of `aggregate_id` from `from_version` (1-based; for `Backward`, the newest
@@ -1066,6 +1150,13 @@ impl Store {
             "counter",
             "Payload bytes passed to successful appends.",
             m.bytes_appended.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_retry_history_scans_total",
+            "counter",
+            "Appends whose event ids looked generated by a store (copies), checked for retries by reading the aggregate's history instead of the event id index.",
+            m.retry_history_scans.get(),
         );
         m.append_us.render(
             &mut out,

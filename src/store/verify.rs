@@ -40,7 +40,8 @@ impl VerifyReport {
 impl Store {
     /// Reads every event and checks it: the record's checksum and seq, that it decodes,
     /// that its aggregate's versions are contiguous and its back pointer right, and that
-    /// the index agrees (latest versions, checkpoints, type postings). `progress` is
+    /// the index agrees (latest versions, checkpoints, type postings, the event ids given
+    /// by appenders). `progress` is
     /// called with (events done, events total) every 65,536 events and at the end.
     ///
     /// # Errors
@@ -102,6 +103,13 @@ impl Store {
                 match index.checkpoint(e.aggregate_id, e.version)? {
                     Some(s) if s == seq => {}
                     other => report.problem(format!("index: aggregate {} version {} checkpoint is {other:?}, the log has seq {seq}", e.aggregate_id, e.version)),
+                }
+            }
+            if !event::is_generated_event_id(&e.event_id) {
+                match index.event_seq(e.aggregate_id, &e.event_id)? {
+                    Some(s) if s == seq => {}
+                    Some(s) if s < seq => report.problem(format!("aggregate {} has event id {} twice: at seq {s} and {seq}", e.aggregate_id, e.event_id)),
+                    other => report.problem(format!("index: aggregate {} event id {} is at {other:?}, the log has it at seq {seq}", e.aggregate_id, e.event_id)),
                 }
             }
             match chains.get_mut(e.aggregate_id) {

@@ -257,6 +257,205 @@ fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
     assert_eq!(recorded.len(), 4);
 }
 
+/// The value of counter `name` in the store's metrics.
+fn metric(store: &Store, name: &str) -> u64 {
+    store
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+/// Appends `appends` (their numbers), each two events to `acct` with ids `2k + 1` and
+/// `2k + 2` (versions `2k + 1` and `2k + 2`).
+fn append_with_ids(
+    store: &Store,
+    appends: std::ops::Range<u64>,
+) -> Vec<(Vec<NewEvent>, eventlog::store::Appended)> {
+    appends
+        .map(|k| {
+            let events: Vec<NewEvent> = (0..2)
+                .map(|j| {
+                    ev("Deposited", &format!("{{\"n\":{}}}", 2 * k + j))
+                        .with_id(Uuid::from_u128(u128::from(2 * k + j + 1)))
+                })
+                .collect();
+            let appended = store
+                .append("acct", ExpectedVersion::Exact(2 * k), &events)
+                .unwrap();
+            (events, appended)
+        })
+        .collect()
+}
+
+#[test]
+fn retries_are_recognized_through_the_event_id_index_wherever_the_ids_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    // The first half reaches sled, the second half stays in the memtable.
+    let mut appends = append_with_ids(&store, 0..150);
+    store.flush_index().unwrap();
+    appends.extend(append_with_ids(&store, 150..300));
+    let stored = store.next_seq();
+    assert_eq!(stored, 600);
+    let check = |store: &Store, when: &str| {
+        for k in [0usize, 1, 149, 150, 298, 299] {
+            let (events, original) = &appends[k];
+            let expected = ExpectedVersion::Exact(2 * k as u64);
+            assert_eq!(
+                store.append("acct", expected, events).unwrap(),
+                *original,
+                "{when}: retry of append {k}"
+            );
+            assert_eq!(
+                store.append("acct", ExpectedVersion::Any, events).unwrap(),
+                *original,
+                "{when}: retry of append {k} with Any"
+            );
+        }
+        // An id reused for another event, in sled or in the memtable: an error.
+        for (k, version) in [(10u64, 22u64), (290, 582)] {
+            let reused =
+                ev("Deposited", "{\"other\":1}").with_id(Uuid::from_u128(u128::from(2 * k + 2)));
+            match store.append("acct", ExpectedVersion::Any, &[reused]) {
+                Err(AppendError::DuplicateEventId { version: v, .. }) => {
+                    assert_eq!(v, version, "{when}: the version holding the id")
+                }
+                other => panic!("{when}: reusing an id of append {k}: {other:?}"),
+            }
+        }
+        // Half a retry (the first event again with a new one): an error, not a retry.
+        let (events, _) = &appends[5];
+        let half = [
+            events[0].clone(),
+            ev("Deposited", "{}").with_id(Uuid::from_u128(99_999)),
+        ];
+        assert!(
+            matches!(
+                store.append("acct", ExpectedVersion::Exact(10), &half),
+                Err(AppendError::DuplicateEventId { .. })
+            ),
+            "{when}: half a retry"
+        );
+        // The same ids for the same aggregate at another position are no retry.
+        assert!(
+            matches!(
+                store.append("acct", ExpectedVersion::Exact(0), &appends[7].0),
+                Err(AppendError::DuplicateEventId { .. })
+            ),
+            "{when}: a retry at another position"
+        );
+        // Another aggregate may use the same ids (stored the first time, a retry after).
+        let other = store.append("other", ExpectedVersion::Any, &appends[0].0);
+        assert_eq!(other.unwrap().last_version, 2, "{when}");
+        assert_eq!(
+            metric(store, "eventlog_retry_history_scans_total"),
+            0,
+            "{when}: ids given by callers are found through the index"
+        );
+    };
+    check(&store, "open");
+    assert_eq!(store.next_seq(), stored + 2, "retries stored nothing");
+
+    // After a reopen (the memtable part caught up from the log), a crash before the index
+    // got the second half, and a deleted index rebuilt from the log.
+    drop(store);
+    let store = open_store(dir.path());
+    check(&store, "reopened");
+    store.crash();
+    let store = open_store(dir.path());
+    check(&store, "after a crash");
+    drop(store);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = open_store(dir.path());
+    check(&store, "rebuilt");
+    assert_eq!(store.next_seq(), stored + 2);
+    let recorded = history(&store, "acct");
+    assert_eq!(recorded.len(), 600, "no retry stored anything");
+}
+
+#[test]
+fn a_copied_generated_id_is_checked_against_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let first = store
+        .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
+        .unwrap();
+    store
+        .append("acct", ExpectedVersion::Any, &[ev("Noted", "{}")])
+        .unwrap();
+    let generated = store
+        .read_seq(first.first_seq)
+        .unwrap()
+        .event()
+        .unwrap()
+        .event_id;
+    assert_eq!(
+        generated.get_version_num(),
+        8,
+        "generated ids are version 8"
+    );
+    // Not in the event id index, yet reusing it for another event is an error ...
+    match store.append(
+        "acct",
+        ExpectedVersion::Any,
+        &[ev("Other", "{}").with_id(generated)],
+    ) {
+        Err(AppendError::DuplicateEventId { version, .. }) => assert_eq!(version, 1),
+        other => panic!("{other:?}"),
+    }
+    // ... and sending the same event again with it is a retry.
+    let again = store
+        .append(
+            "acct",
+            ExpectedVersion::NoStream,
+            &[ev("Opened", "{}").with_id(generated)],
+        )
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(store.next_seq(), 2, "nothing stored");
+    assert_eq!(metric(&store, "eventlog_retry_history_scans_total"), 2);
+}
+
+#[test]
+fn an_id_twice_for_one_aggregate_in_one_batch_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    store
+        .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
+        .unwrap();
+    let id = Uuid::from_u128(7);
+    let one = [ev("Deposited", "1").with_id(id)];
+    let two = [ev("Deposited", "2").with_id(id)];
+    let requests = [
+        AppendRequest {
+            aggregate_id: "acct",
+            expected: ExpectedVersion::Any,
+            events: &one,
+        },
+        AppendRequest {
+            aggregate_id: "acct",
+            expected: ExpectedVersion::Any,
+            events: &two,
+        },
+    ];
+    assert!(matches!(
+        store.append_batch(&requests),
+        Err(AppendError::DuplicateEventId { version: 3, .. })
+    ));
+    assert_eq!(store.next_seq(), 1, "nothing stored");
+    // In two aggregates it is fine.
+    let requests = [
+        requests[0],
+        AppendRequest {
+            aggregate_id: "other",
+            ..requests[1]
+        },
+    ];
+    store.append_batch(&requests).unwrap();
+    assert_eq!(store.next_seq(), 3);
+}
+
 #[test]
 fn multi_aggregate_batch_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,19 +3,18 @@
 use crate::common::{history, open_store};
 use eventlog::store::{ExpectedVersion, NewEvent, Store};
 
+/// Appends events `from .. from + n`, one per append, to 37 aggregates; every third
+/// carries an id of its own (the index keeps those), the others get generated ones.
 fn fill(store: &Store, from: u64, n: u64) {
     for i in from..from + n {
         let agg = format!("agg-{}", i % 37);
-        store
-            .append(
-                &agg,
-                ExpectedVersion::Any,
-                &[NewEvent::binary(
-                    format!("type-{}", i % 5),
-                    i.to_le_bytes().to_vec(),
-                )],
-            )
-            .unwrap();
+        let e = NewEvent::binary(format!("type-{}", i % 5), i.to_le_bytes().to_vec());
+        let e = if i % 3 == 0 {
+            e.with_id(uuid::Uuid::from_u128(u128::from(i) + 1))
+        } else {
+            e
+        };
+        store.append(&agg, ExpectedVersion::Any, &[e]).unwrap();
     }
 }
 
@@ -74,6 +73,11 @@ fn deleted_index_is_rebuilt_identical_to_the_incremental_one() {
     assert!(store.open_report().index.rebuilt);
     assert_eq!(store.open_report().index.caught_up_events, 5200);
     let rebuilt = store.index_dump().unwrap();
+    assert_eq!(
+        incremental["event_ids"].len(),
+        5000_usize.div_ceil(3),
+        "the ids given by appenders are indexed, generated ones not"
+    );
     assert_eq!(rebuilt, incremental);
     assert_eq!(history(&store, "long"), hist_long);
 }

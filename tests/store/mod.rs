@@ -1,3 +1,4 @@
 mod api;
 mod crash;
+mod ids;
 mod model;
