@@ -1144,7 +1144,16 @@ impl Inner {
         }
         // The space is needed now: the thread fell behind or failed, or there is none.
         // Waits for a step the thread is writing, then allocates what is still missing.
-        let _writing = self.preallocator.writing();
+        let Some(_writing) = self.preallocator.writing() else {
+            return Err(FailKind::Io(
+                active.segment.path.clone(),
+                "waiting for the preallocation thread",
+                format!(
+                    "its write of zeros took longer than {} s; the disk may be stalled",
+                    prealloc::STEP_WAIT_MAX.as_secs()
+                ),
+            ));
+        };
         if self.preallocating_in_background {
             let now = self.preallocator.allocated_bytes(&active.segment);
             active.allocated_bytes = active.allocated_bytes.max(now);

@@ -27,6 +27,10 @@ pub(crate) const PREALLOCATE_STEP_BYTES: u64 = 1 << 20;
 /// How long the idle thread sleeps between checks for `stop`, when nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 
+/// Longest an appender waits for the thread to finish writing a step of zeros (a 1 MiB
+/// write: milliseconds on a working disk) before its append fails with an I/O error.
+pub(crate) const STEP_WAIT_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Default)]
 struct State {
     /// The segment being preallocated: the active one, `None` once the log stops writing.
@@ -111,8 +115,15 @@ impl Preallocator {
     }
 
     /// Held while zeros are written, by the thread or by the writer allocating inline.
-    pub(crate) fn writing(&self) -> MutexGuard<'_, ()> {
-        self.writing.lock()
+    /// `None` if the thread's step did not finish within [`STEP_WAIT_MAX`]. (The thread and
+    /// [`Preallocator::forget_segment`] wait without a limit: only for one write of the
+    /// writer's, the same kind of write that this limit is waiting on.)
+    pub(crate) fn writing(&self) -> Option<MutexGuard<'_, ()>> {
+        self.writing_within(STEP_WAIT_MAX)
+    }
+
+    fn writing_within(&self, wait_max: Duration) -> Option<MutexGuard<'_, ()>> {
+        self.writing.try_lock_for(wait_max)
     }
 
     /// Ends [`Preallocator::run`].
@@ -178,7 +189,25 @@ impl Preallocator {
 
 #[cfg(test)]
 mod tests {
+    use super::Preallocator;
     use crate::log::{Log, LogOptions};
+    use std::time::Duration;
+
+    #[test]
+    fn the_writer_waits_for_a_step_of_zeros_only_so_long() {
+        let p = Preallocator::default();
+        let step = p.writing().expect("free");
+        // A step that never ends: the writer gives up instead of waiting for ever.
+        std::thread::scope(|s| {
+            let waited = s.spawn(|| p.writing_within(Duration::from_millis(50)).is_none());
+            assert!(
+                waited.join().expect("no panic"),
+                "the lock was taken while held"
+            );
+        });
+        drop(step);
+        assert!(p.writing_within(Duration::from_millis(50)).is_some());
+    }
 
     fn options(in_background: bool) -> LogOptions {
         LogOptions {
