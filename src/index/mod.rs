@@ -1110,7 +1110,7 @@ impl Index {
     }
 
     /// The seq of `aggregate`'s event with id `event_id`, if the id was given by the
-    /// appender (generated ids, see [`event::is_generated_event_id`], are not indexed:
+    /// appender (ids the store generated are not indexed, see `docs/FORMAT.md`:
     /// `None` for them says nothing).
     ///
     /// # Errors

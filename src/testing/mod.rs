@@ -1,10 +1,11 @@
-//! [`SimDisk`] implements [`Storage`](crate::storage::Storage) in memory. It is
-//! deterministic from a seed and tracks what has been synced, so a test can cut the power
-//! at any point, crash with a chosen [`CrashFault`] (drop, keep a prefix of, tear,
-//! zero-fill, reorder or scatter what was not synced; forget directory entries whose
-//! directory was not synced), and check what the log recovers. While running, it injects
-//! failing fsyncs, a full disk, short writes and flipped bits on read. [`SimRng`] is the
-//! seeded generator behind it, handy for tests too.
+//! [`SimDisk`](crate::testing::SimDisk) implements [`Storage`](crate::storage::Storage) in
+//! memory. It is deterministic from a seed and tracks what has been synced, so a test can
+//! cut the power at any point, crash with a chosen
+//! [`CrashFault`](crate::testing::CrashFault) (drop, keep a prefix of, tear, zero-fill,
+//! reorder or scatter what was not synced; forget directory entries whose directory was not
+//! synced), and check what the log recovers. While running, it injects failing fsyncs, a
+//! full disk, short writes and flipped bits on read. [`SimRng`](crate::testing::SimRng) is
+//! the seeded generator behind it, handy for tests too.
 //!
 //! Always compiled (it needs no dependency and costs nothing unless used), so that
 //! integration tests and applications embedding the log can test against it.
