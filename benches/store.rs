@@ -1,15 +1,20 @@
 //! The store on the workload: batched durable appends of events with 200-byte
 //! payloads over 100,000 aggregates and 20 types, then reads. Prints a table of medians.
 //!
-//! `cargo bench --bench store -- [--events N] [--reps N] [--aggregates N]`
+//! Then single-event appends that carry their own event ids (so each is checked for being a
+//! retry) to one aggregate with a long history, against the same appends without ids.
+//!
+//! `cargo bench --bench store -- [--events N] [--reps N] [--aggregates N] [--id-history N]`
 
 use eventlog::store::{AppendRequest, Direction, ExpectedVersion, NewEvent, Options, Store};
 use std::time::Instant;
+use uuid::Uuid;
 
 struct Args {
     events: u64,
     reps: usize,
     aggregates: u64,
+    id_history: u64,
 }
 
 fn args() -> Args {
@@ -17,6 +22,7 @@ fn args() -> Args {
         events: 1_000_000,
         reps: 3,
         aggregates: 100_000,
+        id_history: 100_000,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -28,6 +34,7 @@ fn args() -> Args {
             ("--events", Some(n)) => a.events = n,
             ("--reps", Some(n)) => a.reps = n as usize,
             ("--aggregates", Some(n)) => a.aggregates = n,
+            ("--id-history", Some(n)) => a.id_history = n,
             _ => {}
         }
         i += 1;
@@ -102,6 +109,47 @@ fn load_average() -> String {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
+}
+
+/// Median latency (microseconds) of single-event durable appends to an aggregate that
+/// already has `history` events, with their own ids (`with_ids`) or without: with ids,
+/// every append is first checked for being a retry.
+fn long_aggregate_append_us(base: &std::path::Path, history: u64, with_ids: bool) -> f64 {
+    const APPENDS: u64 = 2_000;
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let store = Store::open(dir.path(), Options::default()).unwrap();
+    let mut next_id = 0u128;
+    let mut event = |payload: &[u8]| {
+        next_id += 1;
+        let e = NewEvent::binary("Deposited", payload.to_vec());
+        if with_ids {
+            e.with_id(Uuid::from_u128(next_id))
+        } else {
+            e
+        }
+    };
+    let payload = [b'x'; 200];
+    let mut version = 0;
+    while version < history {
+        let n = 1000.min(history - version);
+        let events: Vec<NewEvent> = (0..n).map(|_| event(&payload)).collect();
+        store
+            .append("account", ExpectedVersion::Exact(version), &events)
+            .unwrap();
+        version += n;
+    }
+    store.flush_index().unwrap();
+    let mut lat = Vec::with_capacity(APPENDS as usize);
+    for _ in 0..APPENDS {
+        let e = [event(&payload)];
+        let t = Instant::now();
+        store
+            .append("account", ExpectedVersion::Exact(version), &e)
+            .unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        version += 1;
+    }
+    median(lat)
 }
 
 fn main() {
@@ -255,6 +303,20 @@ fn main() {
     println!(
         "| peak RSS of the whole run | {:.0} MB |",
         peak_rss_bytes() as f64 / 1e6
+    );
+    // Alternated, so that both see the same disk.
+    let (mut with_ids, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..a.reps {
+        with_ids.push(long_aggregate_append_us(&base, a.id_history, true));
+        without.push(long_aggregate_append_us(&base, a.id_history, false));
+    }
+    let (with_ids, without) = (median(with_ids), median(without));
+    println!(
+        "| single-event append to an aggregate of {} events, own event id (retry check) p50 | {:.1} us ({:.2}x the same without ids: {:.1} us) |",
+        a.id_history,
+        with_ids,
+        with_ids / without,
+        without
     );
     println!(
         "| load average at the end (1, 5, 15 min) | {} |",
