@@ -11,8 +11,8 @@
 //! read from any version walks at most that many links. Type postings hold thousands of
 //! seqs per sled value. That makes index maintenance a small fraction of a sled write per
 //! event, which sled 0.34 can sustain alongside the log's appends. The one entry per event
-//! is in `event_ids`, and only for events whose appender gave the id: generated ids are
-//! unique by construction and carry a mark (see `docs/FORMAT.md`), so they need none.
+//! is in `event_ids`, and only for ids given by appenders: generated ids are unique by
+//! construction and name their event's version (see `docs/FORMAT.md`), so they need none.
 //!
 //! # How the index keeps up without slowing appends
 //! Committed events enter an in-memory *memtable* straight from the log's commit path
@@ -217,8 +217,8 @@ struct Memtable {
     checkpoints: HashMap<NameKey, Vec<(u64, u64)>>,
     /// Seqs per type, increasing.
     by_type: HashMap<Arc<str>, Vec<u64>>,
-    /// (aggregate, event id) -> seq, for ids given by callers (not generated: see
-    /// [`event::is_generated_event_id`]).
+    /// (aggregate, event id) -> seq, for every id except those naming their own event's
+    /// version (generated ones: see [`event::id_names_its_version`]).
     event_ids: HashMap<(NameKey, u128), u64>,
     /// Seqs covered: `first_seq .. next_seq`.
     first_seq: u64,
@@ -555,7 +555,7 @@ impl MemState {
                 active.by_type.insert(Arc::from(head.event_type), vec![seq]);
             }
         }
-        if !event::is_generated_event_id(&head.event_id) {
+        if !event::id_names_its_version(&head.event_id, head.version) {
             // The first use stays (appends never store an id twice in an aggregate).
             active
                 .event_ids
@@ -1112,9 +1112,9 @@ impl Index {
         }
     }
 
-    /// The seq of `aggregate`'s event with id `event_id`, if the id was given by the
-    /// appender (ids the store generated are not indexed, see `docs/FORMAT.md`:
-    /// `None` for them says nothing).
+    /// The seq of `aggregate`'s event with id `event_id` if it is indexed. Ids that name
+    /// the version of the event holding them (those the store generated, see
+    /// `docs/FORMAT.md`) are not: for them `None` says nothing.
     ///
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.

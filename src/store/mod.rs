@@ -138,34 +138,6 @@ pub struct Appended {
 }
 
 /// Where an aggregate's newest event is while an append is being prepared.
-/// The stored events of an aggregate that carry a retried request's ids.
-#[derive(Debug)]
-struct RetryMatches {
-    /// (index of the event in the request, stored version, seq)
-    found: Vec<(usize, u64, u64)>,
-    /// Every stored event found has the type, payload and content type asked for.
-    same_content: bool,
-}
-
-impl Default for RetryMatches {
-    fn default() -> Self {
-        RetryMatches {
-            found: Vec::new(),
-            same_content: true,
-        }
-    }
-}
-
-impl RetryMatches {
-    /// Adds `stored`, found with the id of `asked`, event `i` of the request.
-    fn add(&mut self, i: usize, asked: &NewEvent, stored: &EventRef<'_>, seq: u64) {
-        self.same_content &= stored.event_type == asked.event_type
-            && stored.payload == asked.payload.as_slice()
-            && stored.content_type == asked.content_type;
-        self.found.push((i, stored.version, seq));
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Tail {
     /// No events yet.
@@ -352,8 +324,6 @@ struct StoreMetrics {
     events_appended: Counter,
     bytes_appended: Counter,
     append_us: Histogram,
-    /// Retry checks that read an aggregate's history (see `Store::find_retry`).
-    retry_history_scans: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -364,7 +334,6 @@ impl Default for StoreMetrics {
             events_appended: Counter::default(),
             bytes_appended: Counter::default(),
             append_us: Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
-            retry_history_scans: Counter::default(),
         }
     }
 }
@@ -831,6 +800,7 @@ impl Store {
             let first_payload = ends.len();
             for (i, e) in r.events.iter().enumerate() {
                 let here = ends.len();
+                let version = current + 1 + i as u64;
                 let prev = match tail {
                     Tail::None => Prev::First,
                     Tail::Seq(seq) => Prev::Seq(seq),
@@ -840,9 +810,11 @@ impl Store {
                     &mut encoded,
                     &ResolvedEvent {
                         aggregate_id: r.aggregate_id,
-                        version: current + 1 + i as u64,
+                        version,
                         prev,
-                        event_id: e.event_id.unwrap_or_else(event::generated_event_id),
+                        event_id: e
+                            .event_id
+                            .unwrap_or_else(|| event::generated_event_id(version)),
                         timestamp_us: e.timestamp_us.unwrap_or(now),
                         event: e,
                     },
@@ -886,29 +858,27 @@ impl Store {
     /// order, at a position the expectation admits), the original result. An id used by a
     /// different event is an error. `current` is the aggregate's stored version.
     ///
-    /// The stored events with `r`'s ids are found through the index (a lookup per id),
-    /// which keeps the ids callers give. Generated ids are not indexed, so an id that
-    /// looks generated (a caller's copy of one) makes this read the aggregate's history
-    /// instead (counted by `eventlog_retry_history_scans_total`).
+    /// Costs a lookup per id, not a read of the aggregate's history: see
+    /// [`Store::stored_with_id`].
     fn find_retry(
         &self,
         r: &AppendRequest<'_>,
         current: u64,
     ) -> Result<Option<Appended>, AppendError> {
-        let looks_generated = r.events.iter().any(|e| {
-            e.event_id
-                .is_some_and(|id| event::is_generated_event_id(&id))
-        });
-        let matches = if looks_generated {
-            self.inner.metrics.retry_history_scans.add(1);
-            self.retry_matches_in_history(r)?
-        } else {
-            self.retry_matches_in_index(r)?
-        };
-        let RetryMatches {
-            mut found,
-            same_content,
-        } = matches;
+        let mut found: Vec<(usize, u64, u64)> = Vec::new(); // (event index, version, seq)
+        let mut same_content = true;
+        for (i, asked) in r.events.iter().enumerate() {
+            let Some(id) = asked.event_id else {
+                continue;
+            };
+            if let Some(stored) = self.stored_with_id(r.aggregate_id, &id, current)? {
+                let e = stored.event().map_err(|e| AppendError::Read(Box::new(e)))?;
+                same_content &= e.event_type == asked.event_type
+                    && e.payload == asked.payload.as_slice()
+                    && e.content_type == asked.content_type;
+                found.push((i, e.version, e.seq));
+            }
+        }
         // In the order they are stored.
         found.sort_unstable_by_key(|&(_, version, _)| version);
         let Some(&(first_index, first_version, first_seq)) = found.first() else {
@@ -941,58 +911,49 @@ impl Store {
         })
     }
 
-    /// The stored events of `r`'s aggregate with `r`'s ids, found through the index.
-    fn retry_matches_in_index(&self, r: &AppendRequest<'_>) -> Result<RetryMatches, AppendError> {
+    /// The stored event of `aggregate` (at most `current` versions) with id `id`, if any.
+    /// The index holds every id except those naming their own event's version (generated
+    /// ids, see `docs/FORMAT.md`); an id of that shape is looked for at the version it
+    /// names as well. So this is one index lookup and at most one read.
+    fn stored_with_id(
+        &self,
+        aggregate: &str,
+        id: &Uuid,
+        current: u64,
+    ) -> Result<Option<StoredEvent>, AppendError> {
         let read_err = |e: ReadError| AppendError::Read(Box::new(e));
-        let mut matches = RetryMatches::default();
-        for (i, asked) in r.events.iter().enumerate() {
-            let Some(id) = asked.event_id else {
-                continue;
-            };
-            let Some(seq) = self
-                .inner
-                .index
-                .event_seq(r.aggregate_id, &id)
-                .map_err(|e| read_err(e.into()))?
-            else {
-                continue;
-            };
+        if let Some(seq) = self
+            .inner
+            .index
+            .event_seq(aggregate, id)
+            .map_err(|e| read_err(e.into()))?
+        {
             let stored = self.read_seq(seq).map_err(read_err)?;
             let e = stored.event().map_err(read_err)?;
-            if e.aggregate_id != r.aggregate_id || e.event_id != id {
+            if e.aggregate_id != aggregate || e.event_id != *id {
                 return Err(read_err(ReadError::IndexMismatch {
                     seq,
-                    expected: format!("event {id} of aggregate {:?}", r.aggregate_id),
+                    expected: format!("event {id} of aggregate {aggregate:?}"),
                     found: format!("event {} of aggregate {:?}", e.event_id, e.aggregate_id),
                 }));
             }
-            matches.add(i, asked, &e, seq);
+            return Ok(Some(stored));
         }
-        Ok(matches)
-    }
-
-    /// The stored events of `r`'s aggregate with `r`'s ids, found by reading its history.
-    fn retry_matches_in_history(&self, r: &AppendRequest<'_>) -> Result<RetryMatches, AppendError> {
-        let read_err = |e: ReadError| AppendError::Read(Box::new(e));
-        let wanted: HashMap<Uuid, usize> = r
-            .events
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.event_id.map(|id| (id, i)))
-            .collect();
-        let mut matches = RetryMatches::default();
-        for item in self
-            .read_aggregate(r.aggregate_id, 1, Direction::Forward, usize::MAX)
+        let Some(version) = event::generated_id_version(id).filter(|&v| v <= current) else {
+            return Ok(None);
+        };
+        match self
+            .read_aggregate(aggregate, version, Direction::Forward, 1)
             .map_err(read_err)?
+            .next()
         {
-            let stored = item.map_err(read_err)?;
-            let head = stored.head().map_err(read_err)?;
-            if let Some(&i) = wanted.get(&head.event_id) {
-                let e = stored.event().map_err(read_err)?;
-                matches.add(i, &r.events[i], &e, stored.seq());
+            Some(item) => {
+                let stored = item.map_err(read_err)?;
+                let holds_it = stored.head().map_err(read_err)?.event_id == *id;
+                Ok(holds_it.then_some(stored))
             }
+            None => Ok(None),
         }
-        Ok(matches)
     }
 
     /// Events of `aggregate_id` from `from_version` (1-based; for `Backward`, the newest
@@ -1150,13 +1111,6 @@ impl Store {
             "counter",
             "Payload bytes passed to successful appends.",
             m.bytes_appended.get(),
-        );
-        render_value(
-            &mut out,
-            "eventlog_retry_history_scans_total",
-            "counter",
-            "Appends whose event ids looked generated by a store (copies), checked for retries by reading the aggregate's history instead of the event id index.",
-            m.retry_history_scans.get(),
         );
         m.append_us.render(
             &mut out,

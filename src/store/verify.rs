@@ -105,7 +105,7 @@ impl Store {
                     other => report.problem(format!("index: aggregate {} version {} checkpoint is {other:?}, the log has seq {seq}", e.aggregate_id, e.version)),
                 }
             }
-            if !event::is_generated_event_id(&e.event_id) {
+            if !event::id_names_its_version(&e.event_id, e.version) {
                 match index.event_seq(e.aggregate_id, &e.event_id)? {
                     Some(s) if s == seq => {}
                     Some(s) if s < seq => report.problem(format!("aggregate {} has event id {} twice: at seq {s} and {seq}", e.aggregate_id, e.event_id)),

@@ -257,15 +257,6 @@ fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
     assert_eq!(recorded.len(), 4);
 }
 
-/// The value of counter `name` in the store's metrics.
-fn metric(store: &Store, name: &str) -> u64 {
-    store
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
 /// Appends `appends` (their numbers), each two events to `acct` with ids `2k + 1` and
 /// `2k + 2` (versions `2k + 1` and `2k + 2`).
 fn append_with_ids(
@@ -348,11 +339,6 @@ fn retries_are_recognized_through_the_event_id_index_wherever_the_ids_are() {
         // Another aggregate may use the same ids (stored the first time, a retry after).
         let other = store.append("other", ExpectedVersion::Any, &appends[0].0);
         assert_eq!(other.unwrap().last_version, 2, "{when}");
-        assert_eq!(
-            metric(store, "eventlog_retry_history_scans_total"),
-            0,
-            "{when}: ids given by callers are found through the index"
-        );
     };
     check(&store, "open");
     assert_eq!(store.next_seq(), stored + 2, "retries stored nothing");
@@ -375,46 +361,84 @@ fn retries_are_recognized_through_the_event_id_index_wherever_the_ids_are() {
 }
 
 #[test]
-fn a_copied_generated_id_is_checked_against_the_history() {
+fn copies_of_generated_ids_are_found_where_they_are_wherever_they_were_copied() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    let first = store
+    let opened = store
         .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
         .unwrap();
     store
         .append("acct", ExpectedVersion::Any, &[ev("Noted", "{}")])
         .unwrap();
-    let generated = store
-        .read_seq(first.first_seq)
-        .unwrap()
-        .event()
-        .unwrap()
-        .event_id;
-    assert_eq!(
-        generated.get_version_num(),
-        8,
-        "generated ids are version 8"
+    let id_at = |seq: u64| store.read_seq(seq).unwrap().event().unwrap().event_id;
+    let (first, second) = (id_at(0), id_at(1));
+    assert_eq!(first.get_version_num(), 8, "generated ids are version 8");
+    assert!(
+        store.index_dump().unwrap()["event_ids"].is_empty(),
+        "generated ids take no index entry"
     );
-    // Not in the event id index, yet reusing it for another event is an error ...
+    // Reusing a generated id for another event is an error; sending the same event again
+    // with it is a retry.
     match store.append(
         "acct",
         ExpectedVersion::Any,
-        &[ev("Other", "{}").with_id(generated)],
+        &[ev("Other", "{}").with_id(first)],
     ) {
         Err(AppendError::DuplicateEventId { version, .. }) => assert_eq!(version, 1),
         other => panic!("{other:?}"),
     }
-    // ... and sending the same event again with it is a retry.
-    let again = store
-        .append(
-            "acct",
-            ExpectedVersion::NoStream,
-            &[ev("Opened", "{}").with_id(generated)],
-        )
+    let opened_again = [ev("Opened", "{}").with_id(first)];
+    assert_eq!(
+        store
+            .append("acct", ExpectedVersion::NoStream, &opened_again)
+            .unwrap(),
+        opened
+    );
+    // Copied to another aggregate (as an import does): at the version the id names, and
+    // at another one. Both are found again, the second through the index.
+    let copy_same = store
+        .append("copy-1", ExpectedVersion::NoStream, &opened_again)
         .unwrap();
-    assert_eq!(again, first);
-    assert_eq!(store.next_seq(), 2, "nothing stored");
-    assert_eq!(metric(&store, "eventlog_retry_history_scans_total"), 2);
+    assert_eq!(copy_same.last_version, 1);
+    let noted_again = [ev("Noted", "{}").with_id(second)];
+    let copy_other = store
+        .append("copy-2", ExpectedVersion::NoStream, &noted_again)
+        .unwrap();
+    assert_eq!(copy_other.last_version, 1, "the id names version 2");
+    assert_eq!(store.index_dump().unwrap()["event_ids"].len(), 1);
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .append("copy-1", ExpectedVersion::NoStream, &opened_again)
+                .unwrap(),
+            copy_same
+        );
+        assert_eq!(
+            store
+                .append("copy-2", ExpectedVersion::NoStream, &noted_again)
+                .unwrap(),
+            copy_other
+        );
+        for (aggregate, id) in [("copy-1", first), ("copy-2", second)] {
+            assert!(matches!(
+                store.append(aggregate, ExpectedVersion::Any, &[ev("X", "1").with_id(id)]),
+                Err(AppendError::DuplicateEventId { version: 1, .. })
+            ));
+        }
+        assert_eq!(store.next_seq(), 4, "nothing stored");
+        // Again with the index in sled.
+        store.flush_index().unwrap();
+    }
+    drop(store);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = open_store(dir.path());
+    assert_eq!(
+        store
+            .append("copy-2", ExpectedVersion::NoStream, &noted_again)
+            .unwrap(),
+        copy_other
+    );
+    assert!(store.verify(|_, _| {}).unwrap().is_clean());
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Property test of idempotent retries: appends with event ids from a small pool (so that
-//! ids are retried, reused and shared between aggregates), resent appends, index flushes,
-//! reopens, crashes and rebuilt indexes, checked against a model that finds ids by reading
-//! whole histories, as the store did before it indexed them.
+//! ids are retried, reused and shared between aggregates), resent appends, stored events
+//! copied with their ids (generated ones too) to any aggregate, index flushes, reopens,
+//! crashes and rebuilt indexes, checked against a model that finds ids by reading whole
+//! histories, as the store did before it indexed them.
 
 use crate::common::store_options;
 use eventlog::store::{AppendError, Appended, ExpectedVersion, NewEvent, Store};
@@ -21,6 +22,11 @@ enum Op {
     Resend {
         nth: usize,
     },
+    /// The `nth` (modulo) stored event appended to `agg` with its id, as an import would.
+    Copy {
+        nth: usize,
+        agg: u8,
+    },
     Flush,
     Reopen,
     Crash,
@@ -32,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0u8..3, 0u8..4, proptest::collection::vec(proptest::option::weighted(0.8, 0u8..12), 1..4), 0u8..2)
             .prop_map(|(agg, expected, ids, content)| Op::Append { agg, expected, ids, content }),
         4 => any::<usize>().prop_map(|nth| Op::Resend { nth }),
+        3 => (any::<usize>(), 0u8..3).prop_map(|(nth, agg)| Op::Copy { nth, agg }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
@@ -157,6 +164,14 @@ proptest! {
                         continue;
                     }
                     sent[nth % sent.len()].clone()
+                }
+                Op::Copy { nth, agg } => {
+                    if log.is_empty() {
+                        continue;
+                    }
+                    let e = &log[nth % log.len()];
+                    let copy = NewEvent::binary(e.ty.clone(), e.payload.clone()).with_id(e.id);
+                    (format!("agg-{agg}"), ExpectedVersion::Any, vec![copy])
                 }
                 Op::Flush => {
                     store.as_ref().unwrap().flush_index().unwrap();
