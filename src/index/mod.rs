@@ -28,10 +28,10 @@
 //!
 //! # Crash safety
 //! sled recovers to a prefix of its writes. Each flush writes the entries and last the
-//! `indexed_next` mark; re-applying any suffix is idempotent (latest values, checkpoints and
-//! event ids are overwritten with the same or newer values, type buckets are unions), and keys hold
-//! names, not ids handed out in some order, so a rebuilt index is byte for byte the index
-//! built incrementally.
+//! `indexed_next` mark; re-applying any suffix is idempotent (latest values, checkpoints
+//! and event ids are overwritten with the same or newer values, type buckets are unions),
+//! and keys hold names, not ids handed out in some order, so a rebuilt index is byte for
+//! byte the index built incrementally.
 
 pub mod keys;
 
@@ -616,7 +616,7 @@ struct Trees {
     types: sled::Tree,
     /// event type \0 bucket -> seqs (delta varints)
     type_events: sled::Tree,
-    /// aggregate id \0 event id -> seq, for ids given by callers
+    /// aggregate id \0 event id -> seq, for ids not naming their own event's version
     event_ids: sled::Tree,
     meta: sled::Tree,
 }
