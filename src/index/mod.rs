@@ -1084,32 +1084,15 @@ impl Index {
     /// # Errors
     /// [`IndexError`] if sled fails or holds a malformed entry.
     pub fn checkpoint(&self, aggregate: &str, version: u64) -> Result<Option<u64>, IndexError> {
-        {
-            let mem = self.shared.mem.read();
-            let published_end = mem.published_end();
-            let find = |m: &Memtable| {
-                m.checkpoints.get(aggregate).and_then(|v| {
-                    v.iter()
-                        .find(|c| c.0 == version && c.1 < published_end)
-                        .map(|c| c.1)
-                })
-            };
-            if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
-                return Ok(Some(s));
-            }
-        }
-        let shared = &self.shared;
-        match shared
-            .trees
-            .agg_events
-            .get(name_key(aggregate, version))
-            .map_err(sled_err(&shared.dir))?
-        {
-            Some(v) => Ok(Some(
-                decode_u64(&v).ok_or_else(|| shared.malformed("agg_events"))?,
-            )),
-            None => Ok(None),
-        }
+        self.seq_in_memtables_or_sled(
+            |m| {
+                let cps = m.checkpoints.get(aggregate)?;
+                cps.iter().find(|c| c.0 == version).map(|c| c.1)
+            },
+            &self.shared.trees.agg_events,
+            "agg_events",
+            &name_key(aggregate, version),
+        )
     }
 
     /// The seq of `aggregate`'s event with id `event_id` if it is indexed. Ids that name
@@ -1123,29 +1106,38 @@ impl Index {
         aggregate: &str,
         event_id: &uuid::Uuid,
     ) -> Result<Option<u64>, IndexError> {
+        let key = (NameKey::new(aggregate), event_id.as_u128());
+        self.seq_in_memtables_or_sled(
+            |m| m.event_ids.get(&key).copied(),
+            &self.shared.trees.event_ids,
+            "event_ids",
+            &keys::event_id_key(aggregate, event_id),
+        )
+    }
+
+    /// The seq `find` gives in the memtables (the active one, then the one being flushed)
+    /// if readers may see it, or else the seq stored under `key` in `tree` (`tree_name`).
+    fn seq_in_memtables_or_sled(
+        &self,
+        find: impl Fn(&Memtable) -> Option<u64>,
+        tree: &sled::Tree,
+        tree_name: &'static str,
+        key: &[u8],
+    ) -> Result<Option<u64>, IndexError> {
         {
             let mem = self.shared.mem.read();
             let published_end = mem.published_end();
-            let key = (NameKey::new(aggregate), event_id.as_u128());
-            let find = |m: &Memtable| {
-                m.event_ids
-                    .get(&key)
-                    .copied()
-                    .filter(|&s| s < published_end)
-            };
-            if let Some(s) = find(&mem.active).or_else(|| mem.flushing.as_deref().and_then(find)) {
+            let visible = |m: &Memtable| find(m).filter(|&s| s < published_end);
+            if let Some(s) =
+                visible(&mem.active).or_else(|| mem.flushing.as_deref().and_then(visible))
+            {
                 return Ok(Some(s));
             }
         }
         let shared = &self.shared;
-        match shared
-            .trees
-            .event_ids
-            .get(keys::event_id_key(aggregate, event_id))
-            .map_err(sled_err(&shared.dir))?
-        {
+        match tree.get(key).map_err(sled_err(&shared.dir))? {
             Some(v) => Ok(Some(
-                decode_u64(&v).ok_or_else(|| shared.malformed("event_ids"))?,
+                decode_u64(&v).ok_or_else(|| shared.malformed(tree_name))?,
             )),
             None => Ok(None),
         }
