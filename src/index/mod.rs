@@ -97,7 +97,8 @@ pub enum IndexError {
 #[derive(Debug, Clone)]
 pub struct IndexOptions {
     /// Events the memtable may hold before appends wait for the indexer. Default 2,000,000
-    /// (about 40 MB of memory at most).
+    /// (about 40 MB of memory at most, plus up to about 130 bytes for each event among them
+    /// that carries an id given by its appender).
     pub lag_events_max: usize,
     /// The indexer writes to sled once this many events wait. Default 250,000: larger
     /// batches mean fewer sled writes per event (an aggregate touched twice is written once).
