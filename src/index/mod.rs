@@ -97,8 +97,9 @@ pub enum IndexError {
 #[derive(Debug, Clone)]
 pub struct IndexOptions {
     /// Events the memtable may hold before appends wait for the indexer. Default 2,000,000
-    /// (about 40 MB of memory at most, plus up to about 130 bytes for each event among them
-    /// that carries an id given by its appender).
+    /// (about 40 MB of memory at most, plus up to about 150 bytes for each event among them
+    /// that carries an id given by its appender: a 64-byte hash table slot, the table at
+    /// least 7/16 full).
     pub lag_events_max: usize,
     /// The indexer writes to sled once this many events wait. Default 250,000: larger
     /// batches mean fewer sled writes per event (an aggregate touched twice is written once).
@@ -206,6 +207,8 @@ impl std::fmt::Debug for NameKey {
 }
 
 const _: () = assert!(std::mem::size_of::<NameKey>() == 32);
+// A memtable `event_ids` slot (what `IndexOptions::lag_events_max`'s memory figure uses).
+const _: () = assert!(std::mem::size_of::<((NameKey, u128), u64)>() == 64);
 const _: () = assert!(NAME_INLINE_BYTES_MAX <= u8::MAX as usize);
 
 /// Index entries not yet in sled, of the events `first_seq .. next_seq`. Their latest
