@@ -1037,7 +1037,7 @@ impl Index {
                 values.push((bucket, self.shared.read_latest_bucket(bucket)?));
             }
         }
-        // (bucket, its entries)
+        // (bucket, its entries), in bucket order
         let buckets = values
             .iter()
             .map(|(bucket, value)| {
@@ -1064,19 +1064,18 @@ impl Index {
         let dirty_from = mem.dirty_from();
         mem.latest.prune_if_full(dirty_from);
         let whole_allowed = mem.latest.prunes == prunes_seen;
+        let remembered_whole = |entries: &[(&str, u64, u64)]| {
+            whole_allowed && entries.len() <= BUCKET_REMEMBERED_WHOLE_MAX
+        };
         for (bucket, entries) in &buckets {
-            if whole_allowed && entries.len() <= BUCKET_REMEMBERED_WHOLE_MAX {
+            if remembered_whole(entries) {
                 mem.latest.remember_bucket(*bucket, entries);
             }
         }
         // The others' answers one by one (their append locks make them current).
         for &(bucket, i) in &misses {
-            let remembered_whole =
-                whole_allowed && entries_of(bucket).len() <= BUCKET_REMEMBERED_WHOLE_MAX;
-            if !remembered_whole {
-                if let Some((version, seq)) = out[i] {
-                    mem.latest.remember(aggregates[i], version, seq);
-                }
+            if let (false, Some((version, seq))) = (remembered_whole(entries_of(bucket)), out[i]) {
+                mem.latest.remember(aggregates[i], version, seq);
             }
         }
         Ok(())

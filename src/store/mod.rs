@@ -929,12 +929,16 @@ impl Store {
             .map_err(|e| read_err(e.into()))?
         {
             let stored = self.read_seq(seq).map_err(read_err)?;
-            let e = stored.event().map_err(read_err)?;
-            if e.aggregate_id != aggregate || e.event_id != *id {
+            // The head is enough to check the index's claim; the caller decodes the rest.
+            let head = stored.head().map_err(read_err)?;
+            if head.aggregate_id != aggregate || head.event_id != *id {
                 return Err(read_err(ReadError::IndexMismatch {
                     seq,
                     expected: format!("event {id} of aggregate {aggregate:?}"),
-                    found: format!("event {} of aggregate {:?}", e.event_id, e.aggregate_id),
+                    found: format!(
+                        "event {} of aggregate {:?}",
+                        head.event_id, head.aggregate_id
+                    ),
                 }));
             }
             return Ok(Some(stored));

@@ -201,13 +201,20 @@ fn invalid_input_gets_typed_errors_and_stores_nothing() {
     );
 }
 
-#[test]
-fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
+/// A store in a fresh directory whose aggregate `acct` has one event, `Opened` with `{}`
+/// (its append's result third).
+fn store_with_opened_account() -> (tempfile::TempDir, Store, eventlog::store::Appended) {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
-    store
+    let opened = store
         .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
         .unwrap();
+    (dir, store, opened)
+}
+
+#[test]
+fn retrying_an_append_with_the_same_ids_returns_the_original_result() {
+    let (dir, store, _) = store_with_opened_account();
     let ids = [Uuid::from_u128(1), Uuid::from_u128(2)];
     let events: Vec<NewEvent> = ids
         .iter()
@@ -362,11 +369,7 @@ fn retries_are_recognized_through_the_event_id_index_wherever_the_ids_are() {
 
 #[test]
 fn copies_of_generated_ids_are_found_where_they_are_wherever_they_were_copied() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
-    let opened = store
-        .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
-        .unwrap();
+    let (dir, store, opened) = store_with_opened_account();
     store
         .append("acct", ExpectedVersion::Any, &[ev("Noted", "{}")])
         .unwrap();
@@ -443,11 +446,7 @@ fn copies_of_generated_ids_are_found_where_they_are_wherever_they_were_copied() 
 
 #[test]
 fn an_id_twice_for_one_aggregate_in_one_batch_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
-    store
-        .append("acct", ExpectedVersion::NoStream, &[ev("Opened", "{}")])
-        .unwrap();
+    let (_dir, store, _) = store_with_opened_account();
     let id = Uuid::from_u128(7);
     let one = [ev("Deposited", "1").with_id(id)];
     let two = [ev("Deposited", "2").with_id(id)];
