@@ -19,9 +19,14 @@
 //! ([`crate::log::CommitObserver`]), before their appenders are acknowledged, so a read
 //! issued after an append returned always sees it (read-your-writes). A background
 //! *indexer* thread moves the memtable into sled in large batches (every `flush_events`
-//! events or `flush_interval_ms`), never flushing sled itself: sled's own background flush
-//! makes it durable, and after a crash the index catches up from the log. The memtable is
-//! bounded (`lag_events_max`); appends wait, with a timeout, while it is full.
+//! events or `flush_interval_ms`) and makes each batch durable (one sled flush a batch), so
+//! after a crash the index catches up from the log only what the memtable held. The
+//! memtable is bounded (`lag_events_max`); appends wait, with a timeout, while it is full.
+//!
+//! The catch-up at open feeds the same memtable, with the indexer running: what it reads
+//! stays in memory and answers reads at once, and only a catch-up longer than
+//! `lag_events_max` (a rebuild) waits for the indexer to write batches to sled meanwhile.
+//! So reopening after a crash costs reading the log tail, no sled write.
 //!
 //! Readers look at the memtable (and the batch being flushed) first, then sled, so no
 //! entry is missed while it moves between them.
@@ -55,8 +60,10 @@ pub const INDEX_DIR_NAME: &str = "index";
 pub const INDEX_FORMAT_VERSION: u64 = 3;
 const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
-/// Events indexed per sled batch while catching up at open.
-const CATCH_UP_BATCH_EVENTS: usize = 500_000;
+/// Longest the catch-up at open waits for the indexer to make room in a full memtable
+/// (one sled batch of `lag_events_max` events: seconds on a working disk) before the open
+/// fails.
+const CATCH_UP_ROOM_WAIT_MAX: Duration = Duration::from_secs(600);
 /// A bucket of `aggregates` read from sled for a miss is put in the latest map whole (and
 /// marked complete, so later misses in it need no sled read) only up to this many
 /// aggregates: with 500,000 aggregates a bucket holds about 61. Larger buckets would cost
@@ -866,20 +873,68 @@ impl Index {
             flush_lock: Mutex::new(()),
         });
 
-        // Catch up from the log before anyone reads.
+        // The indexer runs during the catch-up, as it does beside appends: it moves full
+        // memtables to sled while this thread reads on, so a rebuild uses both cores, and
+        // a catch-up shorter than `lag_events_max` (after a crash it is at most what the
+        // memtable held) writes nothing to sled before the store answers.
+        let indexer = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("eventlog-indexer".into())
+                .spawn(move || shared.run_indexer())
+                .map_err(|e| IndexError::Log(format!("starting the indexer thread: {e}")))?
+        };
+        let mut index = Index {
+            shared,
+            indexer: Some(indexer),
+        };
+        if let Err(e) = index.catch_up(log, indexed_next, &mut report) {
+            // What was caught up is not written: the next open catches it up again.
+            let _ = index.shutdown(false);
+            return Err(e);
+        }
+        if log
+            .set_commit_observer(Arc::new(Feed(Arc::clone(&index.shared))))
+            .is_err()
+        {
+            let _ = index.shutdown(false);
+            return Err(IndexError::Log(
+                "the log already has a commit observer".into(),
+            ));
+        }
+        Ok((index, report))
+    }
+
+    /// Feeds the memtable every record of `log` from `from_seq` on, before anyone reads.
+    /// What was caught up stays in the memtable, which answers reads at once; the indexer
+    /// writes it to sled in the background. Waits for the indexer (see
+    /// [`CATCH_UP_ROOM_WAIT_MAX`]) only while the memtable holds `lag_events_max` events.
+    fn catch_up(
+        &self,
+        log: &Log,
+        from_seq: u64,
+        report: &mut IndexOpenReport,
+    ) -> Result<(), IndexError> {
+        let shared = &self.shared;
         let started = Instant::now();
-        let total = log_next - indexed_next;
+        let total = log.next_seq() - from_seq;
         let mut last_progress = Instant::now();
-        for record in log.iter_from(indexed_next) {
+        for record in log.iter_from(from_seq) {
             let record = record.map_err(|e| IndexError::Log(e.to_string()))?;
-            let len = {
+            let (active_len, lag) = {
                 let mut mem = shared.mem.write();
                 mem.insert(record.seq(), record.payload());
-                mem.active.len
+                let flushing_len = mem.flushing.as_ref().map_or(0, |f| f.len);
+                (mem.active.len, mem.active.len + flushing_len)
             };
             report.caught_up_events += 1;
-            if len >= CATCH_UP_BATCH_EVENTS {
-                shared.flush_once()?;
+            if active_len == shared.options.flush_events {
+                // Under the lock the indexer checks `active` with, so the wake is not lost.
+                let _signal = shared.signal.lock();
+                shared.wake_cv.notify_one();
+            }
+            if lag >= shared.options.lag_events_max {
+                self.wait_for_indexer_room()?;
             }
             // The clock is read once per 4,096 events: per event it was 9% of a catch-up.
             if report.caught_up_events % 4096 == 0
@@ -893,9 +948,6 @@ impl Index {
                 );
             }
         }
-        // What was caught up stays in the memtable, which answers reads at once; the
-        // indexer writes it to sled in the background, so reopening after a crash costs
-        // only reading the log tail.
         if total > 0 {
             tracing::info!(
                 events = report.caught_up_events,
@@ -904,28 +956,37 @@ impl Index {
                 "index caught up from the log"
             );
         }
-        if log
-            .set_commit_observer(Arc::new(Feed(Arc::clone(&shared))))
-            .is_err()
-        {
-            return Err(IndexError::Log(
-                "the log already has a commit observer".into(),
-            ));
+        Ok(())
+    }
+
+    /// During the catch-up, waits until the indexer has made room in a full memtable.
+    ///
+    /// # Errors
+    /// The indexer's error if a flush fails meanwhile; [`IndexError::Log`] if it made no
+    /// room within [`CATCH_UP_ROOM_WAIT_MAX`].
+    fn wait_for_indexer_room(&self) -> Result<(), IndexError> {
+        let shared = &self.shared;
+        let deadline = Instant::now() + CATCH_UP_ROOM_WAIT_MAX;
+        let mut signal = shared.signal.lock();
+        loop {
+            if self.lag_events() < shared.options.lag_events_max {
+                return Ok(());
+            }
+            if let Some(e) = &signal.last_error {
+                return Err(IndexError::Log(format!(
+                    "writing the caught-up index to sled failed: {e}"
+                )));
+            }
+            shared.wake_cv.notify_one();
+            if shared.room_cv.wait_until(&mut signal, deadline).timed_out()
+                && self.lag_events() >= shared.options.lag_events_max
+            {
+                return Err(IndexError::Log(format!(
+                    "the indexer wrote nothing to sled for {} s while catching up; the disk may be hanging",
+                    CATCH_UP_ROOM_WAIT_MAX.as_secs()
+                )));
+            }
         }
-        let indexer = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("eventlog-indexer".into())
-                .spawn(move || shared.run_indexer())
-                .map_err(|e| IndexError::Log(format!("starting the indexer thread: {e}")))?
-        };
-        Ok((
-            Index {
-                shared,
-                indexer: Some(indexer),
-            },
-            report,
-        ))
     }
 
     /// Counters of the index's work.
@@ -1454,6 +1515,10 @@ impl Shared {
         }
         let latest = self.batch_latest(batch)?;
         self.apply(batch, &latest)?;
+        // Durable now, not at sled's next timed flush: otherwise a crash loses up to a
+        // second of batches, and the next open reads them from the log again (twice the
+        // catch-up of a reopen after a crash during a long append, measured).
+        self.trees.db.flush().map_err(sled_err(&self.dir))?;
         self.indexed_next.store(batch.next_seq, Ordering::Release);
         // The latest map already holds these entries; leaving `flushing` only makes them
         // clean (droppable).

@@ -17,9 +17,9 @@ use super::error::{CorruptionSite, OpenError};
 use super::record::{self, Decoded};
 use super::segment::{
     self, decode_index, decode_segment_header, encode_index, encode_segment_header,
-    index_file_name, parse_file_name, scan_records, segment_file_name, valid_record_after,
-    walk_headers, write_file_atomically, ScanStop, Segment, SEGMENT_HEADER_SIZE_BYTES,
-    SEGMENT_SUFFIX,
+    index_file_name, last_nonzero, parse_file_name, scan_records, segment_file_name,
+    valid_record_after, walk_headers, write_file_atomically, ScanStop, Segment,
+    SEGMENT_HEADER_SIZE_BYTES, SEGMENT_SUFFIX,
 };
 use super::LogOptions;
 use crate::storage::{Storage, StorageFile};
@@ -522,10 +522,6 @@ fn confirm_tail_reads_back(
         });
     }
     Ok(())
-}
-
-fn last_nonzero(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().rposition(|&b| b != 0)
 }
 
 /// Cuts a segment back to `end_bytes` and makes that durable. The region past the end is

@@ -210,6 +210,43 @@ pub fn scan_records(
     }
 }
 
+/// Bytes looked at together when searching for a non-zero byte. Megabytes of
+/// preallocated zeros follow the end of a log, and byte-by-byte searches through them were
+/// most of the time of a clean reopen; a chunk ORed into one byte compiles to vector
+/// instructions.
+const ZERO_SCAN_CHUNK_BYTES: usize = 64;
+
+fn any_nonzero(chunk: &[u8]) -> bool {
+    chunk.iter().fold(0u8, |acc, &b| acc | b) != 0
+}
+
+/// The index of the first non-zero byte of `bytes`.
+pub(crate) fn first_nonzero(bytes: &[u8]) -> Option<usize> {
+    let chunks = bytes.chunks_exact(ZERO_SCAN_CHUNK_BYTES);
+    let rest_at = bytes.len() - chunks.remainder().len();
+    for (i, chunk) in chunks.enumerate() {
+        if any_nonzero(chunk) {
+            let at = chunk.iter().position(|&b| b != 0)?;
+            return Some(i * ZERO_SCAN_CHUNK_BYTES + at);
+        }
+    }
+    let at = bytes[rest_at..].iter().position(|&b| b != 0)?;
+    Some(rest_at + at)
+}
+
+/// The index of the last non-zero byte of `bytes`.
+pub(crate) fn last_nonzero(bytes: &[u8]) -> Option<usize> {
+    let head_len = bytes.len() % ZERO_SCAN_CHUNK_BYTES;
+    let (head, body) = bytes.split_at(head_len);
+    for (i, chunk) in body.rchunks_exact(ZERO_SCAN_CHUNK_BYTES).enumerate() {
+        if any_nonzero(chunk) {
+            let at = chunk.iter().rposition(|&b| b != 0)?;
+            return Some(bytes.len() - (i + 1) * ZERO_SCAN_CHUNK_BYTES + at);
+        }
+    }
+    head.iter().rposition(|&b| b != 0)
+}
+
 /// The offset of the first valid record strictly after `pos`, if any.
 ///
 /// Runs of zeros are skipped quickly: a record header always has a non-zero byte, so only
@@ -219,9 +256,7 @@ pub fn valid_record_after(bytes: &[u8], pos: usize, payload_len_max: u32) -> Opt
     while p + RECORD_HEADER_SIZE_BYTES <= bytes.len() {
         let window = &bytes[p..p + RECORD_HEADER_SIZE_BYTES];
         if window.iter().all(|&b| b == 0) {
-            let nonzero = bytes[p + RECORD_HEADER_SIZE_BYTES..]
-                .iter()
-                .position(|&b| b != 0)?;
+            let nonzero = first_nonzero(&bytes[p + RECORD_HEADER_SIZE_BYTES..])?;
             let nz = p + RECORD_HEADER_SIZE_BYTES + nonzero;
             p = (nz + 1).saturating_sub(RECORD_HEADER_SIZE_BYTES).max(p + 1);
             continue;
@@ -354,6 +389,35 @@ mod tests {
             encode_into(&mut buf, *seq, *flags, payload);
         }
         buf
+    }
+
+    #[test]
+    fn chunked_nonzero_searches_agree_with_byte_by_byte_ones() {
+        // Every length around the chunk size and its multiples, with one, two or no
+        // non-zero bytes at every position (the chunk edges included).
+        for len in [0, 1, 2, 63, 64, 65, 127, 128, 129, 200, 256, 300] {
+            let mut cases = vec![vec![0u8; len]];
+            for i in 0..len {
+                let mut one = vec![0u8; len];
+                one[i] = 0x80;
+                cases.push(one.clone());
+                let j = (i * 7 + 3) % len;
+                one[j] |= 1;
+                cases.push(one);
+            }
+            for bytes in &cases {
+                assert_eq!(
+                    first_nonzero(bytes),
+                    bytes.iter().position(|&b| b != 0),
+                    "{bytes:?}"
+                );
+                assert_eq!(
+                    last_nonzero(bytes),
+                    bytes.iter().rposition(|&b| b != 0),
+                    "{bytes:?}"
+                );
+            }
+        }
     }
 
     #[test]

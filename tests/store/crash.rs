@@ -83,6 +83,119 @@ fn deleted_index_is_rebuilt_identical_to_the_incremental_one() {
 }
 
 #[test]
+fn a_rebuild_longer_than_the_memtable_bound_goes_through_the_indexer_and_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 0, 5000);
+    let incremental = store.index_dump().unwrap();
+    drop(store);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let mut options = crate::common::store_options();
+    // 5,000 events through a memtable of at most 1,000: the catch-up must wait for the
+    // indexer to write at least four batches to sled before it can finish.
+    options.index.lag_events_max = 1000;
+    options.index.flush_events = 300;
+    options.index.flush_interval_ms = 3_600_000;
+    let store = Store::open(dir.path(), options).unwrap();
+    let report = store.open_report().index.clone();
+    assert!(report.rebuilt, "{report:?}");
+    assert_eq!(report.caught_up_events, 5000, "{report:?}");
+    let counters = store.index_counters();
+    assert!(counters.lag_events < 1000, "{counters:?}");
+    assert!(counters.flushed_batches >= 4, "{counters:?}");
+    assert_eq!(store.index_dump().unwrap(), incremental);
+}
+
+#[test]
+fn a_catch_up_within_the_memtable_bound_writes_nothing_to_sled_before_open_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    options.index.flush_events = usize::MAX;
+    options.index.flush_interval_ms = 3_600_000;
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    fill(&store, 0, 3000);
+    let before = history(&store, "agg-5");
+    store.crash();
+    // Reopening after a crash costs reading the log tail into memory, no sled write:
+    // that is what keeps it fast (benches/compare: reopen after a crash).
+    let store = Store::open(dir.path(), options).unwrap();
+    assert_eq!(store.open_report().index.caught_up_events, 3000);
+    let counters = store.index_counters();
+    assert_eq!((counters.flushed_batches, counters.sled_writes), (0, 0));
+    assert_eq!(counters.lag_events, 3000);
+    assert_eq!(history(&store, "agg-5"), before);
+}
+
+/// Child mode of the next test: appends one batch, waits until the indexer has written
+/// it to sled, appends 10 more events, says so, and waits to be killed.
+const ENV_FLUSHED_CHILD: &str = "EVENTLOG_TEST_FLUSHED_BATCH_CHILD";
+
+fn flushed_batch_options() -> eventlog::store::Options {
+    let mut options = crate::common::store_options();
+    options.index.flush_events = 1000;
+    // Only a full memtable is written: the indexer's timer stays out of the way.
+    options.index.flush_interval_ms = 3_600_000;
+    options
+}
+
+fn flushed_batch_child(dir: &str) {
+    let store = Store::open(std::path::Path::new(dir), flushed_batch_options()).unwrap();
+    let events: Vec<NewEvent> = (0..1000u32)
+        .map(|i| NewEvent::binary("type-0", i.to_le_bytes().to_vec()))
+        .collect();
+    store
+        .append("agg-batch", ExpectedVersion::NoStream, &events)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.index_counters().flushed_batches == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the indexer wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    fill(&store, 0, 10);
+    println!("ready");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    std::process::exit(3);
+}
+
+#[test]
+fn a_batch_the_indexer_wrote_survives_a_kill_right_after() {
+    if let Ok(dir) = std::env::var(ENV_FLUSHED_CHILD) {
+        flushed_batch_child(&dir);
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "store::crash::a_batch_the_indexer_wrote_survives_a_kill_right_after",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(ENV_FLUSHED_CHILD, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l == "ready");
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(ready, "the child ended before it was ready: {status:?}");
+    // sled keeps writes in memory until a flush; the indexer makes each batch durable
+    // as it writes it, so only the 10 later events are caught up from the log.
+    let store = Store::open(dir.path(), flushed_batch_options()).unwrap();
+    let report = store.open_report().index.clone();
+    assert!(!report.rebuilt, "{report:?}");
+    assert_eq!(report.caught_up_events, 10, "{report:?}");
+    assert_eq!(store.aggregate_version("agg-batch").unwrap(), 1000);
+}
+
+#[test]
 fn damaged_index_directory_is_rebuilt_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
