@@ -937,7 +937,7 @@ impl Index {
                 self.wait_for_indexer_room()?;
             }
             // The clock is read once per 4,096 events: per event it was 9% of a catch-up.
-            if report.caught_up_events % 4096 == 0
+            if report.caught_up_events.is_multiple_of(4096)
                 && last_progress.elapsed() > Duration::from_secs(2)
             {
                 last_progress = Instant::now();
