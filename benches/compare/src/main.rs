@@ -1327,7 +1327,14 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
     let _ = writeln!(w, "| workload | store | metric | values |");
     let _ = writeln!(w, "|---|---|---|---|");
     for ((wk, st, m), (v, _)) in &res.figures {
-        let vals: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
+        // Seconds to the millisecond: reopen times are tenths of a second.
+        let vals: Vec<String> = v
+            .iter()
+            .map(|x| match m.as_str() {
+                "seconds" => format!("{x:.3}"),
+                _ => format!("{x:.1}"),
+            })
+            .collect();
         let _ = writeln!(w, "| {wk} | {st} | {m} | {} |", vals.join(", "));
     }
     let _ = writeln!(w);
