@@ -66,6 +66,8 @@ fn options() -> LogOptions {
     let mut o = LogOptions::default();
     o.segment_size_bytes = SEGMENT_SIZE_BYTES;
     o.preallocate_chunk_bytes = PREALLOCATE_CHUNK_BYTES;
+    // Recovery points in the middle of segments too, written by the preallocation thread.
+    o.recovery_point_step_bytes = 16 << 10;
     // Must fit in a segment; the test's payloads are at most PAYLOAD_LEN_MAX anyway.
     o.record_size_bytes_max = 16 << 10;
     o

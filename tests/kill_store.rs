@@ -116,6 +116,8 @@ fn options() -> Options {
     let mut o = Options::default();
     o.log.segment_size_bytes = SEGMENT_SIZE_BYTES;
     o.log.preallocate_chunk_bytes = PREALLOCATE_CHUNK_BYTES;
+    // Recovery points in the middle of segments too, written by the preallocation thread.
+    o.log.recovery_point_step_bytes = 32 << 10;
     o.index.flush_events = 200;
     o.index.flush_interval_ms = 5;
     o.index.lag_events_max = 2_000;

@@ -14,7 +14,12 @@
 //! before, and gets the error itself. The two never write zeros at the same time: both
 //! hold [`Preallocator::writing`] while they do, and they only ever write past the end of
 //! the file, where the writer's records never are.
+//!
+//! The thread also writes the recovery points the writer asks for as its synced end moves
+//! on (see [`LogOptions::recovery_point_step_bytes`](super::LogOptions)), so appends do not
+//! wait for those syncs either.
 
+use super::recovery::RecoveryPoint;
 use super::segment::Segment;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::sync::Arc;
@@ -43,6 +48,8 @@ struct State {
     /// allocated inline again, which shows there is space, or moves to a new segment.
     /// Without this a full disk would cost a failed step and a warning per append.
     failed: bool,
+    /// A recovery point the writer asked for, to write off its path.
+    recovery_point_due: Option<RecoveryPoint>,
     stop: bool,
 }
 
@@ -126,6 +133,14 @@ impl Preallocator {
         self.writing.try_lock_for(wait_max)
     }
 
+    /// Asks the thread to write `rp` (replacing one asked for earlier and not yet
+    /// written, which it covers).
+    pub(crate) fn ask_recovery_point(&self, rp: RecoveryPoint) {
+        let mut st = self.state.lock();
+        st.recovery_point_due = Some(rp);
+        self.cv.notify_one();
+    }
+
     /// Ends [`Preallocator::run`].
     pub(crate) fn stop(&self) {
         let mut st = self.state.lock();
@@ -135,14 +150,21 @@ impl Preallocator {
     }
 
     /// The background thread's body: allocates what the writer asked for, one step at a
-    /// time, until [`Preallocator::stop`].
-    pub(crate) fn run(&self) {
+    /// time, and writes the recovery points it asked for with `write_recovery_point`,
+    /// until [`Preallocator::stop`].
+    pub(crate) fn run(&self, write_recovery_point: impl Fn(RecoveryPoint)) {
         loop {
             let (segment, step_end) = {
                 let mut st = self.state.lock();
                 loop {
                     if st.stop {
                         return;
+                    }
+                    if let Some(rp) = st.recovery_point_due.take() {
+                        drop(st);
+                        write_recovery_point(rp);
+                        st = self.state.lock();
+                        continue;
                     }
                     if let Some(segment) = &st.segment {
                         if st.allocated_bytes < st.wanted_bytes {

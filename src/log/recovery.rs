@@ -7,7 +7,8 @@
 //!   or damaged `.idx` is rebuilt by a full checksum scan of that one segment.
 //! - The last segment is verified from the recovery point on (checksums); below it only
 //!   record headers are walked to rebuild offsets, so recovery costs what was written since
-//!   the recovery point, bounded by one segment.
+//!   the recovery point: at most about `LogOptions::recovery_point_step_bytes`, since the
+//!   point follows the synced end of the log in steps of that size.
 //! - In the last segment, a bad record with no valid record after it is a torn tail and is
 //!   cut off. A bad record followed by any valid record is damage.
 //! - Every write recovery makes is idempotent: crashing during recovery and opening again

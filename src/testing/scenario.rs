@@ -411,6 +411,10 @@ impl<'c> Sim<'c> {
         options.log.segment_size_bytes = 96 << 10;
         options.log.preallocate_chunk_bytes = 16 << 10;
         options.log.group_commit_wait_us = 0;
+        // Recovery points in the middle of segments, at seed-dependent places (written by
+        // the appender here: simulated storage has no preallocation thread), so crashes
+        // land before, during and after their writes.
+        options.log.recovery_point_step_bytes = (4 + seed % 29) << 10;
         options.index.cache_bytes = 1 << 20;
         // Small and seed-dependent, so that index flushes interleave with appends and the
         // latest-version map drops its clean entries often (a miss must still find sled's).

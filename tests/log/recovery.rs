@@ -88,6 +88,50 @@ fn unfinished_multi_record_append_disappears_whole() {
 }
 
 #[test]
+fn the_recovery_point_follows_the_synced_end_so_a_crash_verifies_at_most_a_step() {
+    const STEP_BYTES: u64 = 32 << 10;
+    // Written by the preallocation thread, or by the appender when there is none.
+    for in_background in [true, false] {
+        let live = tempfile::tempdir().unwrap();
+        let mut options = small_options();
+        options.segment_size_bytes = 1 << 20;
+        options.preallocate_chunk_bytes = 16 << 10;
+        options.preallocate_in_background = in_background;
+        options.recovery_point_step_bytes = STEP_BYTES;
+        let log = open(live.path(), options.clone());
+        let mut payloads = Vec::new();
+        // About 600 KiB in one segment, four records an append.
+        for i in 0..600u64 {
+            let group: Vec<Vec<u8>> = (0..4).map(|j| payload_for(i * 4 + j, 250)).collect();
+            log.append(&group).unwrap();
+            payloads.extend(group);
+        }
+        let group_bytes = 4 * framed_len(250) as u64;
+        // The thread writes the point after the append that asked for it returned: look
+        // at crash images until one shows it (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let (image, verified_bytes) = loop {
+            let image = tempfile::tempdir().unwrap();
+            copy_dir(live.path(), image.path());
+            let reopened = open(image.path(), options.clone());
+            let verified = reopened.recovery_report().verified_bytes;
+            assert_eq!(all_payloads(&reopened), payloads);
+            drop(reopened);
+            if verified <= STEP_BYTES + group_bytes || std::time::Instant::now() > deadline {
+                break (image, verified);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(
+            verified_bytes <= STEP_BYTES + group_bytes,
+            "in_background {in_background}: a crash image verified {verified_bytes} bytes"
+        );
+        drop(log);
+        drop(image);
+    }
+}
+
+#[test]
 fn clean_close_leaves_nothing_to_verify_and_crash_verifies_only_the_tail() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), small_options());
