@@ -406,6 +406,11 @@ impl MemState {
         }
     }
 
+    /// Events in the memtables (the active one and the one being flushed), not yet in sled.
+    fn lag_events(&self) -> usize {
+        self.active.len + self.flushing.as_ref().map_or(0, |f| f.len)
+    }
+
     /// Seqs from here on are not all in sled yet.
     fn dirty_from(&self) -> u64 {
         self.flushing
@@ -715,7 +720,7 @@ impl CommitObserver for Feed {
         };
         self.0.settled();
         if len >= self.0.options.flush_events {
-            self.0.wake_cv.notify_one();
+            self.0.wake_indexer();
         }
     }
 
@@ -924,17 +929,25 @@ impl Index {
             let (active_len, lag) = {
                 let mut mem = shared.mem.write();
                 mem.insert(record.seq(), record.payload());
-                let flushing_len = mem.flushing.as_ref().map_or(0, |f| f.len);
-                (mem.active.len, mem.active.len + flushing_len)
+                (mem.active.len, mem.lag_events())
             };
             report.caught_up_events += 1;
             if active_len == shared.options.flush_events {
-                // Under the lock the indexer checks `active` with, so the wake is not lost.
-                let _signal = shared.signal.lock();
-                shared.wake_cv.notify_one();
+                shared.wake_indexer();
             }
             if lag >= shared.options.lag_events_max {
-                self.wait_for_indexer_room()?;
+                // Unlike an append, an open does not wait through the indexer's retries.
+                self.wait_for_room_or_failure(1, CATCH_UP_ROOM_WAIT_MAX, true)
+                    .map_err(|failure| {
+                        IndexError::Log(match failure {
+                            Some(e) => format!("writing the caught-up index to sled failed: {e}"),
+                            None => format!(
+                                "the indexer wrote nothing to sled for {} s while catching up; \
+                                 the disk may be hanging",
+                                CATCH_UP_ROOM_WAIT_MAX.as_secs()
+                            ),
+                        })
+                    })?;
             }
             // The clock is read once per 4,096 events: per event it was 9% of a catch-up.
             if report.caught_up_events.is_multiple_of(4096)
@@ -959,36 +972,6 @@ impl Index {
         Ok(())
     }
 
-    /// During the catch-up, waits until the indexer has made room in a full memtable.
-    ///
-    /// # Errors
-    /// The indexer's error if a flush fails meanwhile; [`IndexError::Log`] if it made no
-    /// room within [`CATCH_UP_ROOM_WAIT_MAX`].
-    fn wait_for_indexer_room(&self) -> Result<(), IndexError> {
-        let shared = &self.shared;
-        let deadline = Instant::now() + CATCH_UP_ROOM_WAIT_MAX;
-        let mut signal = shared.signal.lock();
-        loop {
-            if self.lag_events() < shared.options.lag_events_max {
-                return Ok(());
-            }
-            if let Some(e) = &signal.last_error {
-                return Err(IndexError::Log(format!(
-                    "writing the caught-up index to sled failed: {e}"
-                )));
-            }
-            shared.wake_cv.notify_one();
-            if shared.room_cv.wait_until(&mut signal, deadline).timed_out()
-                && self.lag_events() >= shared.options.lag_events_max
-            {
-                return Err(IndexError::Log(format!(
-                    "the indexer wrote nothing to sled for {} s while catching up; the disk may be hanging",
-                    CATCH_UP_ROOM_WAIT_MAX.as_secs()
-                )));
-            }
-        }
-    }
-
     /// Counters of the index's work.
     pub fn counters(&self) -> IndexCounters {
         IndexCounters {
@@ -1002,8 +985,7 @@ impl Index {
 
     /// Events in the memtable, not yet in sled.
     pub fn lag_events(&self) -> usize {
-        let mem = self.shared.mem.read();
-        mem.active.len + mem.flushing.as_ref().map_or(0, |f| f.len)
+        self.shared.mem.read().lag_events()
     }
 
     /// Waits until the memtable has room for `events` more, or `timeout` passes.
@@ -1011,6 +993,18 @@ impl Index {
     /// # Errors
     /// On timeout, with the indexer's last error if it failed.
     pub fn wait_for_room(&self, events: usize, timeout: Duration) -> Result<(), Option<String>> {
+        self.wait_for_room_or_failure(events, timeout, false)
+    }
+
+    /// [`Index::wait_for_room`]; with `give_up_on_failure`, it also returns, with the
+    /// error, as soon as a flush of the indexer has failed, instead of waiting through the
+    /// indexer's retries until `timeout`.
+    fn wait_for_room_or_failure(
+        &self,
+        events: usize,
+        timeout: Duration,
+        give_up_on_failure: bool,
+    ) -> Result<(), Option<String>> {
         let max = self.shared.options.lag_events_max;
         let fits = |lag: usize| lag + events <= max || lag == 0;
         if fits(self.lag_events()) {
@@ -1022,6 +1016,9 @@ impl Index {
         loop {
             if fits(self.lag_events()) {
                 return Ok(());
+            }
+            if let (true, Some(e)) = (give_up_on_failure, &signal.last_error) {
+                return Err(Some(e.clone()));
             }
             if self
                 .shared
@@ -1397,6 +1394,13 @@ impl Shared {
             .aggregates
             .get(bucket.to_be_bytes())
             .map_err(sled_err(&self.dir))
+    }
+
+    /// Wakes the indexer to write the full memtable. Under the lock the indexer checks the
+    /// memtable's size with before it sleeps, so the wake cannot fall between the two.
+    fn wake_indexer(&self) {
+        let _signal = self.signal.lock();
+        self.wake_cv.notify_one();
     }
 
     /// Wakes flushes waiting for an unpublished group to be published or abandoned.
