@@ -120,6 +120,10 @@ pub struct IndexOptions {
     /// and refill on use (aggregates with events not yet in sled are kept besides, at most
     /// `lag_events_max` of them). Default 500,000 (about 70 MB at most with short ids).
     pub latest_cache_aggregates: usize,
+    /// Unit tests only: every write to sled fails, as on a failing disk (sled itself has
+    /// no way to make its writes fail).
+    #[cfg(test)]
+    pub(crate) fail_flushes: bool,
 }
 
 impl Default for IndexOptions {
@@ -130,6 +134,8 @@ impl Default for IndexOptions {
             flush_interval_ms: 1_000,
             cache_bytes: 16 << 20,
             latest_cache_aggregates: 500_000,
+            #[cfg(test)]
+            fail_flushes: false,
         }
     }
 }
@@ -929,6 +935,15 @@ impl Index {
             let (active_len, lag) = {
                 let mut mem = shared.mem.write();
                 mem.insert(record.seq(), record.payload());
+                if let Some(e) = &mem.active.error {
+                    // Stop here, before the store answers: otherwise every flush would
+                    // fail on this record, for ever, and appends would end up waiting.
+                    return Err(IndexError::Log(format!(
+                        "{e}; the log holds a record the store did not write (appended \
+                         through eventlog::log, or by a newer eventlog version). Nothing \
+                         was changed; eventlog::log::Log::read shows the record"
+                    )));
+                }
                 (mem.active.len, mem.lag_events())
             };
             report.caught_up_events += 1;
@@ -1516,6 +1531,12 @@ impl Shared {
     fn flush_batch(&self, batch: &Memtable) -> Result<(), IndexError> {
         if let Some(e) = &batch.error {
             return Err(IndexError::Log(e.clone()));
+        }
+        #[cfg(test)]
+        if self.options.fail_flushes {
+            return Err(IndexError::Log(
+                "sled write failed (injected by a test)".into(),
+            ));
         }
         let latest = self.batch_latest(batch)?;
         self.apply(batch, &latest)?;

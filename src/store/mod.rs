@@ -1594,6 +1594,53 @@ impl Follower {
 }
 
 #[cfg(test)]
+mod open_tests {
+    use super::*;
+
+    /// An open whose catch-up fills the memtable while the indexer cannot write to sled
+    /// fails with the indexer's error as soon as the indexer has failed once, instead of
+    /// waiting `CATCH_UP_ROOM_WAIT_MAX` (600 s) for room that cannot come. Nothing is
+    /// lost: the log is untouched and the next open catches the same events up again.
+    #[test]
+    fn a_catch_up_stops_at_the_indexers_first_failed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = Options::default();
+        options.log.segment_size_bytes = 128 << 10;
+        options.log.preallocate_chunk_bytes = 0;
+        options.payload_size_bytes_max = 4 << 10;
+        options.index.flush_events = 10;
+        options.index.lag_events_max = 50;
+        {
+            let store = Store::open(dir.path(), options.clone()).unwrap();
+            for i in 0..200u64 {
+                let e = NewEvent::binary("t", i.to_le_bytes().to_vec());
+                store
+                    .append(&format!("agg-{}", i % 7), ExpectedVersion::Any, &[e])
+                    .unwrap();
+            }
+        }
+        // The index is rebuilt from the log at the next open: 200 events to catch up
+        // through a memtable of 50.
+        std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+        let mut failing = options.clone();
+        failing.index.fail_flushes = true;
+        let err = Store::open(dir.path(), failing).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("writing the caught-up index to sled failed")
+                && message.contains("injected by a test"),
+            "{message}"
+        );
+        let store = Store::open(dir.path(), options).unwrap();
+        assert_eq!(store.next_seq(), 200);
+        let versions: u64 = (0..7)
+            .map(|a| store.aggregate_version(&format!("agg-{a}")).unwrap())
+            .sum();
+        assert_eq!(versions, 200);
+    }
+}
+
+#[cfg(test)]
 mod read_tests {
     use super::*;
     use std::os::unix::fs::FileExt;

@@ -333,3 +333,33 @@ fn flush_index_covers_every_earlier_append_while_the_indexer_flushes() {
     writer.join().unwrap();
     assert!(calls > 10, "only {calls} flushes overlapped the appends");
 }
+
+/// A record the store did not write (appended through the log API, say) stops the open
+/// with an error naming it. Before, the open succeeded and the indexer then failed on
+/// that record at every flush, for ever: reads kept working from memory while nothing
+/// reached sled, until appends stopped with `IndexBehind`.
+#[test]
+fn a_record_that_is_not_an_event_stops_the_open_with_its_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = crate::common::store_options();
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    fill(&store, 0, 20);
+    drop(store);
+    let mut log_options = options.log.clone();
+    log_options.record_size_bytes_max = 1 << 20; // within the test's 4 MiB segments
+    let log = eventlog::log::Log::open(dir.path(), log_options.clone()).unwrap();
+    let foreign = log.append(&[b"not an event".to_vec()]).unwrap();
+    assert_eq!(foreign, 20..21);
+    log.close().unwrap();
+
+    let err = Store::open(dir.path(), options.clone()).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("record 20 is not an event"),
+        "the error names the record: {message}"
+    );
+    // Nothing was changed: the log still holds every record, the foreign one too.
+    let log = eventlog::log::Log::open(dir.path(), log_options).unwrap();
+    assert_eq!(log.next_seq(), 21);
+    assert_eq!(log.read(20).unwrap().payload(), b"not an event");
+}
