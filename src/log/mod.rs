@@ -220,20 +220,22 @@ impl Record {
 /// Each group is [`written`](CommitObserver::written) first and then either
 /// [`published`](CommitObserver::published) or [`abandoned`](CommitObserver::abandoned),
 /// before the next group is written. Under [`Durability::Sync`] the group's `fdatasync`
-/// runs meanwhile (on another thread for large groups), so between `written` and
-/// `published` the records are not durable yet: the observer must not show them to
-/// readers.
+/// runs meanwhile (for large groups `written` runs on another thread, while the group is
+/// still being written too), so between `written` and `published` the records are not
+/// durable yet, or not even on disk: the observer must not show them to readers.
 ///
 /// It runs on the committing thread while the log's writer is busy, so it must be quick
 /// and must not call back into the log's append path.
 pub trait CommitObserver: Send + Sync + std::fmt::Debug {
-    /// Records `first_seq ..` with these payloads were written; not acknowledged yet.
+    /// Records `first_seq ..` with these payloads are being (or were) written; not
+    /// acknowledged yet.
     fn written(&self, first_seq: u64, payloads: &[&[u8]]);
     /// Every record below `next_seq` is acknowledged: durable as the log's durability
     /// says, and readable.
     fn published(&self, next_seq: u64);
     /// The records of the last [`written`](CommitObserver::written) group will never be
-    /// acknowledged (their sync failed and the log is poisoned): forget them.
+    /// acknowledged (their write failed, say on a full disk, or their sync failed and the
+    /// log is poisoned): forget them.
     fn abandoned(&self);
 }
 
@@ -990,19 +992,6 @@ impl Inner {
             }
             let chunk = &bytes[chunk_start_bytes..chunk_start_bytes + chunk_bytes as usize];
             let file_offset = active.write_offset_bytes;
-            if let Err(kind) = self.ensure_allocated(active, file_offset + chunk_bytes) {
-                return GroupOutcome {
-                    acked_next,
-                    failure: Some(kind),
-                };
-            }
-            if let Err(e) = active.segment.file.write_at(chunk, file_offset) {
-                let kind = self.undo_failed_write(active, file_offset, chunk.len(), e);
-                return GroupOutcome {
-                    acked_next,
-                    failure: Some(kind),
-                };
-            }
             let mut offsets = Vec::with_capacity(chunk_records);
             let mut off = file_offset;
             for &len in &lens[chunk_first_rec..chunk_first_rec + chunk_records] {
@@ -1010,19 +999,8 @@ impl Inner {
                 off += u64::from(len);
             }
             debug_assert_eq!(off, file_offset + chunk_bytes);
-            active.write_offset_bytes = off;
-            seq += chunk_records as u64;
-            active.written_next = seq;
-            byte_pos += chunk_bytes as usize;
-            rec_pos += chunk_records;
-            self.commit_count.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .group_commit_records
-                .observe(chunk_records as u64);
-            self.records_written
-                .fetch_add(chunk_records as u64, Ordering::Relaxed);
             let observer = self.observer.get();
-            let first_of_chunk = seq - chunk_records as u64;
+            let first_of_chunk = seq;
             // Where each record's payload is in `bytes`.
             let payload_ranges: Vec<Range<usize>> = match observer {
                 Some(_) => offsets
@@ -1048,31 +1026,67 @@ impl Inner {
                     }
                 }
             };
-            if sync {
-                let use_helper = self.helper_allowed
-                    && observer.is_some()
-                    && chunk_records >= helper::OVERLAP_RECORDS_MIN;
-                let helper = if use_helper { self.helper() } else { None };
-                let synced = match helper {
-                    Some(helper) => helper.run_while(Box::new(tell_written), || self.fsync(active)),
-                    _ => {
-                        tell_written();
-                        self.fsync(active)
-                    }
-                };
-                if let Err(kind) = synced {
-                    if let Some(observer) = observer {
-                        observer.abandoned();
-                    }
-                    return GroupOutcome {
-                        acked_next,
-                        failure: Some(kind),
-                    };
+            let write = |active: &mut ActiveSegment| -> Result<(), FailKind> {
+                self.ensure_allocated(active, file_offset + chunk_bytes)?;
+                if let Err(e) = active.segment.file.write_at(chunk, file_offset) {
+                    return Err(self.undo_failed_write(active, file_offset, chunk.len(), e));
                 }
-                self.advance_recovery_point(active);
-            } else {
-                tell_written();
+                active.write_offset_bytes = off;
+                active.written_next = first_of_chunk + chunk_records as u64;
+                self.commit_count.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .group_commit_records
+                    .observe(chunk_records as u64);
+                self.records_written
+                    .fetch_add(chunk_records as u64, Ordering::Relaxed);
+                Ok(())
+            };
+            // A large chunk feeds the index on the helper while this thread writes and
+            // syncs it: the memtable hides the chunk until it is published, and forgets
+            // it if the write or the sync fails. A small one feeds it here, once written.
+            let use_helper = sync
+                && self.helper_allowed
+                && observer.is_some()
+                && chunk_records >= helper::OVERLAP_RECORDS_MIN;
+            let helper = if use_helper { self.helper() } else { None };
+            let outcome = match helper {
+                Some(helper) => helper.run_while(Box::new(tell_written), || {
+                    write(active)?;
+                    self.fsync(active)
+                }),
+                None => match write(active) {
+                    // Nothing was told to the observer yet.
+                    Err(kind) => {
+                        return GroupOutcome {
+                            acked_next,
+                            failure: Some(kind),
+                        }
+                    }
+                    Ok(()) => {
+                        tell_written();
+                        if sync {
+                            self.fsync(active)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+            };
+            if let Err(kind) = outcome {
+                if let Some(observer) = observer {
+                    observer.abandoned();
+                }
+                return GroupOutcome {
+                    acked_next,
+                    failure: Some(kind),
+                };
             }
+            if sync {
+                self.advance_recovery_point(active);
+            }
+            seq += chunk_records as u64;
+            byte_pos += chunk_bytes as usize;
+            rec_pos += chunk_records;
             self.publish(&active.segment, &offsets, off, seq);
             if let Some(observer) = observer {
                 observer.published(seq);

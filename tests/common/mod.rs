@@ -1,7 +1,11 @@
 //! Helpers shared by the integration tests.
 
 use eventlog::log::{Log, LogOptions};
+use eventlog::storage::{FsStorage, LockGuard, MappedRegion, Storage, StorageFile};
+use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Small segments so tests exercise rolling, preallocation off so files hold only data.
 pub fn small_options() -> LogOptions {
@@ -106,4 +110,105 @@ pub fn history(
             (e.version, e.seq, e.event_type, e.payload)
         })
         .collect()
+}
+
+/// The real file system, except that while `full` is set, growing a file fails with ENOSPC
+/// (a write that would grow it lands only its first half, as a real short write can).
+#[derive(Debug, Default)]
+pub struct FullDisk {
+    pub full: Arc<AtomicBool>,
+    /// While set, every fdatasync fails with EIO.
+    pub fsync_fails: Arc<AtomicBool>,
+    /// Whether the log may treat it as the real file system (its commit helper and
+    /// preallocation thread run only there); by default it does not.
+    pub real_fs: bool,
+}
+
+#[derive(Debug)]
+struct FullDiskFile {
+    file: Arc<dyn StorageFile>,
+    full: Arc<AtomicBool>,
+    fsync_fails: Arc<AtomicBool>,
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc_enospc())
+}
+
+fn libc_enospc() -> i32 {
+    28
+}
+
+impl Storage for FullDisk {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        FsStorage.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        FsStorage.list_dir(path)
+    }
+    fn open_file(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        if create && self.full.load(Ordering::SeqCst) && !path.exists() {
+            return Err(enospc());
+        }
+        let file = FsStorage.open_file(path, create)?;
+        Ok(Arc::new(FullDiskFile {
+            file,
+            full: self.full.clone(),
+            fsync_fails: self.fsync_fails.clone(),
+        }))
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        FsStorage.exists(path)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        FsStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        FsStorage.rename(from, to)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        FsStorage.sync_dir(path)
+    }
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn LockGuard>>> {
+        FsStorage.try_lock(path)
+    }
+    fn is_real_file_system(&self) -> bool {
+        self.real_fs
+    }
+}
+
+impl StorageFile for FullDiskFile {
+    fn len_bytes(&self) -> io::Result<u64> {
+        self.file.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let len = self.file.len_bytes()?;
+        if self.full.load(Ordering::SeqCst) && offset + buf.len() as u64 > len {
+            let half = buf.len() / 2;
+            self.file.write_at(&buf[..half], offset)?;
+            return Err(enospc());
+        }
+        self.file.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.fsync_fails.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        self.file.sync_data()
+    }
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        self.file.set_len(len_bytes)
+    }
+    fn allocate(&self, len_bytes: u64) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) && len_bytes > self.file.len_bytes()? {
+            return Err(enospc());
+        }
+        self.file.allocate(len_bytes)
+    }
+    fn map(&self, len_bytes: u64) -> io::Result<Arc<dyn MappedRegion>> {
+        self.file.map(len_bytes)
+    }
 }

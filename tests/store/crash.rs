@@ -363,3 +363,83 @@ fn a_record_that_is_not_an_event_stops_the_open_with_its_seq() {
     assert_eq!(log.next_seq(), 21);
     assert_eq!(log.read(20).unwrap().payload(), b"not an event");
 }
+
+/// A disk that fills up during large appends. Their groups are fed to the index on the
+/// commit helper while they are written, so a failed one was already in the memtable:
+/// each failed append must leave no trace there (no version taken, nothing readable),
+/// and appends must go on from the acknowledged events once there is space again.
+/// With preallocation the allocation fails; without it, the write itself.
+#[test]
+fn disk_full_during_large_appends_leaves_the_index_at_the_acknowledged_events() {
+    use crate::common::FullDisk;
+    use eventlog::store::{AppendError, Direction};
+    use std::sync::atomic::Ordering;
+    const BATCH_EVENTS: u64 = 300; // at least the log's helper threshold (256 records)
+    for preallocate_chunk_bytes in [64 << 10, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = std::sync::Arc::new(FullDisk {
+            real_fs: true,
+            ..FullDisk::default()
+        });
+        let full = storage.full.clone();
+        let mut options = crate::common::store_options();
+        options.log.preallocate_chunk_bytes = preallocate_chunk_bytes;
+        let store = Store::open_with_storage(storage, dir.path(), options.clone()).unwrap();
+        let mut acked = [0u64; 3];
+        let append = |k: u64| {
+            let events: Vec<NewEvent> = (0..BATCH_EVENTS)
+                .map(|i| NewEvent::binary("type-0", (k * 1000 + i).to_le_bytes().to_vec()))
+                .collect();
+            store.append(&format!("agg-{}", k % 3), ExpectedVersion::Any, &events)
+        };
+        let check = |store: &Store, acked: &[u64; 3]| {
+            let total: u64 = acked.iter().sum();
+            assert_eq!(store.next_seq(), total);
+            assert_eq!(store.read_all(0, usize::MAX).count() as u64, total);
+            for (a, &n) in acked.iter().enumerate() {
+                let agg = format!("agg-{a}");
+                assert_eq!(store.aggregate_version(&agg).unwrap(), n, "{agg}");
+                let versions: Vec<u64> = store
+                    .read_aggregate(&agg, 1, Direction::Forward, usize::MAX)
+                    .unwrap()
+                    .map(|e| e.unwrap().event().unwrap().version)
+                    .collect();
+                assert_eq!(versions, (1..=n).collect::<Vec<_>>(), "{agg}");
+            }
+        };
+        for k in 0..6 {
+            append(k).unwrap();
+            acked[(k % 3) as usize] += BATCH_EVENTS;
+        }
+        full.store(true, Ordering::SeqCst);
+        let mut failures = 0;
+        for k in 6..400 {
+            match append(k) {
+                Ok(a) => {
+                    acked[(k % 3) as usize] += BATCH_EVENTS;
+                    assert_eq!(a.last_version, acked[(k % 3) as usize]);
+                }
+                Err(e @ AppendError::Log(_)) => {
+                    assert!(e.to_string().contains("disk full"), "{e}");
+                    check(&store, &acked);
+                    failures += 1;
+                    if failures == 3 {
+                        break;
+                    }
+                }
+                Err(other) => panic!("expected a full disk, got {other}"),
+            }
+        }
+        assert_eq!(failures, 3, "the disk never filled up");
+        full.store(false, Ordering::SeqCst);
+        let resumed = append(1000).unwrap();
+        acked[1] += BATCH_EVENTS;
+        assert_eq!(resumed.last_version, acked[1]);
+        assert_eq!(resumed.last_seq + 1, acked.iter().sum::<u64>());
+        store.flush_index().unwrap();
+        check(&store, &acked);
+        drop(store);
+        let store = Store::open(dir.path(), options).unwrap();
+        check(&store, &acked);
+    }
+}
