@@ -1475,9 +1475,15 @@ impl Shared {
                 Err(e) => {
                     tracing::error!(error = %e, "index flush failed; will retry");
                     signal.last_error = Some(e.to_string());
-                    drop(signal);
                     self.room_cv.notify_all();
-                    std::thread::sleep(interval);
+                    // Retried after `interval`, not at every wake by a commit, but a stop
+                    // ends the wait: closing a store whose index cannot be written does
+                    // not wait out the interval.
+                    let retry_at = Instant::now() + interval;
+                    while !signal.stop
+                        && !self.wake_cv.wait_until(&mut signal, retry_at).timed_out()
+                    {
+                    }
                     continue;
                 }
             }
