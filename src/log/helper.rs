@@ -12,8 +12,9 @@
 //! 0.14 ms per 1,000-event group for the thread instead of 0.19 ms). The observer keeps
 //! the records hidden until [`published`](super::CommitObserver::published), which the
 //! leader calls only after both are done, or forgets them at
-//! [`abandoned`](super::CommitObserver::abandoned) if the write or the sync failed. Smaller groups do it inline: a hand-over costs a thread wake-up (about
-//! 0.1 ms on this virtual machine), more than a small group's observer work.
+//! [`abandoned`](super::CommitObserver::abandoned) if the write or the sync failed.
+//! Smaller groups do it inline: a hand-over costs a thread wake-up (about 0.1 ms on this
+//! virtual machine), more than a small group's observer work.
 //!
 //! The sync stays on the leader, so the wake-up delays only the observer's work, which
 //! has the sync's time to spare. The leader never depends on the thread: if it has

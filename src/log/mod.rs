@@ -1054,23 +1054,21 @@ impl Inner {
                     write(active)?;
                     self.fsync(active)
                 }),
-                None => match write(active) {
-                    // Nothing was told to the observer yet.
-                    Err(kind) => {
+                None => {
+                    if let Err(kind) = write(active) {
+                        // Nothing was told to the observer yet.
                         return GroupOutcome {
                             acked_next,
                             failure: Some(kind),
-                        }
+                        };
                     }
-                    Ok(()) => {
-                        tell_written();
-                        if sync {
-                            self.fsync(active)
-                        } else {
-                            Ok(())
-                        }
+                    tell_written();
+                    if sync {
+                        self.fsync(active)
+                    } else {
+                        Ok(())
                     }
-                },
+                }
             };
             if let Err(kind) = outcome {
                 if let Some(observer) = observer {
