@@ -759,6 +759,7 @@ impl Store {
         let mut placed: Vec<(usize, usize, usize, u64)> = Vec::with_capacity(requests.len());
         // Every aggregate's latest version at once (a repeated one is looked up again, and
         // then taken from `heads`): the lookups overlap their cache misses.
+        let mut generated_ids = event::GeneratedIds::new();
         let names: Vec<&str> = requests.iter().map(|r| r.aggregate_id).collect();
         let mut latest = Vec::with_capacity(requests.len());
         inner.index.latest_for_append_many(&names, &mut latest)?;
@@ -812,9 +813,7 @@ impl Store {
                         aggregate_id: r.aggregate_id,
                         version,
                         prev,
-                        event_id: e
-                            .event_id
-                            .unwrap_or_else(|| event::generated_event_id(version)),
+                        event_id: e.event_id.unwrap_or_else(|| generated_ids.next(version)),
                         timestamp_us: e.timestamp_us.unwrap_or(now),
                         event: e,
                     },
