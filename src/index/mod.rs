@@ -62,7 +62,8 @@ pub const INDEX_DIR_NAME: &str = "index";
 pub const INDEX_FORMAT_VERSION: u64 = 3;
 const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
-/// How many lookups ahead [`Index::latest_for_append_many`] asks for a latest-map slot:
+/// How many lookups ahead [`Index::latest_for_append_many`], the commit path and the
+/// indexer ask for a latest-map slot:
 /// enough to keep several misses in flight (4 to 32 measured about the same, 1,000 at once
 /// worse).
 const LOOKUP_PREFETCH_AHEAD: usize = 16;
@@ -722,7 +723,18 @@ impl CommitObserver for Feed {
     fn written(&self, first_seq: u64, payloads: &[&[u8]]) {
         let mut mem = self.0.mem.write();
         mem.begin_unpublished(first_seq);
+        // The latest-map slots of the events a few ahead are loaded while this one goes
+        // in: with many aggregates each is a cache miss (see `table`).
+        let prefetch = |mem: &MemState, payload: Option<&&[u8]>| {
+            if let Some(id) = payload.and_then(|p| event::peek_aggregate_id(p)) {
+                mem.latest.map.prefetch(NameTable::<Latest>::hash(id));
+            }
+        };
+        for ahead in payloads.iter().take(LOOKUP_PREFETCH_AHEAD) {
+            prefetch(&mem, Some(ahead));
+        }
         for (i, p) in payloads.iter().enumerate() {
+            prefetch(&mem, payloads.get(i + LOOKUP_PREFETCH_AHEAD));
             mem.insert(first_seq + i as u64, p);
         }
     }
@@ -1593,7 +1605,19 @@ impl Shared {
         let mut out = Vec::with_capacity(batch.touched.len());
         for names in batch.touched.chunks(NAMES_PER_LOCK) {
             let mem = self.mem.read();
-            for name in names {
+            // As appends do, the slots of the lookups a few ahead are loaded meanwhile.
+            let prefetch = |name: Option<&NameKey>| {
+                if let Some(name) = name {
+                    mem.latest
+                        .map
+                        .prefetch(NameTable::<Latest>::hash(name.as_str()));
+                }
+            };
+            for name in names.iter().take(LOOKUP_PREFETCH_AHEAD) {
+                prefetch(Some(name));
+            }
+            for (i, name) in names.iter().enumerate() {
+                prefetch(names.get(i + LOOKUP_PREFETCH_AHEAD));
                 // Checked, not assumed: a panic would stop the indexer, and an error
                 // shows up as the indexer's last error instead.
                 let (version, seq) = mem.latest_in_batch(batch, name).map_err(IndexError::Log)?;
@@ -1606,36 +1630,38 @@ impl Shared {
     fn apply(&self, m: &Memtable, latest: &[(&str, u64, u64)]) -> Result<(), IndexError> {
         let t = &self.trees;
         let mut writes = 0u64;
-        let mut by_bucket: BTreeMap<u32, Vec<(&str, u64, u64)>> = BTreeMap::new();
-        for &(name, version, seq) in latest {
-            by_bucket
-                .entry(agg_bucket(name))
-                .or_default()
-                .push((name, version, seq));
-        }
+        // (bucket, id, version, seq), grouped by bucket: one sort instead of a map of
+        // vectors (thousands of small allocations a flush).
+        let mut by_bucket: Vec<(u32, &str, u64, u64)> = latest
+            .iter()
+            .map(|&(name, version, seq)| (agg_bucket(name), name, version, seq))
+            .collect();
+        by_bucket.sort_unstable_by_key(|e| e.0);
         let mut aggregates = sled::Batch::default();
-        for (bucket, fresh) in by_bucket {
-            let key = bucket.to_be_bytes();
+        for fresh in by_bucket.chunk_by(|a, b| a.0 == b.0) {
+            let key = fresh[0].0.to_be_bytes();
             let stored = t.aggregates.get(key).map_err(sled_err(&self.dir))?;
-            let mut merged: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-            if let Some(v) = &stored {
-                for (name, version, seq) in
+            let mut entries = match &stored {
+                Some(v) => {
                     keys::decode_latest_bucket(v).ok_or_else(|| self.malformed("aggregates"))?
-                {
-                    merged.insert(name, (version, seq));
                 }
-            }
-            for (name, version, seq) in fresh {
-                // Re-applied after a crash, an older value must not replace a newer one.
-                let e = merged.entry(name).or_insert((version, seq));
-                if version >= e.0 {
-                    *e = (version, seq);
-                }
-            }
-            aggregates.insert(
-                &key[..],
-                keys::encode_latest_bucket(merged.iter().map(|(n, &(v, s))| (*n, v, s))),
+                None => Vec::with_capacity(fresh.len()),
+            };
+            entries.extend(
+                fresh
+                    .iter()
+                    .map(|&(_, name, version, seq)| (name, version, seq)),
             );
+            // By id, then version. Stable, so a stored entry stays before a fresh one of
+            // the same version and the fresh one is kept; and re-applied after a crash,
+            // an older value does not replace a newer one: the highest version is kept.
+            entries.sort_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+            let newest = entries
+                .iter()
+                .enumerate()
+                .filter(|&(i, e)| entries.get(i + 1).is_none_or(|next| next.0 != e.0))
+                .map(|(_, &e)| e);
+            aggregates.insert(&key[..], keys::encode_latest_bucket(newest));
             writes += 1;
         }
         let mut agg_events = sled::Batch::default();

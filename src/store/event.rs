@@ -771,6 +771,16 @@ pub(crate) fn decode_head_fast(bytes: &[u8]) -> Option<EventHead<'_>> {
     Reader { buf: rest }.head()
 }
 
+/// The aggregate id of an encoded event, without the rest of its head: what a prefetch
+/// of its index entry needs. `None` if the bytes do not start like an event.
+#[inline]
+pub(crate) fn peek_aggregate_id(bytes: &[u8]) -> Option<&str> {
+    let (&EVENT_FORMAT_VERSION, rest) = bytes.split_first()? else {
+        return None;
+    };
+    Reader { buf: rest }.str()
+}
+
 /// Checks an aggregate id or event type: 1..=255 bytes, no control characters.
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > NAME_LEN_BYTES_MAX {
