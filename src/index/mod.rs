@@ -1638,30 +1638,29 @@ impl Shared {
             .collect();
         by_bucket.sort_unstable_by_key(|e| e.0);
         let mut aggregates = sled::Batch::default();
-        for fresh in by_bucket.chunk_by(|a, b| a.0 == b.0) {
+        for fresh in by_bucket.chunk_by_mut(|a, b| a.0 == b.0) {
             let key = fresh[0].0.to_be_bytes();
             let stored = t.aggregates.get(key).map_err(sled_err(&self.dir))?;
-            let mut entries = match &stored {
+            let mut stored_entries = match &stored {
                 Some(v) => {
                     keys::decode_latest_bucket(v).ok_or_else(|| self.malformed("aggregates"))?
                 }
-                None => Vec::with_capacity(fresh.len()),
+                None => Vec::new(),
             };
-            entries.extend(
+            // Buckets are written in id order; one that is not is sorted (stable: of one
+            // id's entries, the later stays later).
+            if !stored_entries.is_sorted_by(|a, b| a.0 <= b.0) {
+                stored_entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            // A few ids each, one entry per id: small sorts without allocation.
+            fresh.sort_unstable_by(|a, b| a.1.cmp(b.1));
+            let merged = merge_latest(
+                &stored_entries,
                 fresh
                     .iter()
                     .map(|&(_, name, version, seq)| (name, version, seq)),
             );
-            // By id, then version. Stable, so a stored entry stays before a fresh one of
-            // the same version and the fresh one is kept; and re-applied after a crash,
-            // an older value does not replace a newer one: the highest version is kept.
-            entries.sort_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
-            let newest = entries
-                .iter()
-                .enumerate()
-                .filter(|&(i, e)| entries.get(i + 1).is_none_or(|next| next.0 != e.0))
-                .map(|(_, &e)| e);
-            aggregates.insert(&key[..], keys::encode_latest_bucket(newest));
+            aggregates.insert(&key[..], keys::encode_latest_bucket(merged));
             writes += 1;
         }
         let mut agg_events = sled::Batch::default();
@@ -1737,6 +1736,39 @@ impl Shared {
         self.sled_writes.fetch_add(writes + 1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Merges an `aggregates` bucket's stored entries with fresh ones, both in id order, into
+/// the bucket's new entries: for each id the one with the highest version, so that a flush
+/// re-applied after a crash does not put an older version back; at the same version the
+/// fresh one.
+fn merge_latest<'a>(
+    stored: &[(&'a str, u64, u64)],
+    fresh: impl Iterator<Item = (&'a str, u64, u64)>,
+) -> Vec<(&'a str, u64, u64)> {
+    let mut out: Vec<(&str, u64, u64)> = Vec::with_capacity(stored.len() + fresh.size_hint().0);
+    let mut stored = stored.iter().copied().peekable();
+    let mut fresh = fresh.peekable();
+    loop {
+        // The smaller id next; of equal ids the stored entry first, so the fresh one wins
+        // a tie below.
+        let next = match (stored.peek(), fresh.peek()) {
+            (Some(s), Some(f)) if s.0 <= f.0 => stored.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => fresh.next(),
+            (Some(_), None) => stored.next(),
+            (None, None) => break,
+        };
+        let Some(e) = next else { break };
+        match out.last_mut() {
+            Some(last) if last.0 == e.0 => {
+                if e.1 >= last.1 {
+                    *last = e;
+                }
+            }
+            _ => out.push(e),
+        }
+    }
+    out
 }
 
 /// Iterator over seqs of one event type; see [`Index::type_seqs`].
@@ -2070,14 +2102,46 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// The bucket merge keeps, for each id, the highest version, and of a stored and a
+        /// fresh entry of the same version the fresh one: what a map filled with the stored
+        /// entries and then updated by the fresh ones (where not older) holds.
+        #[test]
+        fn merging_a_bucket_keeps_the_newest_entry_of_each_id(
+            stored in proptest::collection::vec((0u8..12, 0u64..6, 0u64..100), 0..20),
+            fresh in proptest::collection::btree_map(0u8..12, (0u64..6, 100u64..200), 0..12),
+        ) {
+            let names: Vec<String> = (0..12).map(|i| format!("agg-{i:02}")).collect();
+            let mut stored: Vec<(&str, u64, u64)> = stored
+                .iter()
+                .map(|&(n, v, s)| (names[usize::from(n)].as_str(), v, s))
+                .collect();
+            stored.sort_by(|a, b| a.0.cmp(b.0));
+            let fresh: Vec<(&str, u64, u64)> = fresh
+                .iter()
+                .map(|(&n, &(v, s))| (names[usize::from(n)].as_str(), v, s))
+                .collect();
+            let mut model: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+            for &(name, version, seq) in stored.iter().chain(&fresh) {
+                let e = model.entry(name).or_insert((version, seq));
+                if version >= e.0 {
+                    *e = (version, seq);
+                }
+            }
+            let expected: Vec<(&str, u64, u64)> =
+                model.into_iter().map(|(n, (v, s))| (n, v, s)).collect();
+            proptest::prop_assert_eq!(merge_latest(&stored, fresh.into_iter()), expected);
+        }
+    }
+
     /// A flush re-applied after a crash (its entries already in sled, some of them
     /// overtaken by a later flush) keeps every aggregate's highest version; at an equal
     /// version the fresh entry wins; new ids join their bucket's stored ones.
     #[test]
     fn a_reapplied_flush_keeps_the_newest_version_of_each_aggregate() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let log = Log::open(&dir.path().join("log"), crate::log::LogOptions::default())
-            .expect("log");
+        let log =
+            Log::open(&dir.path().join("log"), crate::log::LogOptions::default()).expect("log");
         let (index, _) = Index::open(dir.path(), &log, IndexOptions::default()).expect("index");
         let shared = &index.shared;
         let bucket = agg_bucket("a");
@@ -2088,7 +2152,9 @@ mod tests {
             .collect();
         let (b, c) = (same_bucket[0].as_str(), same_bucket[1].as_str());
         let empty = Memtable::empty_at(0);
-        shared.apply(&empty, &[("a", 5, 50), (b, 2, 20)]).expect("later flush");
+        shared
+            .apply(&empty, &[("a", 5, 50), (b, 2, 20)])
+            .expect("later flush");
         // The earlier batch again: a's older version, b's same version at another seq (not
         // a real case; shows which one is kept), and c, new.
         shared
