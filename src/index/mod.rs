@@ -63,9 +63,8 @@ pub const INDEX_FORMAT_VERSION: u64 = 3;
 const META_FORMAT_KEY: &[u8] = b"format";
 const META_INDEXED_NEXT_KEY: &[u8] = b"indexed_next";
 /// How many lookups ahead [`Index::latest_for_append_many`], the commit path and the
-/// indexer ask for a latest-map slot:
-/// enough to keep several misses in flight (4 to 32 measured about the same, 1,000 at once
-/// worse).
+/// indexer ask for a latest-map slot: enough to keep several misses in flight (4 to 32
+/// measured about the same, all 1,000 of an append at once worse).
 const LOOKUP_PREFETCH_AHEAD: usize = 16;
 
 /// Longest the catch-up at open waits for the indexer to make room in a full memtable
@@ -126,7 +125,9 @@ pub struct IndexOptions {
     /// Aggregates whose latest version is kept in memory after it reached sled, so that
     /// appends need not ask sled. When more are kept, those already in sled are dropped
     /// and refill on use (aggregates with events not yet in sled are kept besides, at most
-    /// `lag_events_max` of them). Default 500,000 (about 70 MB at most with short ids).
+    /// `lag_events_max` of them). Default 500,000: a 64-byte slot each (ids up to 30 bytes;
+    /// longer ones also hold a shared copy) in a table kept at most 3/4 full, 64 MB at
+    /// 500,000, 96 MB for the moment the table doubles to hold them.
     pub latest_cache_aggregates: usize,
     /// Unit tests only: every write to sled fails, as on a failing disk (sled itself has
     /// no way to make its writes fail).
