@@ -724,18 +724,14 @@ impl CommitObserver for Feed {
     fn written(&self, first_seq: u64, payloads: &[&[u8]]) {
         let mut mem = self.0.mem.write();
         mem.begin_unpublished(first_seq);
-        // The latest-map slots of the events a few ahead are loaded while this one goes
-        // in: with many aggregates each is a cache miss (see `table`).
-        let prefetch = |mem: &MemState, payload: Option<&&[u8]>| {
-            if let Some(id) = payload.and_then(|p| event::peek_aggregate_id(p)) {
-                mem.latest.map.prefetch(NameTable::<Latest>::hash(id));
-            }
-        };
-        for ahead in payloads.iter().take(LOOKUP_PREFETCH_AHEAD) {
-            prefetch(&mem, Some(ahead));
-        }
         for (i, p) in payloads.iter().enumerate() {
-            prefetch(&mem, payloads.get(i + LOOKUP_PREFETCH_AHEAD));
+            // The latest-map slots of the events a few ahead are loaded while this one
+            // goes in: with many aggregates each is a cache miss (see `table`).
+            mem.latest
+                .map
+                .prefetch_ahead(payloads, i, LOOKUP_PREFETCH_AHEAD, |p| {
+                    event::peek_aggregate_id(p).map(NameTable::<Latest>::hash)
+                });
             mem.insert(first_seq + i as u64, p);
         }
     }
@@ -1116,13 +1112,10 @@ impl Index {
             .collect();
         let prunes_seen = {
             let mem = self.shared.mem.read();
-            for &hash in hashes.iter().take(LOOKUP_PREFETCH_AHEAD) {
-                mem.latest.map.prefetch(hash);
-            }
             for (i, aggregate) in aggregates.iter().enumerate() {
-                if let Some(&ahead) = hashes.get(i + LOOKUP_PREFETCH_AHEAD) {
-                    mem.latest.map.prefetch(ahead);
-                }
+                mem.latest
+                    .map
+                    .prefetch_ahead(&hashes, i, LOOKUP_PREFETCH_AHEAD, |&h| Some(h));
                 match mem.latest.lookup_hashed(aggregate, hashes[i]) {
                     Some(found) => out.push(found),
                     None => {
@@ -1606,19 +1599,13 @@ impl Shared {
         let mut out = Vec::with_capacity(batch.touched.len());
         for names in batch.touched.chunks(NAMES_PER_LOCK) {
             let mem = self.mem.read();
-            // As appends do, the slots of the lookups a few ahead are loaded meanwhile.
-            let prefetch = |name: Option<&NameKey>| {
-                if let Some(name) = name {
-                    mem.latest
-                        .map
-                        .prefetch(NameTable::<Latest>::hash(name.as_str()));
-                }
-            };
-            for name in names.iter().take(LOOKUP_PREFETCH_AHEAD) {
-                prefetch(Some(name));
-            }
             for (i, name) in names.iter().enumerate() {
-                prefetch(names.get(i + LOOKUP_PREFETCH_AHEAD));
+                // As appends do, the slots of the lookups a few ahead are loaded meanwhile.
+                mem.latest
+                    .map
+                    .prefetch_ahead(names, i, LOOKUP_PREFETCH_AHEAD, |n| {
+                        Some(NameTable::<Latest>::hash(n.as_str()))
+                    });
                 // Checked, not assumed: a panic would stop the indexer, and an error
                 // shows up as the indexer's last error instead.
                 let (version, seq) = mem.latest_in_batch(batch, name).map_err(IndexError::Log)?;
@@ -1753,11 +1740,14 @@ fn merge_latest<'a>(
     loop {
         // The smaller id next; of equal ids the stored entry first, so the fresh one wins
         // a tie below.
-        let next = match (stored.peek(), fresh.peek()) {
-            (Some(s), Some(f)) if s.0 <= f.0 => stored.next(),
-            (Some(_), Some(_)) | (None, Some(_)) => fresh.next(),
-            (Some(_), None) => stored.next(),
-            (None, None) => break,
+        let from_stored = match (stored.peek(), fresh.peek()) {
+            (Some(s), Some(f)) => s.0 <= f.0,
+            (s, _) => s.is_some(),
+        };
+        let next = if from_stored {
+            stored.next()
+        } else {
+            fresh.next()
         };
         let Some(e) = next else { break };
         match out.last_mut() {

@@ -81,6 +81,28 @@ impl<V> NameTable<V> {
         }
     }
 
+    /// Before the `i`-th of a run of lookups of `items`: asks for the slot of the item
+    /// `ahead` places on (and, at the first, of the first `ahead`), so that several misses
+    /// are in flight while lookups compare. `hash_of` gives an item's hash, `None` to skip it.
+    pub(super) fn prefetch_ahead<T>(
+        &self,
+        items: &[T],
+        i: usize,
+        ahead: usize,
+        hash_of: impl Fn(&T) -> Option<Hashed>,
+    ) {
+        let (first, last) = if i == 0 {
+            (0, ahead)
+        } else {
+            (i + ahead, i + ahead)
+        };
+        for item in items.iter().take(last + 1).skip(first) {
+            if let Some(hash) = hash_of(item) {
+                self.prefetch(hash);
+            }
+        }
+    }
+
     /// `Ok` with the slot holding `name`, or `Err` with the empty slot that ends its probe
     /// (where it would go). Only called with slots, so never on a full table.
     fn probe(&self, name: &str, hash: Hashed) -> Result<usize, usize> {
@@ -313,6 +335,39 @@ mod tests {
                 prop_assert_eq!(table.get_hashed(&name(n), hash), model.get(&name(n)));
             }
             prop_assert_eq!(table.iter().count(), model.len());
+        }
+    }
+
+    #[test]
+    fn a_run_of_lookups_asks_for_every_items_slot_once_and_ahead() {
+        let mut table: NameTable<u32> = NameTable::default();
+        table.insert(NameKey::new("a"), 1);
+        for (len, ahead) in [(0, 4), (3, 4), (5, 4), (40, 16), (40, 0)] {
+            let items: Vec<usize> = (0..len).collect();
+            let asked = std::cell::RefCell::new(Vec::new());
+            for i in 0..len {
+                table.prefetch_ahead(&items, i, ahead, |&item| {
+                    asked.borrow_mut().push((i, item));
+                    Some(NameTable::<u32>::hash("a"))
+                });
+                assert!(
+                    asked.borrow().iter().any(|&(_, item)| item == i),
+                    "item {i} looked up before its slot was asked for"
+                );
+            }
+            let asked = asked.into_inner();
+            let mut items_asked: Vec<usize> = asked.iter().map(|&(_, item)| item).collect();
+            items_asked.sort_unstable();
+            assert_eq!(
+                items_asked, items,
+                "each item's slot asked for once ({len}, {ahead})"
+            );
+            for (i, item) in asked {
+                assert!(
+                    item == i + ahead || (i == 0 && item <= ahead),
+                    "{item} at {i}"
+                );
+            }
         }
     }
 

@@ -1651,19 +1651,14 @@ const CACHE_LINE_BYTES: usize = 64;
 /// `bytes`). Only a hint: nothing is read, and no fault can come of it.
 #[inline]
 pub(crate) fn prefetch(bytes: &[u8], at: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if at < bytes.len() {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: SSE is part of the x86_64 baseline; the address is inside `bytes`, and a
-        // prefetch never faults or reads anyway.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().wrapping_add(at).cast::<i8>()) };
+    if let Some(byte) = bytes.get(at) {
+        prefetch_value(byte);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (bytes, at);
 }
 
 /// Asks the CPU to load the cache line that `value` starts in, without waiting for it (a
 /// no-op off x86_64).
+#[inline]
 pub(crate) fn prefetch_value<T>(value: &T) {
     #[cfg(target_arch = "x86_64")]
     {

@@ -759,7 +759,8 @@ impl Store {
         let mut placed: Vec<(usize, usize, usize, u64)> = Vec::with_capacity(requests.len());
         // Every aggregate's latest version at once (a repeated one is looked up again, and
         // then taken from `heads`): the lookups overlap their cache misses.
-        let mut generated_ids = event::GeneratedIds::new();
+        // Seeded (one random UUID) only if some event comes without an id.
+        let mut generated_ids: Option<event::GeneratedIds> = None;
         let names: Vec<&str> = requests.iter().map(|r| r.aggregate_id).collect();
         let mut latest = Vec::with_capacity(requests.len());
         inner.index.latest_for_append_many(&names, &mut latest)?;
@@ -813,7 +814,11 @@ impl Store {
                         aggregate_id: r.aggregate_id,
                         version,
                         prev,
-                        event_id: e.event_id.unwrap_or_else(|| generated_ids.next(version)),
+                        event_id: e.event_id.unwrap_or_else(|| {
+                            generated_ids
+                                .get_or_insert_with(event::GeneratedIds::new)
+                                .next(version)
+                        }),
                         timestamp_us: e.timestamp_us.unwrap_or(now),
                         event: e,
                     },

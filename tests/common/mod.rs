@@ -131,12 +131,11 @@ struct FullDiskFile {
     fsync_fails: Arc<AtomicBool>,
 }
 
-fn enospc() -> io::Error {
-    io::Error::from_raw_os_error(libc_enospc())
-}
+/// ENOSPC on Linux ("No space left on device").
+const ENOSPC: i32 = 28;
 
-fn libc_enospc() -> i32 {
-    28
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(ENOSPC)
 }
 
 impl Storage for FullDisk {
