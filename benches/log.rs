@@ -61,12 +61,12 @@ fn bench_record(c: &mut Criterion) {
         g.bench_function(format!("encode/{size}B"), |b| {
             b.iter(|| {
                 buf.clear();
-                record::encode_into(&mut buf, black_box(42), FLAG_BATCH_END, black_box(&p));
+                record::encode_into(&mut buf, black_box(42), FLAG_BATCH_END, 0, black_box(&p));
                 buf.len()
             })
         });
         let mut framed = Vec::new();
-        record::encode_into(&mut framed, 42, FLAG_BATCH_END, &p);
+        record::encode_into(&mut framed, 42, FLAG_BATCH_END, 0, &p);
         g.bench_function(format!("decode_verify/{size}B"), |b| {
             b.iter(|| match record::decode(black_box(&framed), u32::MAX) {
                 Decoded::Record(h) => h.payload_len,

@@ -161,7 +161,7 @@ fn frame_batch(out: &mut Vec<u8>, first_seq: u64, payloads: &[Vec<u8>]) {
         } else {
             0
         };
-        record::encode_into(out, first_seq + i as u64, flags, p);
+        record::encode_into(out, first_seq + i as u64, flags, i as u64, p);
     }
 }
 
@@ -660,7 +660,7 @@ fn run_raw_single(base: &Path, fallocate: bool, secs: f64, p: &[u8]) -> ThreadsR
             break;
         }
         buf.clear();
-        record::encode_into(&mut buf, seq, FLAG_BATCH_END, p);
+        record::encode_into(&mut buf, seq, FLAG_BATCH_END, 0, p);
         file.write_all(&buf).expect("write");
         file.sync_data().expect("fdatasync");
         lat.push(t.elapsed().as_nanos() as u64);

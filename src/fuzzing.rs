@@ -100,12 +100,15 @@ pub fn record_decode(data: &[u8]) {
     // Whatever the bytes, framing them as a payload round-trips.
     if buf.len() <= RECORD_PAYLOAD_SIZE_BYTES_LIMIT as usize {
         let flags = ctl & FLAG_BATCH_END;
+        // Any offset, including ones past the seq and the saturated value.
+        let group_offset = u64::from(ctl).pow(4);
         let mut framed = Vec::new();
-        encode_into(&mut framed, first_seq, flags, buf);
+        encode_into(&mut framed, first_seq, flags, group_offset, buf);
         let want = RecordHeader {
             seq: first_seq,
             flags,
             payload_len: buf.len() as u32,
+            group_offset: group_offset.min(0xFF_FFFF) as u32,
         };
         assert_eq!(decode(&framed, u32::MAX), Decoded::Record(want));
         assert_eq!(reference_decode(&framed, u32::MAX), Decoded::Record(want));
@@ -127,7 +130,7 @@ pub fn payload_len_max_for(ctl: u8, buf: &[u8]) -> u32 {
 
 /// What `decode` must return for `buf`, written from the format description:
 /// an all-zero header (or a short all-zero buffer) is the end; then the length limit; then
-/// a record cut short; then the checksum over bytes 4..20+len; then flags and reserved.
+/// a record cut short; then the checksum over bytes 4..20+len; then the flags.
 fn reference_decode(buf: &[u8], max: u32) -> Decoded {
     if buf.len() < RECORD_HEADER_SIZE_BYTES {
         return if buf.iter().all(|&b| b == 0) {
@@ -156,13 +159,14 @@ fn reference_decode(buf: &[u8], max: u32) -> Decoded {
     if computed != stored {
         return Decoded::Invalid(InvalidReason::Checksum { stored, computed });
     }
-    if buf[16] & !FLAG_BATCH_END != 0 || buf[17..20].iter().any(|&b| b != 0) {
-        return Decoded::Invalid(InvalidReason::Reserved);
+    if buf[16] & !FLAG_BATCH_END != 0 {
+        return Decoded::Invalid(InvalidReason::UnknownFlags);
     }
     Decoded::Record(RecordHeader {
         seq: le_u64(buf, 8),
         flags: buf[16],
         payload_len,
+        group_offset: u32::from(buf[17]) | u32::from(buf[18]) << 8 | u32::from(buf[19]) << 16,
     })
 }
 
@@ -183,6 +187,7 @@ fn check_record_bytes(buf: &[u8], h: RecordHeader) {
         &mut again,
         h.seq,
         h.flags,
+        u64::from(h.group_offset),
         &bytes[RECORD_HEADER_SIZE_BYTES..],
     );
     assert_eq!(again, bytes, "re-encoding {h:?} gives other bytes");
@@ -242,20 +247,50 @@ fn check_scan(buf: &[u8], start: usize, first_seq: u64, max: u32, scan: &Scan, v
         }
     };
     let stopped_on = decode(&buf[stop_at..], max);
-    let valid_after = first_valid_after(valid, stop_at);
+    // The valid records after the stop, stepping from one to the next where they follow
+    // each other, and to the next valid offset otherwise; and whether each came in the
+    // write of the record expected at the stop (`seq`): a later seq, from a write that
+    // began at or before it.
+    let mut after = Vec::new();
+    let mut next = first_valid_after(valid, stop_at);
+    while let Some(at) = next {
+        let Decoded::Record(h) = decode(&buf[at..], max) else {
+            panic!("offset {at} is in the table of valid records but does not decode");
+        };
+        let offset = u64::from(le_u32(buf, at + 16) >> 8);
+        let in_group = h.seq > seq
+            && offset < 0xFF_FFFF
+            && h.seq.checked_sub(offset).is_some_and(|first| first <= seq);
+        after.push(in_group);
+        let end = at + h.framed_len();
+        next = if valid[end] {
+            Some(end)
+        } else {
+            first_valid_after(valid, end)
+        };
+    }
     match &scan.stop {
         ScanStop::End => {
             assert_eq!(stopped_on, Decoded::End, "scan said End at {stop_at}");
-            assert_eq!(valid_after, None, "End, but a valid record follows");
+            assert!(after.is_empty(), "End, but a valid record follows");
         }
         ScanStop::TornTail { offset_bytes, .. } => {
             assert_eq!(*offset_bytes, stop_at as u64, "torn tail offset");
-            assert_ne!(stopped_on, Decoded::End, "torn tail at the end of the log");
-            assert_eq!(valid_after, None, "torn tail, but a valid record follows");
+            assert!(
+                stopped_on != Decoded::End || !after.is_empty(),
+                "torn tail at the end of the log"
+            );
+            assert!(
+                after.iter().all(|&in_group| in_group),
+                "torn tail, but a valid record of another write follows"
+            );
         }
         ScanStop::Damage { offset_bytes, .. } => {
             assert_eq!(*offset_bytes, stop_at as u64, "damage offset");
-            assert!(valid_after.is_some(), "damage, but no valid record follows");
+            assert!(
+                after.iter().any(|&in_group| !in_group),
+                "damage, but every valid record after it is of the torn write"
+            );
         }
     }
 
@@ -631,7 +666,8 @@ fn check_segment_files(dir: &Path, records: &[Option<Vec<u8>>], strict: bool) {
                     "record {seq} was returned but its checksum is bad"
                 );
                 let mut again = Vec::with_capacity(total);
-                encode_into(&mut again, seq, framed[16], payload);
+                let group_offset = u64::from(le_u32(framed, 16) >> 8);
+                encode_into(&mut again, seq, framed[16], group_offset, payload);
                 assert_eq!(again, framed, "record {seq} bytes");
             }
             last_flags = Some(framed[16]);

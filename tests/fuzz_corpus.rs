@@ -72,11 +72,25 @@ fn index_key_decode_corpus() {
 // Seed corpus generation
 // ---------------------------------------------------------------------------------------
 
-/// Frames records `(seq, flags, payload)` back to back.
+/// Frames records `(seq, flags, payload)` back to back, each a write of its own.
 fn records(recs: &[(u64, u8, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for &(seq, flags, payload) in recs {
-        encode_into(&mut out, seq, flags, payload);
+        encode_into(&mut out, seq, flags, 0, payload);
+    }
+    out
+}
+
+/// Seq 0 as a write of its own, then seqs 1..=3 as one write whose record 2 was lost (its
+/// bytes zero): the pages of a torn write that landed out of order.
+fn write_with_a_hole() -> Vec<u8> {
+    let mut out = records(&[(0, END, b"acked")]);
+    for (seq, flags) in [(1, 0), (2, END), (3, END)] {
+        let at = out.len();
+        encode_into(&mut out, seq, flags, seq - 1, b"torn write");
+        if seq == 2 {
+            out[at..].fill(0);
+        }
     }
     out
 }
@@ -112,10 +126,10 @@ fn flip(mut bytes: Vec<u8>, at: usize) -> Vec<u8> {
 fn seeds_record_decode() -> Vec<(&'static str, Vec<u8>)> {
     let seg = with(&encode_segment_header(0), &batches(0, 6, 2));
     let three = batches(0, 3, 1);
-    let mut reserved = records(&[(0, END, b"reserved")]);
-    reserved[18] = 1; // non-zero reserved byte, then fix the checksum
-    let crc = crc32fast::hash(&reserved[4..]);
-    reserved[..4].copy_from_slice(&crc.to_le_bytes());
+    let mut past_seq = records(&[(0, END, b"offset")]);
+    past_seq[18] = 1; // group offset 256 in record 0, then fix the checksum
+    let crc = crc32fast::hash(&past_seq[4..]);
+    past_seq[..4].copy_from_slice(&crc.to_le_bytes());
     vec![
         // [ctl: payload_len_max selector, scan start, buffer...]
         (
@@ -152,7 +166,11 @@ fn seeds_record_decode() -> Vec<(&'static str, Vec<u8>)> {
             "seed-too-long-for-max",
             with(&[2 | (8 << 2), 0], &records(&[(0, END, b"0123456789")])),
         ),
-        ("seed-reserved", with(&[0, 0], &reserved)),
+        ("seed-group-offset-past-seq", with(&[0, 0], &past_seq)),
+        (
+            "seed-write-with-a-hole",
+            with(&[0, 0], &write_with_a_hole()),
+        ),
         ("seed-zeros", vec![0; 64]),
     ]
 }
@@ -222,6 +240,7 @@ fn seeds_segment_recover() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("seed-zeros", vec![0; 64]),
         ("seed-records", with(&[0], &body)),
+        ("seed-write-with-a-hole", with(&[0], &write_with_a_hole())),
         (
             "seed-repair-damage",
             with(&[ctl::REPAIR], &flip(body.clone(), 50)),

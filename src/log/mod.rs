@@ -850,7 +850,15 @@ impl Inner {
                 0
             };
             let before = w.pending.len();
-            record::encode_into(&mut w.pending, first + i as u64, flags, p.as_ref());
+            let seq = first + i as u64;
+            // The leader writes the whole pending buffer as one group, from its first seq.
+            debug_assert!(
+                w.pending_first_seq <= seq,
+                "pending records start at {} after record {seq}",
+                w.pending_first_seq
+            );
+            let group_offset = seq.saturating_sub(w.pending_first_seq);
+            record::encode_into(&mut w.pending, seq, flags, group_offset, p.as_ref());
             let framed = (w.pending.len() - before) as u32;
             w.pending_lens.push(framed);
         }

@@ -6,15 +6,21 @@
 //! 4       4     payload_len, u32 little endian
 //! 8       8     seq, u64 little endian: the record's global sequence number
 //! 16      1     flags: bit 0 = BATCH_END (last record of one atomic append); others zero
-//! 17      3     reserved, zero
+//! 17      3     group_offset, u24 little endian: seq minus the first seq of the group
+//!               commit (one write) that carried the record; 0xFFFFFF if that far or more
 //! 20      n     payload
 //! ```
 //!
 //! The checksum covers everything but itself, length included, so a torn or flipped
 //! length is caught like a flipped payload byte.
+//!
+//! `group_offset` lets recovery tell a torn last write from damage: the pages of one
+//! unsynced write can land in any order, leaving a hole followed by valid records, and
+//! those records name the write they came in (see `segment::scan_records`). Segments of
+//! format version 1 have zeros there: every record its own group, as careful as before.
 
 /// Size of the fixed record header in bytes.
-pub const RECORD_HEADER_SIZE_BYTES: usize = 4 /*crc*/ + 4 /*len*/ + 8 /*seq*/ + 1 /*flags*/ + 3 /*reserved*/;
+pub const RECORD_HEADER_SIZE_BYTES: usize = 4 /*crc*/ + 4 /*len*/ + 8 /*seq*/ + 1 /*flags*/ + 3 /*group_offset*/;
 /// The hard upper bound on a record's payload, whatever the configuration says (1 GiB).
 pub const RECORD_PAYLOAD_SIZE_BYTES_LIMIT: u32 = 1 << 30;
 
@@ -22,8 +28,12 @@ const CRC_OFFSET: usize = 0;
 const LEN_OFFSET: usize = CRC_OFFSET + 4;
 const SEQ_OFFSET: usize = LEN_OFFSET + 4;
 const FLAGS_OFFSET: usize = SEQ_OFFSET + 8;
-const RESERVED_OFFSET: usize = FLAGS_OFFSET + 1;
-const _: () = assert!(RESERVED_OFFSET + 3 == RECORD_HEADER_SIZE_BYTES);
+const GROUP_OFFSET_OFFSET: usize = FLAGS_OFFSET + 1;
+const _: () = assert!(GROUP_OFFSET_OFFSET + 3 == RECORD_HEADER_SIZE_BYTES);
+
+/// The `group_offset` of a record that many records or more into its group commit: its
+/// group is not known, and recovery treats it as its own (the careful reading).
+pub const GROUP_OFFSET_UNKNOWN: u32 = 0xFF_FFFF;
 
 /// Flag bit: this record is the last of an atomic append. Recovery keeps records only up
 /// to the last record carrying it, so a multi-record append survives a crash whole or not at all.
@@ -36,11 +46,13 @@ pub fn framed_len(payload_len: usize) -> usize {
     RECORD_HEADER_SIZE_BYTES + payload_len
 }
 
-/// Appends one framed record to `out`.
+/// Appends one framed record to `out`. `group_offset` is how many records of the same
+/// write (group commit) come before this one: 0 for a record written on its own. Larger
+/// values than [`GROUP_OFFSET_UNKNOWN`] are stored as it.
 ///
 /// # Panics
 /// If `payload` is longer than [`RECORD_PAYLOAD_SIZE_BYTES_LIMIT`]; callers check limits first.
-pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, payload: &[u8]) {
+pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, group_offset: u64, payload: &[u8]) {
     assert!(
         payload.len() <= RECORD_PAYLOAD_SIZE_BYTES_LIMIT as usize,
         "payload of {} bytes passed the size check",
@@ -52,7 +64,8 @@ pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.push(flags);
-    out.extend_from_slice(&[0u8; 3]);
+    let group_offset = group_offset.min(u64::from(GROUP_OFFSET_UNKNOWN)) as u32;
+    out.extend_from_slice(&group_offset.to_le_bytes()[..3]);
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out[start + LEN_OFFSET..]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
@@ -71,6 +84,8 @@ pub struct RecordHeader {
     pub flags: u8,
     /// Payload length in bytes; the payload starts at [`RECORD_HEADER_SIZE_BYTES`].
     pub payload_len: u32,
+    /// Records of the same write before this one (see the module docs).
+    pub group_offset: u32,
 }
 
 impl RecordHeader {
@@ -82,6 +97,14 @@ impl RecordHeader {
     /// Whether this record ends an atomic append.
     pub fn is_batch_end(&self) -> bool {
         self.flags & FLAG_BATCH_END != 0
+    }
+
+    /// The first seq of the write (group commit) this record came in, if known.
+    pub fn group_first_seq(&self) -> Option<u64> {
+        if self.group_offset == GROUP_OFFSET_UNKNOWN {
+            return None;
+        }
+        self.seq.checked_sub(u64::from(self.group_offset))
     }
 }
 
@@ -114,8 +137,8 @@ pub enum InvalidReason {
         /// The length field.
         payload_len: u32,
     },
-    /// Unknown flag bits or a non-zero reserved byte.
-    Reserved,
+    /// Unknown flag bits.
+    UnknownFlags,
 }
 
 impl std::fmt::Display for InvalidReason {
@@ -133,7 +156,7 @@ impl std::fmt::Display for InvalidReason {
                     "length field {payload_len} exceeds the record size limit"
                 )
             }
-            InvalidReason::Reserved => write!(f, "unknown flags or non-zero reserved bytes"),
+            InvalidReason::UnknownFlags => write!(f, "unknown flag bits"),
         }
     }
 }
@@ -147,7 +170,7 @@ impl std::fmt::Display for InvalidReason {
 /// ```
 /// use eventlog::log::record::{decode, encode_into, Decoded, FLAG_BATCH_END};
 /// let mut buf = Vec::new();
-/// encode_into(&mut buf, 7, FLAG_BATCH_END, b"payload");
+/// encode_into(&mut buf, 7, FLAG_BATCH_END, 0, b"payload");
 /// match decode(&buf, 1024) {
 ///     Decoded::Record(h) => assert_eq!((h.seq, h.payload_len), (7, 7)),
 ///     other => panic!("{other:?}"),
@@ -164,17 +187,10 @@ pub fn decode(buf: &[u8], payload_len_max: u32) -> Decoded {
         let payload_len = read_u32(header, LEN_OFFSET);
         if payload_len <= payload_len_max.min(RECORD_PAYLOAD_SIZE_BYTES_LIMIT) {
             if let Some(record) = buf.get(..framed_len(payload_len as usize)) {
-                // Flags and the reserved bytes as one little-endian word: only known flag
-                // bits may be set.
-                let flags_word = read_u32(header, FLAGS_OFFSET);
-                if flags_word & !u32::from(FLAGS_KNOWN) == 0
+                if header[FLAGS_OFFSET] & !FLAGS_KNOWN == 0
                     && crc32fast::hash(&record[LEN_OFFSET..]) == read_u32(header, CRC_OFFSET)
                 {
-                    return Decoded::Record(RecordHeader {
-                        seq: read_u64(header, SEQ_OFFSET),
-                        flags: header[FLAGS_OFFSET],
-                        payload_len,
-                    });
+                    return Decoded::Record(header_fields(header, payload_len));
                 }
             }
         }
@@ -198,8 +214,6 @@ fn decode_slow(buf: &[u8], payload_len_max: u32) -> Decoded {
     }
     let stored = read_u32(header, CRC_OFFSET);
     let payload_len = read_u32(header, LEN_OFFSET);
-    let seq = read_u64(header, SEQ_OFFSET);
-    let flags = header[FLAGS_OFFSET];
     if payload_len > payload_len_max.min(RECORD_PAYLOAD_SIZE_BYTES_LIMIT) {
         return Decoded::Invalid(InvalidReason::TooLong { payload_len });
     }
@@ -211,14 +225,21 @@ fn decode_slow(buf: &[u8], payload_len_max: u32) -> Decoded {
     if computed != stored {
         return Decoded::Invalid(InvalidReason::Checksum { stored, computed });
     }
-    if flags & !FLAGS_KNOWN != 0 || header[RESERVED_OFFSET..].iter().any(|&b| b != 0) {
-        return Decoded::Invalid(InvalidReason::Reserved);
+    if header[FLAGS_OFFSET] & !FLAGS_KNOWN != 0 {
+        return Decoded::Invalid(InvalidReason::UnknownFlags);
     }
-    Decoded::Record(RecordHeader {
-        seq,
-        flags,
+    Decoded::Record(header_fields(header, payload_len))
+}
+
+/// The fields of a whole header whose length field is `payload_len`.
+#[inline]
+fn header_fields(header: &[u8], payload_len: u32) -> RecordHeader {
+    RecordHeader {
+        seq: read_u64(header, SEQ_OFFSET),
+        flags: header[FLAGS_OFFSET],
         payload_len,
-    })
+        group_offset: read_u32(header, FLAGS_OFFSET) >> 8,
+    }
 }
 
 /// Reads only the header fields at the start of `buf`, without verifying the checksum.
@@ -231,11 +252,7 @@ pub fn peek_header(buf: &[u8], payload_len_max: u32) -> Option<RecordHeader> {
     if payload_len > payload_len_max.min(RECORD_PAYLOAD_SIZE_BYTES_LIMIT) {
         return None;
     }
-    Some(RecordHeader {
-        seq: read_u64(header, SEQ_OFFSET),
-        flags: header[FLAGS_OFFSET],
-        payload_len,
-    })
+    Some(header_fields(header, payload_len))
 }
 
 #[inline]
@@ -258,7 +275,7 @@ mod tests {
 
     fn one(seq: u64, payload: &[u8]) -> Vec<u8> {
         let mut buf = Vec::new();
-        encode_into(&mut buf, seq, FLAG_BATCH_END, payload);
+        encode_into(&mut buf, seq, FLAG_BATCH_END, 0, payload);
         buf
     }
 
@@ -271,10 +288,47 @@ mod tests {
             Decoded::Record(RecordHeader {
                 seq: 42,
                 flags: FLAG_BATCH_END,
-                payload_len: 11
+                payload_len: 11,
+                group_offset: 0,
             })
         );
         assert_eq!(&buf[RECORD_HEADER_SIZE_BYTES..], b"hello world");
+    }
+
+    #[test]
+    fn group_offsets_round_trip_and_saturate() {
+        for (offset, stored, first) in [
+            (0, 0, Some(100_000_000)),
+            (999, 999, Some(99_999_001)),
+            (0xFF_FFFE, 0xFF_FFFE, Some(100_000_000 - 0xFF_FFFE)),
+            (0xFF_FFFF, GROUP_OFFSET_UNKNOWN, None),
+            (u64::MAX, GROUP_OFFSET_UNKNOWN, None),
+        ] {
+            let mut buf = Vec::new();
+            encode_into(&mut buf, 100_000_000, 0, offset, b"x");
+            let Decoded::Record(h) = decode(&buf, 16) else {
+                panic!("offset {offset} did not decode");
+            };
+            assert_eq!((h.group_offset, h.group_first_seq()), (stored, first));
+            assert_eq!(peek_header(&buf, 16), Some(h));
+        }
+        // An offset past the record's own seq names no group (only damage could write it).
+        let mut buf = Vec::new();
+        encode_into(&mut buf, 3, 0, 4, b"x");
+        assert!(matches!(decode(&buf, 16), Decoded::Record(h) if h.group_first_seq().is_none()));
+    }
+
+    #[test]
+    fn unknown_flags_are_invalid() {
+        let mut buf = Vec::new();
+        encode_into(&mut buf, 5, FLAG_BATCH_END, 0, b"abc");
+        buf[FLAGS_OFFSET] |= 0b10;
+        let crc = crc32fast::hash(&buf[LEN_OFFSET..]);
+        buf[..4].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode(&buf, 16),
+            Decoded::Invalid(InvalidReason::UnknownFlags)
+        );
     }
 
     #[test]

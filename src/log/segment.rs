@@ -18,8 +18,12 @@ use std::sync::Arc;
 pub const SEGMENT_HEADER_SIZE_BYTES: usize = 32;
 /// Magic bytes at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"EVLOGSEG";
-/// The segment format version this build writes and reads.
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+/// The segment format version this build writes. Version 2 added records' group offsets
+/// (bytes 17..20 of a record header, zero in version 1).
+pub const SEGMENT_FORMAT_VERSION: u32 = 2;
+/// The oldest segment format version this build reads: version 1 records read as records
+/// each written on its own.
+pub const SEGMENT_FORMAT_VERSION_OLDEST: u32 = 1;
 /// Magic bytes at the start of every offset index file.
 pub const INDEX_MAGIC: [u8; 8] = *b"EVLOGIDX";
 /// Size of the offset index file header in bytes.
@@ -77,9 +81,9 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, String> {
         return Err("segment header checksum mismatch".into());
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if version != SEGMENT_FORMAT_VERSION {
+    if !(SEGMENT_FORMAT_VERSION_OLDEST..=SEGMENT_FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "format version {version}, this build reads {SEGMENT_FORMAT_VERSION}"
+            "format version {version}, this build reads {SEGMENT_FORMAT_VERSION_OLDEST} to {SEGMENT_FORMAT_VERSION}"
         ));
     }
     let header_len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
@@ -119,14 +123,16 @@ impl Segment {
 pub enum ScanStop {
     /// Clean end: an all-zero header, or the end of the bytes.
     End,
-    /// A bad or cut-short record at `offset_bytes` with nothing valid after it: a torn tail.
+    /// A bad or cut-short record at `offset_bytes` with nothing valid after it, or only
+    /// more records of the same write (its pages landed out of order): a torn tail.
     TornTail {
         /// Where the bad bytes start.
         offset_bytes: u64,
         /// What is wrong.
         reason: String,
     },
-    /// A bad record at `offset_bytes` followed by a valid record: damage, not a crash.
+    /// A bad record at `offset_bytes` followed by a valid record of another write:
+    /// damage, not a crash.
     Damage {
         /// Where the bad bytes start.
         offset_bytes: u64,
@@ -153,7 +159,8 @@ pub struct Scan {
 /// valid, complete part ends and why. Never panics, whatever the bytes.
 ///
 /// Records whose seq is not the expected one count as bad records. Records after the last
-/// `BATCH_END` flag belong to an append that never completed and are not kept.
+/// `BATCH_END` flag belong to an append that never completed and are not kept. How a
+/// stop is classified: `docs/FORMAT.md`, recovery rule 4.
 pub fn scan_records(
     bytes: &[u8],
     start_bytes: usize,
@@ -187,20 +194,33 @@ pub fn scan_records(
     };
     offsets.truncate(batch_first);
     // Whatever stopped the scan, a valid record further on means the bytes in between are
-    // damage, not a tail the crash left unfinished.
-    let stop = if valid_record_after(bytes, pos, payload_len_max).is_some() {
-        ScanStop::Damage {
+    // damage, not a tail the crash left unfinished; unless every such record came in the
+    // same write as the record expected here. The pages of one unsynced write can land in
+    // any order, so its bad or missing part may come before valid parts of it. That write
+    // was the last one (a later write would have come after its sync), and it was never
+    // acknowledged under `Sync`: it is a torn tail like any other.
+    let stop = match records_after_outside_group(bytes, pos, seq, payload_len_max) {
+        After::OutsideGroup(at) => ScanStop::Damage {
             offset_bytes: pos as u64,
-            reason: bad_reason.unwrap_or_else(|| "zeroed bytes before valid records".into()),
-        }
-    } else {
-        match bad_reason {
+            reason: format!(
+                "{}, then a valid record at byte {at} from another write",
+                bad_reason.as_deref().unwrap_or("zeroed bytes")
+            ),
+        },
+        After::InGroup => ScanStop::TornTail {
+            offset_bytes: pos as u64,
+            reason: format!(
+                "{} inside the last write, before more of its records (its pages landed out of order)",
+                bad_reason.as_deref().unwrap_or("zeroed bytes")
+            ),
+        },
+        After::Nothing => match bad_reason {
             None => ScanStop::End,
             Some(reason) => ScanStop::TornTail {
                 offset_bytes: pos as u64,
                 reason,
             },
-        }
+        },
     };
     Scan {
         offsets,
@@ -245,6 +265,52 @@ pub(crate) fn last_nonzero(bytes: &[u8]) -> Option<usize> {
         }
     }
     head.iter().rposition(|&b| b != 0)
+}
+
+/// What [`records_after_outside_group`] found after a bad spot.
+enum After {
+    /// No valid record.
+    Nothing,
+    /// Valid records, all from the write of the record expected at the bad spot.
+    InGroup,
+    /// A valid record at this offset from another write (or of unknown write).
+    OutsideGroup(usize),
+}
+
+/// Looks at the valid records after `pos`, where the record with `expected_seq` should
+/// have been: are they all later records of the same write (group commit) as it?
+///
+/// A record is of that write if its seq is past `expected_seq` and its write began at or
+/// before `expected_seq`. Records follow each other within a write, so the walk steps
+/// from record to record and searches byte by byte only across bad bytes.
+fn records_after_outside_group(
+    bytes: &[u8],
+    pos: usize,
+    expected_seq: u64,
+    payload_len_max: u32,
+) -> After {
+    let mut found = After::Nothing;
+    let mut next = valid_record_after(bytes, pos, payload_len_max);
+    while let Some(at) = next {
+        // (Always a record: `valid_record_after` and the step below decoded it already.
+        // Were it not, the careful reading is damage.)
+        let Decoded::Record(h) = record::decode(&bytes[at..], payload_len_max) else {
+            return After::OutsideGroup(at);
+        };
+        let in_group = h.seq > expected_seq
+            && h.group_first_seq()
+                .is_some_and(|first| first <= expected_seq);
+        if !in_group {
+            return After::OutsideGroup(at);
+        }
+        found = After::InGroup;
+        let end = at + h.framed_len();
+        next = match record::decode(&bytes[end..], payload_len_max) {
+            Decoded::Record(_) => Some(end),
+            _ => valid_record_after(bytes, end, payload_len_max),
+        };
+    }
+    found
 }
 
 /// The offset of the first valid record strictly after `pos`, if any.
@@ -332,7 +398,8 @@ pub fn decode_index(bytes: &[u8], base_seq: u64) -> Option<(u64, Vec<u32>)> {
         b.copy_from_slice(&body[at..at + 8]);
         u64::from_le_bytes(b)
     };
-    if u32::from_le_bytes([body[8], body[9], body[10], body[11]]) != SEGMENT_FORMAT_VERSION
+    let version = u32::from_le_bytes([body[8], body[9], body[10], body[11]]);
+    if !(SEGMENT_FORMAT_VERSION_OLDEST..=SEGMENT_FORMAT_VERSION).contains(&version)
         || u64_at(16) != base_seq
     {
         return None;
@@ -384,11 +451,115 @@ mod tests {
     use crate::log::record::{encode_into, FLAG_BATCH_END};
 
     fn segment_with(records: &[(u64, u8, &[u8])]) -> Vec<u8> {
+        let grouped: Vec<(u64, u8, u64, &[u8])> = records
+            .iter()
+            .map(|&(seq, flags, payload)| (seq, flags, 0, payload))
+            .collect();
+        segment_with_groups(&grouped)
+    }
+
+    /// Records given as (seq, flags, group offset, payload).
+    fn segment_with_groups(records: &[(u64, u8, u64, &[u8])]) -> Vec<u8> {
         let mut buf = encode_segment_header(records.first().map_or(0, |r| r.0)).to_vec();
-        for (seq, flags, payload) in records {
-            encode_into(&mut buf, *seq, *flags, payload);
+        for &(seq, flags, group_offset, payload) in records {
+            encode_into(&mut buf, seq, flags, group_offset, payload);
         }
         buf
+    }
+
+    /// Two writes: seq 0 alone, then seqs 1..=3 (two appends: 1-2 and 3) with 4 KiB
+    /// payloads, so that each record of the second write is on pages of its own.
+    fn two_writes() -> (Vec<u8>, [usize; 4]) {
+        let big = vec![7u8; 4096];
+        let buf = segment_with_groups(&[
+            (0, FLAG_BATCH_END, 0, b"acknowledged"),
+            (1, 0, 0, &big),
+            (2, FLAG_BATCH_END, 1, &big),
+            (3, FLAG_BATCH_END, 2, &big),
+        ]);
+        let first = SEGMENT_HEADER_SIZE_BYTES;
+        let second = first + RECORD_HEADER_SIZE_BYTES + 12;
+        let step = RECORD_HEADER_SIZE_BYTES + 4096;
+        (buf, [first, second, second + step, second + 2 * step])
+    }
+
+    #[test]
+    fn a_hole_in_the_last_write_before_more_of_it_is_a_torn_tail() {
+        let (mut buf, at) = two_writes();
+        // The page with record 2's header never landed; records 1 and 3 did.
+        buf[at[2]..at[2] + 4096].fill(0);
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert_eq!(scan.next_seq, 1, "only the first write's append is whole");
+        assert_eq!(scan.end_bytes as usize, at[1]);
+        assert!(
+            matches!(&scan.stop, ScanStop::TornTail { offset_bytes, reason }
+                if *offset_bytes as usize == at[2] && reason.contains("out of order")),
+            "{:?}",
+            scan.stop
+        );
+        // The same with record 1's payload damaged instead: records 2 and 3 follow.
+        let (mut buf, at) = two_writes();
+        buf[at[1] + 100] ^= 1;
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(scan.stop, ScanStop::TornTail { .. }),
+            "{:?}",
+            scan.stop
+        );
+        assert_eq!(scan.next_seq, 1);
+    }
+
+    #[test]
+    fn a_hole_before_a_later_write_is_damage() {
+        let (mut buf, at) = two_writes();
+        // Record 0 (a write of its own, so synced before the next one) is gone.
+        buf[at[0]..at[1]].fill(0);
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(scan.stop, ScanStop::Damage { .. }),
+            "{:?}",
+            scan.stop
+        );
+        assert_eq!(scan.next_seq, 0);
+    }
+
+    #[test]
+    fn records_without_a_known_write_after_a_hole_are_damage() {
+        // Group offset 0 everywhere (as in format version 1): each record its own write.
+        let big = vec![7u8; 4096];
+        let mut buf = segment_with(&[(0, 0, &big), (1, FLAG_BATCH_END, &big)]);
+        buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(scan.stop, ScanStop::Damage { .. }),
+            "{:?}",
+            scan.stop
+        );
+        // The same with the offset saturated: the write is not known.
+        let mut buf = segment_with_groups(&[(0, 0, 0, &big), (1, FLAG_BATCH_END, u64::MAX, &big)]);
+        buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(scan.stop, ScanStop::Damage { .. }),
+            "{:?}",
+            scan.stop
+        );
+    }
+
+    #[test]
+    fn one_record_of_another_write_among_the_torn_ones_makes_it_damage() {
+        let (mut buf, at) = two_writes();
+        buf[at[2]..at[2] + 4096].fill(0);
+        // Record 3 claims a write that began after the hole.
+        let mut other = Vec::new();
+        encode_into(&mut other, 3, FLAG_BATCH_END, 0, &[7u8; 4096]);
+        buf[at[3]..at[3] + other.len()].copy_from_slice(&other);
+        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(&scan.stop, ScanStop::Damage { reason, .. } if reason.contains("another write")),
+            "{:?}",
+            scan.stop
+        );
     }
 
     #[test]
@@ -507,7 +678,7 @@ mod tests {
     #[test]
     fn the_largest_seq_is_never_accepted_so_seqs_cannot_wrap() {
         let mut buf = encode_segment_header(u64::MAX).to_vec();
-        encode_into(&mut buf, u64::MAX, FLAG_BATCH_END, b"x");
+        encode_into(&mut buf, u64::MAX, FLAG_BATCH_END, 0, b"x");
         let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, u64::MAX, 1024);
         assert!(scan.offsets.is_empty());
         assert_eq!(scan.next_seq, u64::MAX);
@@ -522,7 +693,7 @@ mod tests {
     fn valid_record_far_after_zeros_is_found() {
         let mut buf = vec![0u8; 10_000];
         let mut rec = Vec::new();
-        encode_into(&mut rec, 9, FLAG_BATCH_END, b"xyz");
+        encode_into(&mut rec, 9, FLAG_BATCH_END, 0, b"xyz");
         buf.extend_from_slice(&rec);
         buf.extend_from_slice(&[0u8; 50]);
         assert_eq!(valid_record_after(&buf, 0, 1024), Some(10_000));

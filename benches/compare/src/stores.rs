@@ -613,7 +613,7 @@ pub fn write_staged<'a>(
             } else {
                 0
             };
-            record::encode_into(&mut buf, *seq, flags, p);
+            record::encode_into(&mut buf, *seq, flags, i as u64, p);
             out.write_all(&buf).expect("write staged");
             *pos += buf.len() as u64;
             *seq += 1;
@@ -740,7 +740,7 @@ impl RawGroupCommit {
         let mut st = self.state.lock().unwrap();
         let seq = st.next_seq;
         st.next_seq += 1;
-        record::encode_into(&mut st.buf, seq, FLAG_BATCH_END, &self.template);
+        record::encode_into(&mut st.buf, seq, FLAG_BATCH_END, 0, &self.template);
         st.queued += 1;
         let mine = st.queued;
         loop {
