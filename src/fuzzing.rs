@@ -101,14 +101,14 @@ pub fn record_decode(data: &[u8]) {
     if buf.len() <= RECORD_PAYLOAD_SIZE_BYTES_LIMIT as usize {
         let flags = ctl & FLAG_BATCH_END;
         // Any offset, including ones past the seq and the saturated value.
-        let group_offset = u64::from(ctl).pow(4);
+        let sync_offset = u64::from(ctl).pow(4);
         let mut framed = Vec::new();
-        encode_into(&mut framed, first_seq, flags, group_offset, buf);
+        encode_into(&mut framed, first_seq, flags, sync_offset, buf);
         let want = RecordHeader {
             seq: first_seq,
             flags,
             payload_len: buf.len() as u32,
-            group_offset: group_offset.min(0xFF_FFFF) as u32,
+            sync_offset: sync_offset.min(0xFF_FFFF) as u32,
         };
         assert_eq!(decode(&framed, u32::MAX), Decoded::Record(want));
         assert_eq!(reference_decode(&framed, u32::MAX), Decoded::Record(want));
@@ -166,7 +166,7 @@ fn reference_decode(buf: &[u8], max: u32) -> Decoded {
         seq: le_u64(buf, 8),
         flags: buf[16],
         payload_len,
-        group_offset: u32::from(buf[17]) | u32::from(buf[18]) << 8 | u32::from(buf[19]) << 16,
+        sync_offset: u32::from(buf[17]) | u32::from(buf[18]) << 8 | u32::from(buf[19]) << 16,
     })
 }
 
@@ -187,7 +187,7 @@ fn check_record_bytes(buf: &[u8], h: RecordHeader) {
         &mut again,
         h.seq,
         h.flags,
-        u64::from(h.group_offset),
+        u64::from(h.sync_offset),
         &bytes[RECORD_HEADER_SIZE_BYTES..],
     );
     assert_eq!(again, bytes, "re-encoding {h:?} gives other bytes");
@@ -248,9 +248,9 @@ fn check_scan(buf: &[u8], start: usize, first_seq: u64, max: u32, scan: &Scan, v
     };
     let stopped_on = decode(&buf[stop_at..], max);
     // The valid records after the stop, stepping from one to the next where they follow
-    // each other, and to the next valid offset otherwise; and whether each came in the
-    // write of the record expected at the stop (`seq`): a later seq, from a write that
-    // began at or before it.
+    // each other, and to the next valid offset otherwise; and whether each was written
+    // while the record expected at the stop (`seq`) was not yet durable: a later seq, with
+    // a sync mark (seq minus sync offset) at or below it.
     let mut after = Vec::new();
     let mut next = first_valid_after(valid, stop_at);
     while let Some(at) = next {
@@ -258,10 +258,10 @@ fn check_scan(buf: &[u8], start: usize, first_seq: u64, max: u32, scan: &Scan, v
             panic!("offset {at} is in the table of valid records but does not decode");
         };
         let offset = u64::from(le_u32(buf, at + 16) >> 8);
-        let in_group = h.seq > seq
+        let unsynced_then = h.seq > seq
             && offset < 0xFF_FFFF
             && h.seq.checked_sub(offset).is_some_and(|first| first <= seq);
-        after.push(in_group);
+        after.push(unsynced_then);
         let end = at + h.framed_len();
         next = if valid[end] {
             Some(end)
@@ -281,15 +281,15 @@ fn check_scan(buf: &[u8], start: usize, first_seq: u64, max: u32, scan: &Scan, v
                 "torn tail at the end of the log"
             );
             assert!(
-                after.iter().all(|&in_group| in_group),
-                "torn tail, but a valid record of another write follows"
+                after.iter().all(|&unsynced_then| unsynced_then),
+                "torn tail, but a valid record written after the stop was durable follows"
             );
         }
         ScanStop::Damage { offset_bytes, .. } => {
             assert_eq!(*offset_bytes, stop_at as u64, "damage offset");
             assert!(
-                after.iter().any(|&in_group| !in_group),
-                "damage, but every valid record after it is of the torn write"
+                after.iter().any(|&unsynced_then| !unsynced_then),
+                "damage, but every valid record after it was written before the stop was durable"
             );
         }
     }
@@ -666,8 +666,8 @@ fn check_segment_files(dir: &Path, records: &[Option<Vec<u8>>], strict: bool) {
                     "record {seq} was returned but its checksum is bad"
                 );
                 let mut again = Vec::with_capacity(total);
-                let group_offset = u64::from(le_u32(framed, 16) >> 8);
-                encode_into(&mut again, seq, framed[16], group_offset, payload);
+                let sync_offset = u64::from(le_u32(framed, 16) >> 8);
+                encode_into(&mut again, seq, framed[16], sync_offset, payload);
                 assert_eq!(again, framed, "record {seq} bytes");
             }
             last_flags = Some(framed[16]);

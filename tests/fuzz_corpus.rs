@@ -72,7 +72,8 @@ fn index_key_decode_corpus() {
 // Seed corpus generation
 // ---------------------------------------------------------------------------------------
 
-/// Frames records `(seq, flags, payload)` back to back, each a write of its own.
+/// Frames records `(seq, flags, payload)` back to back, each with sync offset 0 (all
+/// earlier records durable when it was written).
 fn records(recs: &[(u64, u8, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for &(seq, flags, payload) in recs {
@@ -81,8 +82,8 @@ fn records(recs: &[(u64, u8, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// Seq 0 as a write of its own, then seqs 1..=3 as one write whose record 2 was lost (its
-/// bytes zero): the pages of a torn write that landed out of order.
+/// Seq 0, synced; then seqs 1..=3 written with sync mark 1, record 2 lost (its bytes zero):
+/// the pages of a torn write that landed out of order.
 fn write_with_a_hole() -> Vec<u8> {
     let mut out = records(&[(0, END, b"acked")]);
     for (seq, flags) in [(1, 0), (2, END), (3, END)] {
@@ -127,7 +128,7 @@ fn seeds_record_decode() -> Vec<(&'static str, Vec<u8>)> {
     let seg = with(&encode_segment_header(0), &batches(0, 6, 2));
     let three = batches(0, 3, 1);
     let mut past_seq = records(&[(0, END, b"offset")]);
-    past_seq[18] = 1; // group offset 256 in record 0, then fix the checksum
+    past_seq[18] = 1; // sync offset 256 in record 0, then fix the checksum
     let crc = crc32fast::hash(&past_seq[4..]);
     past_seq[..4].copy_from_slice(&crc.to_le_bytes());
     vec![
@@ -166,7 +167,7 @@ fn seeds_record_decode() -> Vec<(&'static str, Vec<u8>)> {
             "seed-too-long-for-max",
             with(&[2 | (8 << 2), 0], &records(&[(0, END, b"0123456789")])),
         ),
-        ("seed-group-offset-past-seq", with(&[0, 0], &past_seq)),
+        ("seed-sync-offset-past-seq", with(&[0, 0], &past_seq)),
         (
             "seed-write-with-a-hole",
             with(&[0, 0], &write_with_a_hole()),

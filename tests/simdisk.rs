@@ -7,7 +7,7 @@
 //! encode their origin); records of failed appends appear only whole, right after the
 //! acknowledged ones, and only where the failure left them in doubt. A record the log
 //! serves counts as durable from then on ("readers see a record only once it is durable",
-//! `Durability::Sync`).
+//! `Durability::Sync`; one test also runs `Interval`).
 //!
 //! Environment:
 //! - `EVENTLOG_SIM_SEEDS=<n>`: seeds per loop (default 500; 100 in debug builds, where
@@ -21,7 +21,7 @@
 //! they assert the correct behaviour, so they fail while the bug is there.
 //! `known_good_mix` leaves out what triggered them; `everything_mix` does not.
 
-use eventlog::log::{AppendError, Log, LogOptions, OpenError, ReadError};
+use eventlog::log::{AppendError, Durability, Log, LogOptions, OpenError, ReadError};
 use eventlog::storage::Storage;
 use eventlog::testing::{CrashFault, SimDisk, SimRng};
 use std::collections::BTreeMap;
@@ -1188,8 +1188,8 @@ fn unsynced_tail_bug_records_recovered_from_the_cache_are_treated_as_durable() {
 /// whose first page did not land but whose second did leaves zeros followed by valid
 /// records of the unacknowledged append. Recovery took any valid record after a bad one
 /// for damage, and a plain open refused the log until an explicit repair. Records now
-/// carry their write (group offset), so recovery sees that the records after the hole
-/// came in the same, last write, and cuts it as the torn tail it is.
+/// carry their sync mark (docs/FORMAT.md), so recovery sees that the records after the
+/// hole were written while it was not yet durable, and cuts it as the torn tail it is.
 #[test]
 fn page_order_torn_write_with_a_hole_is_a_torn_tail() {
     let mut options = small_options();
@@ -1235,6 +1235,73 @@ fn page_order_torn_write_with_a_hole_is_a_torn_tail() {
         holes > 0,
         "no seed produced the hole; the test no longer covers it"
     );
+}
+
+/// Under `Interval` several writes are unsynced at a time, and the pages of all of them
+/// can land in any order. After the power loss the log opens on its own and keeps whole
+/// appends, in order, at least every one synced before the crash.
+#[test]
+fn unsynced_interval_writes_with_scattered_pages_recover_a_prefix() {
+    let mut options = small_options();
+    options.segment_size_bytes = 64 << 10;
+    // No timed sync during the test: the syncs are the test's own.
+    options.durability = Durability::Interval {
+        sync_interval_ms: 3_600_000,
+    };
+    let mut holes = 0;
+    for seed in 0..64 {
+        let disk = disk_with_store(seed);
+        let log = open_log(&disk, &options).unwrap();
+        disk.sync_all_dirs();
+        let mut rng = SimRng::new(seed);
+        // Appends of 1-3 records, each record naming its append and place in it.
+        let mut appends: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut synced_appends = 0;
+        for i in 0..12u8 {
+            let records: Vec<Vec<u8>> = (0..1 + rng.below(3) as u8)
+                .map(|j| vec![i * 4 + j + 1; 200 + rng.below(1800) as usize])
+                .collect();
+            log.append(&records).unwrap();
+            appends.push(records);
+            if i == 3 || rng.chance(1, 6) {
+                log.sync().unwrap();
+                synced_appends = appends.len();
+            }
+        }
+        let disk = disk.crash(CrashFault::ScatterPages);
+        drop(log);
+        let log = open_log(&disk, &options)
+            .unwrap_or_else(|e| panic!("seed {seed}: open after scattered pages: {e}"));
+        let payloads = all_payloads(&log);
+        let mut kept_appends = 0;
+        let mut at = 0;
+        for records in &appends {
+            if at == payloads.len() {
+                break;
+            }
+            assert_eq!(
+                payloads.get(at..at + records.len()),
+                Some(&records[..]),
+                "seed {seed}: append {kept_appends} is not back whole at seq {at}"
+            );
+            at += records.len();
+            kept_appends += 1;
+        }
+        assert_eq!(at, payloads.len(), "seed {seed}: records past the appends");
+        assert!(
+            kept_appends >= synced_appends,
+            "seed {seed}: {kept_appends} appends kept, {synced_appends} were synced"
+        );
+        if log
+            .recovery_report()
+            .truncated_tail_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("out of order"))
+        {
+            holes += 1;
+        }
+    }
+    assert!(holes > 0, "no seed left a hole before unsynced records");
 }
 
 /// Bug (fsyncgate): on Linux a failed fdatasync can drop the dirty pages' write-back

@@ -340,6 +340,9 @@ struct Inner {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Seqs below this are readable.
     visible_next: AtomicU64,
+    /// Seqs below this are durable (synced). Outside `Sync`, the sync mark of the records
+    /// framed now (see [`record`]).
+    durable_next: AtomicU64,
     visible_lock: Mutex<()>,
     visible_cv: Condvar,
     writer: Mutex<WriterState>,
@@ -482,6 +485,8 @@ impl Log {
             log_dir,
             segments: RwLock::new(recovered.segments),
             visible_next: AtomicU64::new(next_seq),
+            // Recovery synced what it kept.
+            durable_next: AtomicU64::new(next_seq),
             visible_lock: Mutex::new(()),
             visible_cv: Condvar::new(),
             writer: Mutex::new(WriterState {
@@ -843,6 +848,21 @@ impl Inner {
         if w.pending.is_empty() {
             w.pending_first_seq = first;
         }
+        // The records' sync mark: a seq below which every record is durable by the time
+        // they are written (see `record`), so recovery can tell a hole the crash made from
+        // damage.
+        let sync_mark = if self.options.durability == Durability::Sync {
+            // The leader writes the pending buffer as one group, and only after the
+            // previous group's sync succeeded (after a failed one, nothing is written).
+            w.pending_first_seq
+        } else {
+            // Writes go out before they are synced: only what is synced now is sure to be.
+            self.durable_next.load(Ordering::Acquire)
+        };
+        debug_assert!(
+            sync_mark <= first,
+            "sync mark {sync_mark} above the first seq {first} of an append"
+        );
         for (i, p) in payloads.iter().enumerate() {
             let flags = if i + 1 == count {
                 record::FLAG_BATCH_END
@@ -851,14 +871,8 @@ impl Inner {
             };
             let before = w.pending.len();
             let seq = first + i as u64;
-            // The leader writes the whole pending buffer as one group, from its first seq.
-            debug_assert!(
-                w.pending_first_seq <= seq,
-                "pending records start at {} after record {seq}",
-                w.pending_first_seq
-            );
-            let group_offset = seq.saturating_sub(w.pending_first_seq);
-            record::encode_into(&mut w.pending, seq, flags, group_offset, p.as_ref());
+            let sync_offset = seq.saturating_sub(sync_mark);
+            record::encode_into(&mut w.pending, seq, flags, sync_offset, p.as_ref());
             let framed = (w.pending.len() - before) as u32;
             w.pending_lens.push(framed);
         }
@@ -1174,6 +1188,8 @@ impl Inner {
             Ok(()) => {
                 active.synced_next = active.written_next;
                 active.synced_offset_bytes = active.write_offset_bytes;
+                self.durable_next
+                    .store(active.written_next, Ordering::Release);
                 Ok(())
             }
             // Never retried: after a failed fsync the kernel may have dropped the dirty

@@ -6,21 +6,22 @@
 //! 4       4     payload_len, u32 little endian
 //! 8       8     seq, u64 little endian: the record's global sequence number
 //! 16      1     flags: bit 0 = BATCH_END (last record of one atomic append); others zero
-//! 17      3     group_offset, u24 little endian: seq minus the first seq of the group
-//!               commit (one write) that carried the record; 0xFFFFFF if that far or more
+//! 17      3     sync_offset, u24 little endian: how many records before this one were not
+//!               yet durable when it was written; 0xFFFFFF for that many or more
 //! 20      n     payload
 //! ```
 //!
 //! The checksum covers everything but itself, length included, so a torn or flipped
 //! length is caught like a flipped payload byte.
 //!
-//! `group_offset` lets recovery tell a torn last write from damage: the pages of one
-//! unsynced write can land in any order, leaving a hole followed by valid records, and
-//! those records name the write they came in (see `segment::scan_records`). Segments of
-//! format version 1 have zeros there: every record its own group, as careful as before.
+//! `seq - sync_offset`, the record's *sync mark*, lets recovery tell a torn write from
+//! damage: the pages of unsynced writes can land in any order, leaving a hole followed by
+//! valid records, and a hole below those records' sync marks was in synced bytes, while
+//! one at or above them may be what the crash did (see `segment::scan_records`). Segments
+//! of format version 1 have zeros there: every earlier record durable, the careful reading.
 
 /// Size of the fixed record header in bytes.
-pub const RECORD_HEADER_SIZE_BYTES: usize = 4 /*crc*/ + 4 /*len*/ + 8 /*seq*/ + 1 /*flags*/ + 3 /*group_offset*/;
+pub const RECORD_HEADER_SIZE_BYTES: usize = 4 /*crc*/ + 4 /*len*/ + 8 /*seq*/ + 1 /*flags*/ + 3 /*sync_offset*/;
 /// The hard upper bound on a record's payload, whatever the configuration says (1 GiB).
 pub const RECORD_PAYLOAD_SIZE_BYTES_LIMIT: u32 = 1 << 30;
 
@@ -28,12 +29,12 @@ const CRC_OFFSET: usize = 0;
 const LEN_OFFSET: usize = CRC_OFFSET + 4;
 const SEQ_OFFSET: usize = LEN_OFFSET + 4;
 const FLAGS_OFFSET: usize = SEQ_OFFSET + 8;
-const GROUP_OFFSET_OFFSET: usize = FLAGS_OFFSET + 1;
-const _: () = assert!(GROUP_OFFSET_OFFSET + 3 == RECORD_HEADER_SIZE_BYTES);
+const SYNC_OFFSET_OFFSET: usize = FLAGS_OFFSET + 1;
+const _: () = assert!(SYNC_OFFSET_OFFSET + 3 == RECORD_HEADER_SIZE_BYTES);
 
-/// The `group_offset` of a record that many records or more into its group commit: its
-/// group is not known, and recovery treats it as its own (the careful reading).
-pub const GROUP_OFFSET_UNKNOWN: u32 = 0xFF_FFFF;
+/// The `sync_offset` of a record written that many records or more past the log's durable
+/// end: its sync mark is not known, and recovery reads it as 0 (the careful reading).
+pub const SYNC_OFFSET_UNKNOWN: u32 = 0xFF_FFFF;
 
 /// Flag bit: this record is the last of an atomic append. Recovery keeps records only up
 /// to the last record carrying it, so a multi-record append survives a crash whole or not at all.
@@ -46,13 +47,13 @@ pub fn framed_len(payload_len: usize) -> usize {
     RECORD_HEADER_SIZE_BYTES + payload_len
 }
 
-/// Appends one framed record to `out`. `group_offset` is how many records of the same
-/// write (group commit) come before this one: 0 for a record written on its own. Larger
-/// values than [`GROUP_OFFSET_UNKNOWN`] are stored as it.
+/// Appends one framed record to `out`. `sync_offset` is how many records before this one
+/// are not known to be durable by the time it is written: 0 if all of them are. Larger
+/// values than [`SYNC_OFFSET_UNKNOWN`] are stored as it.
 ///
 /// # Panics
 /// If `payload` is longer than [`RECORD_PAYLOAD_SIZE_BYTES_LIMIT`]; callers check limits first.
-pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, group_offset: u64, payload: &[u8]) {
+pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, sync_offset: u64, payload: &[u8]) {
     assert!(
         payload.len() <= RECORD_PAYLOAD_SIZE_BYTES_LIMIT as usize,
         "payload of {} bytes passed the size check",
@@ -64,8 +65,8 @@ pub fn encode_into(out: &mut Vec<u8>, seq: u64, flags: u8, group_offset: u64, pa
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.push(flags);
-    let group_offset = group_offset.min(u64::from(GROUP_OFFSET_UNKNOWN)) as u32;
-    out.extend_from_slice(&group_offset.to_le_bytes()[..3]);
+    let sync_offset = sync_offset.min(u64::from(SYNC_OFFSET_UNKNOWN)) as u32;
+    out.extend_from_slice(&sync_offset.to_le_bytes()[..3]);
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out[start + LEN_OFFSET..]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
@@ -84,8 +85,8 @@ pub struct RecordHeader {
     pub flags: u8,
     /// Payload length in bytes; the payload starts at [`RECORD_HEADER_SIZE_BYTES`].
     pub payload_len: u32,
-    /// Records of the same write before this one (see the module docs).
-    pub group_offset: u32,
+    /// Records before this one not yet durable when it was written (see the module docs).
+    pub sync_offset: u32,
 }
 
 impl RecordHeader {
@@ -99,12 +100,13 @@ impl RecordHeader {
         self.flags & FLAG_BATCH_END != 0
     }
 
-    /// The first seq of the write (group commit) this record came in, if known.
-    pub fn group_first_seq(&self) -> Option<u64> {
-        if self.group_offset == GROUP_OFFSET_UNKNOWN {
+    /// The record's sync mark, if known: every record below this seq was durable before
+    /// this one was written.
+    pub fn sync_mark(&self) -> Option<u64> {
+        if self.sync_offset == SYNC_OFFSET_UNKNOWN {
             return None;
         }
-        self.seq.checked_sub(u64::from(self.group_offset))
+        self.seq.checked_sub(u64::from(self.sync_offset))
     }
 }
 
@@ -238,7 +240,7 @@ fn header_fields(header: &[u8], payload_len: u32) -> RecordHeader {
         seq: read_u64(header, SEQ_OFFSET),
         flags: header[FLAGS_OFFSET],
         payload_len,
-        group_offset: read_u32(header, FLAGS_OFFSET) >> 8,
+        sync_offset: read_u32(header, FLAGS_OFFSET) >> 8,
     }
 }
 
@@ -289,33 +291,33 @@ mod tests {
                 seq: 42,
                 flags: FLAG_BATCH_END,
                 payload_len: 11,
-                group_offset: 0,
+                sync_offset: 0,
             })
         );
         assert_eq!(&buf[RECORD_HEADER_SIZE_BYTES..], b"hello world");
     }
 
     #[test]
-    fn group_offsets_round_trip_and_saturate() {
+    fn sync_offsets_round_trip_and_saturate() {
         for (offset, stored, first) in [
             (0, 0, Some(100_000_000)),
             (999, 999, Some(99_999_001)),
             (0xFF_FFFE, 0xFF_FFFE, Some(100_000_000 - 0xFF_FFFE)),
-            (0xFF_FFFF, GROUP_OFFSET_UNKNOWN, None),
-            (u64::MAX, GROUP_OFFSET_UNKNOWN, None),
+            (0xFF_FFFF, SYNC_OFFSET_UNKNOWN, None),
+            (u64::MAX, SYNC_OFFSET_UNKNOWN, None),
         ] {
             let mut buf = Vec::new();
             encode_into(&mut buf, 100_000_000, 0, offset, b"x");
             let Decoded::Record(h) = decode(&buf, 16) else {
                 panic!("offset {offset} did not decode");
             };
-            assert_eq!((h.group_offset, h.group_first_seq()), (stored, first));
+            assert_eq!((h.sync_offset, h.sync_mark()), (stored, first));
             assert_eq!(peek_header(&buf, 16), Some(h));
         }
-        // An offset past the record's own seq names no group (only damage could write it).
+        // An offset past the record's own seq names no mark (only damage could write it).
         let mut buf = Vec::new();
         encode_into(&mut buf, 3, 0, 4, b"x");
-        assert!(matches!(decode(&buf, 16), Decoded::Record(h) if h.group_first_seq().is_none()));
+        assert!(matches!(decode(&buf, 16), Decoded::Record(h) if h.sync_mark().is_none()));
     }
 
     #[test]

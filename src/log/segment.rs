@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub const SEGMENT_HEADER_SIZE_BYTES: usize = 32;
 /// Magic bytes at the start of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"EVLOGSEG";
-/// The segment format version this build writes. Version 2 added records' group offsets
+/// The segment format version this build writes. Version 2 added records' sync offsets
 /// (bytes 17..20 of a record header, zero in version 1).
 pub const SEGMENT_FORMAT_VERSION: u32 = 2;
 /// The oldest segment format version this build reads: version 1 records read as records
@@ -124,15 +124,16 @@ pub enum ScanStop {
     /// Clean end: an all-zero header, or the end of the bytes.
     End,
     /// A bad or cut-short record at `offset_bytes` with nothing valid after it, or only
-    /// more records of the same write (its pages landed out of order): a torn tail.
+    /// records written while it was not yet durable (pages landed out of order): a torn
+    /// tail.
     TornTail {
         /// Where the bad bytes start.
         offset_bytes: u64,
         /// What is wrong.
         reason: String,
     },
-    /// A bad record at `offset_bytes` followed by a valid record of another write:
-    /// damage, not a crash.
+    /// A bad record at `offset_bytes` followed by a valid record written after it was
+    /// durable: damage, not a crash.
     Damage {
         /// Where the bad bytes start.
         offset_bytes: u64,
@@ -193,24 +194,24 @@ pub fn scan_records(
         }
     };
     offsets.truncate(batch_first);
-    // Whatever stopped the scan, a valid record further on means the bytes in between are
-    // damage, not a tail the crash left unfinished; unless every such record came in the
-    // same write as the record expected here. The pages of one unsynced write can land in
-    // any order, so its bad or missing part may come before valid parts of it. That write
-    // was the last one (a later write would have come after its sync), and it was never
-    // acknowledged under `Sync`: it is a torn tail like any other.
-    let stop = match records_after_outside_group(bytes, pos, seq, payload_len_max) {
-        After::OutsideGroup(at) => ScanStop::Damage {
+    // Whatever stopped the scan, a valid record further on that was written after the
+    // record expected here was durable means the bytes in between are damage. The pages of
+    // unsynced writes can land in any order, though, so valid records written while the
+    // expected one was not yet durable may follow a hole the crash made: a torn tail like
+    // any other (under `Sync` such records were never acknowledged; under `Interval` they
+    // are within what a crash may lose).
+    let stop = match records_after(bytes, pos, seq, payload_len_max) {
+        After::WrittenAfterSync(at) => ScanStop::Damage {
             offset_bytes: pos as u64,
             reason: format!(
-                "{}, then a valid record at byte {at} from another write",
+                "{}, then a valid record at byte {at} written after this place was synced",
                 bad_reason.as_deref().unwrap_or("zeroed bytes")
             ),
         },
-        After::InGroup => ScanStop::TornTail {
+        After::OnlyUnsynced => ScanStop::TornTail {
             offset_bytes: pos as u64,
             reason: format!(
-                "{} inside the last write, before more of its records (its pages landed out of order)",
+                "{} before records of writes that were not synced yet (their pages landed out of order)",
                 bad_reason.as_deref().unwrap_or("zeroed bytes")
             ),
         },
@@ -267,43 +268,39 @@ pub(crate) fn last_nonzero(bytes: &[u8]) -> Option<usize> {
     head.iter().rposition(|&b| b != 0)
 }
 
-/// What [`records_after_outside_group`] found after a bad spot.
+/// What [`records_after`] found after a bad spot.
 enum After {
     /// No valid record.
     Nothing,
-    /// Valid records, all from the write of the record expected at the bad spot.
-    InGroup,
-    /// A valid record at this offset from another write (or of unknown write).
-    OutsideGroup(usize),
+    /// Valid records, all written while the record expected at the bad spot was not yet
+    /// durable.
+    OnlyUnsynced,
+    /// A valid record at this offset written after the expected record was durable (or
+    /// with no known sync mark).
+    WrittenAfterSync(usize),
 }
 
 /// Looks at the valid records after `pos`, where the record with `expected_seq` should
-/// have been: are they all later records of the same write (group commit) as it?
+/// have been: were they all written while that record was not yet durable?
 ///
-/// A record is of that write if its seq is past `expected_seq` and its write began at or
-/// before `expected_seq`. Records follow each other within a write, so the walk steps
-/// from record to record and searches byte by byte only across bad bytes.
-fn records_after_outside_group(
-    bytes: &[u8],
-    pos: usize,
-    expected_seq: u64,
-    payload_len_max: u32,
-) -> After {
+/// Such a record has a seq past `expected_seq` and a sync mark at or below it. Records
+/// follow each other within a write, so the walk steps from record to record and searches
+/// byte by byte only across bad bytes.
+fn records_after(bytes: &[u8], pos: usize, expected_seq: u64, payload_len_max: u32) -> After {
     let mut found = After::Nothing;
     let mut next = valid_record_after(bytes, pos, payload_len_max);
     while let Some(at) = next {
         // (Always a record: `valid_record_after` and the step below decoded it already.
         // Were it not, the careful reading is damage.)
         let Decoded::Record(h) = record::decode(&bytes[at..], payload_len_max) else {
-            return After::OutsideGroup(at);
+            return After::WrittenAfterSync(at);
         };
-        let in_group = h.seq > expected_seq
-            && h.group_first_seq()
-                .is_some_and(|first| first <= expected_seq);
-        if !in_group {
-            return After::OutsideGroup(at);
+        let unsynced_then =
+            h.seq > expected_seq && h.sync_mark().is_some_and(|mark| mark <= expected_seq);
+        if !unsynced_then {
+            return After::WrittenAfterSync(at);
         }
-        found = After::InGroup;
+        found = After::OnlyUnsynced;
         let end = at + h.framed_len();
         next = match record::decode(&bytes[end..], payload_len_max) {
             Decoded::Record(_) => Some(end),
@@ -451,27 +448,28 @@ mod tests {
     use crate::log::record::{encode_into, FLAG_BATCH_END};
 
     fn segment_with(records: &[(u64, u8, &[u8])]) -> Vec<u8> {
-        let grouped: Vec<(u64, u8, u64, &[u8])> = records
+        let marked: Vec<(u64, u8, u64, &[u8])> = records
             .iter()
             .map(|&(seq, flags, payload)| (seq, flags, 0, payload))
             .collect();
-        segment_with_groups(&grouped)
+        segment_with_offsets(&marked)
     }
 
-    /// Records given as (seq, flags, group offset, payload).
-    fn segment_with_groups(records: &[(u64, u8, u64, &[u8])]) -> Vec<u8> {
+    /// Records given as (seq, flags, sync offset, payload).
+    fn segment_with_offsets(records: &[(u64, u8, u64, &[u8])]) -> Vec<u8> {
         let mut buf = encode_segment_header(records.first().map_or(0, |r| r.0)).to_vec();
-        for &(seq, flags, group_offset, payload) in records {
-            encode_into(&mut buf, seq, flags, group_offset, payload);
+        for &(seq, flags, sync_offset, payload) in records {
+            encode_into(&mut buf, seq, flags, sync_offset, payload);
         }
         buf
     }
 
-    /// Two writes: seq 0 alone, then seqs 1..=3 (two appends: 1-2 and 3) with 4 KiB
-    /// payloads, so that each record of the second write is on pages of its own.
+    /// Two writes as the log makes them under `Sync`: seq 0 alone, synced; then seqs 1..=3
+    /// (two appends: 1-2 and 3) with 4 KiB payloads, so that each record of the second
+    /// write is on pages of its own, all with sync mark 1.
     fn two_writes() -> (Vec<u8>, [usize; 4]) {
         let big = vec![7u8; 4096];
-        let buf = segment_with_groups(&[
+        let buf = segment_with_offsets(&[
             (0, FLAG_BATCH_END, 0, b"acknowledged"),
             (1, 0, 0, &big),
             (2, FLAG_BATCH_END, 1, &big),
@@ -484,7 +482,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hole_in_the_last_write_before_more_of_it_is_a_torn_tail() {
+    fn a_hole_before_records_written_while_it_was_unsynced_is_a_torn_tail() {
         let (mut buf, at) = two_writes();
         // The page with record 2's header never landed; records 1 and 3 did.
         buf[at[2]..at[2] + 4096].fill(0);
@@ -512,7 +510,7 @@ mod tests {
     #[test]
     fn a_hole_before_a_later_write_is_damage() {
         let (mut buf, at) = two_writes();
-        // Record 0 (a write of its own, so synced before the next one) is gone.
+        // Record 0 (synced before the second write, which says so) is gone.
         buf[at[0]..at[1]].fill(0);
         let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
         assert!(
@@ -524,8 +522,8 @@ mod tests {
     }
 
     #[test]
-    fn records_without_a_known_write_after_a_hole_are_damage() {
-        // Group offset 0 everywhere (as in format version 1): each record its own write.
+    fn records_without_a_known_sync_mark_after_a_hole_are_damage() {
+        // Sync offset 0 everywhere (as in format version 1): all before each was durable.
         let big = vec![7u8; 4096];
         let mut buf = segment_with(&[(0, 0, &big), (1, FLAG_BATCH_END, &big)]);
         buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
@@ -535,8 +533,8 @@ mod tests {
             "{:?}",
             scan.stop
         );
-        // The same with the offset saturated: the write is not known.
-        let mut buf = segment_with_groups(&[(0, 0, 0, &big), (1, FLAG_BATCH_END, u64::MAX, &big)]);
+        // The same with the offset saturated: the mark is not known.
+        let mut buf = segment_with_offsets(&[(0, 0, 0, &big), (1, FLAG_BATCH_END, u64::MAX, &big)]);
         buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
         let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
         assert!(
@@ -547,16 +545,16 @@ mod tests {
     }
 
     #[test]
-    fn one_record_of_another_write_among_the_torn_ones_makes_it_damage() {
+    fn one_record_written_after_the_hole_was_synced_makes_it_damage() {
         let (mut buf, at) = two_writes();
         buf[at[2]..at[2] + 4096].fill(0);
-        // Record 3 claims a write that began after the hole.
+        // Record 3 says that everything before it was durable when it was written.
         let mut other = Vec::new();
         encode_into(&mut other, 3, FLAG_BATCH_END, 0, &[7u8; 4096]);
         buf[at[3]..at[3] + other.len()].copy_from_slice(&other);
         let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
         assert!(
-            matches!(&scan.stop, ScanStop::Damage { reason, .. } if reason.contains("another write")),
+            matches!(&scan.stop, ScanStop::Damage { reason, .. } if reason.contains("after this place was synced")),
             "{:?}",
             scan.stop
         );
