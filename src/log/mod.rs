@@ -343,6 +343,9 @@ struct Inner {
     /// Seqs below this are durable (synced). Outside `Sync`, the sync mark of the records
     /// framed now (see [`record`]).
     durable_next: AtomicU64,
+    /// Whether the active segment takes sync offsets (format 2 on; see
+    /// [`segment::Segment::has_sync_marks`]). Set by a roll, read when framing.
+    active_has_sync_marks: std::sync::atomic::AtomicBool,
     visible_lock: Mutex<()>,
     visible_cv: Condvar,
     writer: Mutex<WriterState>,
@@ -487,6 +490,7 @@ impl Log {
             visible_next: AtomicU64::new(next_seq),
             // Recovery synced what it kept.
             durable_next: AtomicU64::new(next_seq),
+            active_has_sync_marks: std::sync::atomic::AtomicBool::new(last.has_sync_marks),
             visible_lock: Mutex::new(()),
             visible_cv: Condvar::new(),
             writer: Mutex::new(WriterState {
@@ -851,17 +855,21 @@ impl Inner {
         // The records' sync mark: a seq below which every record is durable by the time
         // they are written (see `record`), so recovery can tell a hole the crash made from
         // damage.
-        let sync_mark = if self.options.durability == Durability::Sync {
+        let sync_mark = if !self.active_has_sync_marks.load(Ordering::Acquire) {
+            // A format 1 segment: offset 0, as that format has (they may land in the next,
+            // newer segment after a roll; 0 is right in any format).
+            None
+        } else if self.options.durability == Durability::Sync {
             // The leader writes the pending buffer as one group, and only after the
             // previous group's sync succeeded (after a failed one, nothing is written).
-            w.pending_first_seq
+            Some(w.pending_first_seq)
         } else {
             // Writes go out before they are synced: only what is synced now is sure to be.
-            self.durable_next.load(Ordering::Acquire)
+            Some(self.durable_next.load(Ordering::Acquire))
         };
         debug_assert!(
-            sync_mark <= first,
-            "sync mark {sync_mark} above the first seq {first} of an append"
+            sync_mark.is_none_or(|mark| mark <= first),
+            "sync mark {sync_mark:?} above the first seq {first} of an append"
         );
         for (i, p) in payloads.iter().enumerate() {
             let flags = if i + 1 == count {
@@ -871,7 +879,7 @@ impl Inner {
             };
             let before = w.pending.len();
             let seq = first + i as u64;
-            let sync_offset = seq.saturating_sub(sync_mark);
+            let sync_offset = sync_mark.map_or(0, |mark| seq.saturating_sub(mark));
             record::encode_into(&mut w.pending, seq, flags, sync_offset, p.as_ref());
             let framed = (w.pending.len() - before) as u32;
             w.pending_lens.push(framed);
@@ -1356,6 +1364,8 @@ impl Inner {
         if self.preallocating_in_background {
             self.preallocator.set_segment(Arc::clone(&new), allocated);
         }
+        self.active_has_sync_marks
+            .store(new.has_sync_marks, Ordering::Release);
         active.segment = new;
         active.write_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;
         active.synced_offset_bytes = SEGMENT_HEADER_SIZE_BYTES as u64;

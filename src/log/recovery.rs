@@ -272,16 +272,16 @@ fn attempt(
             file.read_at(&mut header, 0)
                 .map_err(io_err(&path, "reading a segment header"))?;
         }
-        match decode_segment_header(&header) {
-            Ok(b) if b == base => {}
-            Ok(b) => {
+        let has_sync_marks = match decode_segment_header(&header) {
+            Ok(h) if h.base_seq == base => h.has_sync_marks(),
+            Ok(h) => {
                 return Err(OpenError::BadSegmentFile {
                     path,
-                    reason: format!("header says base seq {b}, file name says {base}"),
+                    reason: format!("header says base seq {}, file name says {base}", h.base_seq),
                 })
             }
             Err(reason) => return Err(OpenError::BadSegmentFile { path, reason }),
-        }
+        };
         let is_last = i == last_index;
         let map_len = if is_last {
             file_len.max(options.segment_size_bytes)
@@ -464,6 +464,7 @@ fn attempt(
             path,
             file,
             map,
+            has_sync_marks,
             offsets: RwLock::new(offsets),
             end_bytes: AtomicU64::new(end_bytes),
         }));
@@ -578,6 +579,7 @@ pub(crate) fn create_segment(
         path,
         file,
         map,
+        has_sync_marks: true,
         offsets: RwLock::new(Vec::new()),
         end_bytes: AtomicU64::new(SEGMENT_HEADER_SIZE_BYTES as u64),
     }))

@@ -65,8 +65,24 @@ pub fn encode_segment_header(base_seq: u64) -> [u8; SEGMENT_HEADER_SIZE_BYTES] {
     h
 }
 
-/// Decodes and checks a segment header; returns its base seq or what is wrong.
-pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, String> {
+/// What a segment header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The seq of the segment's first record.
+    pub base_seq: u64,
+    /// The format its records are written in (see [`SEGMENT_FORMAT_VERSION`]).
+    pub format_version: u32,
+}
+
+impl SegmentHeader {
+    /// Whether records in this segment carry sync offsets (format 2 on).
+    pub fn has_sync_marks(&self) -> bool {
+        self.format_version >= 2
+    }
+}
+
+/// Decodes and checks a segment header; returns what it says or what is wrong.
+pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, String> {
     let h = bytes.get(..SEGMENT_HEADER_SIZE_BYTES).ok_or_else(|| {
         format!(
             "file is {} bytes, shorter than a segment header",
@@ -92,7 +108,10 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, String> {
     }
     let mut base = [0u8; 8];
     base.copy_from_slice(&h[16..24]);
-    Ok(u64::from_le_bytes(base))
+    Ok(SegmentHeader {
+        base_seq: u64::from_le_bytes(base),
+        format_version: version,
+    })
 }
 
 /// One segment file, open and mapped.
@@ -102,6 +121,10 @@ pub(crate) struct Segment {
     pub path: PathBuf,
     pub file: Arc<dyn StorageFile>,
     pub map: Arc<dyn MappedRegion>,
+    /// Whether its records carry sync offsets (format 2 on): records appended to an older
+    /// segment are written with offset 0, so that builds reading only format 1 can read
+    /// every segment they accept.
+    pub has_sync_marks: bool,
     /// Byte offset of each record: `offsets[i]` is where seq `base_seq + i` starts.
     pub offsets: RwLock<Vec<u32>>,
     /// End of the last readable record in bytes. Only bytes below it are ever read.
@@ -592,7 +615,13 @@ mod tests {
     #[test]
     fn segment_header_round_trips_and_rejects_damage() {
         let h = encode_segment_header(123);
-        assert_eq!(decode_segment_header(&h), Ok(123));
+        assert_eq!(
+            decode_segment_header(&h),
+            Ok(SegmentHeader {
+                base_seq: 123,
+                format_version: SEGMENT_FORMAT_VERSION
+            })
+        );
         let mut bad = h;
         bad[17] ^= 1;
         assert!(decode_segment_header(&bad).is_err());

@@ -1,7 +1,10 @@
 //! Recovery: torn tails are cut, damage is refused or quarantined, nothing bad is served.
 
 use crate::common::{all_payloads, copy_dir, open, payload_for, segment_files, small_options};
-use eventlog::log::record::framed_len;
+use eventlog::log::record::{decode, framed_len, Decoded};
+use eventlog::log::segment::{
+    decode_segment_header, SEGMENT_FORMAT_VERSION, SEGMENT_HEADER_SIZE_BYTES,
+};
 use eventlog::log::{Log, OpenError, ReadError, QUARANTINE_DIR};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
@@ -284,4 +287,78 @@ fn garbage_after_the_last_record_is_cut_as_a_torn_tail() {
     let log = open(image.path(), small_options());
     assert_eq!(all_payloads(&log), payloads);
     assert!(log.recovery_report().truncated_tail_bytes > 2900);
+}
+
+/// The sync offsets (header bytes 17..20) of the records of `seg`, walking from its header.
+fn sync_offsets(seg: &std::path::Path) -> Vec<u32> {
+    let bytes = std::fs::read(seg).unwrap();
+    let mut offsets = Vec::new();
+    let mut pos = SEGMENT_HEADER_SIZE_BYTES;
+    while let Decoded::Record(h) = decode(&bytes[pos..], u32::MAX) {
+        offsets.push(h.sync_offset);
+        pos += h.framed_len();
+    }
+    offsets
+}
+
+#[test]
+fn a_format_1_segment_is_read_and_appended_to_without_sync_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), small_options());
+    for seq in 0..3 {
+        log.append(&[payload_for(seq, 100)]).unwrap();
+    }
+    drop(log);
+    // What an older build left: a format 1 header (single-record appends under `Sync`
+    // have offset 0 anyway, as format 1 requires).
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let mut header = [0u8; SEGMENT_HEADER_SIZE_BYTES];
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg)
+        .unwrap();
+    file.read_exact_at(&mut header, 0).unwrap();
+    header[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32fast::hash(&header[..28]);
+    header[28..32].copy_from_slice(&crc.to_le_bytes());
+    file.write_all_at(&header, 0).unwrap();
+    drop(file);
+    assert_eq!(decode_segment_header(&header).unwrap().format_version, 1);
+
+    let log = open(dir.path(), small_options());
+    let mut payloads: Vec<Vec<u8>> = (0..3).map(|seq| payload_for(seq, 100)).collect();
+    // A multi-record append into the format 1 segment: offsets stay 0, so a build that
+    // reads only format 1 reads it.
+    let three: Vec<Vec<u8>> = (3..6).map(|seq| payload_for(seq, 100)).collect();
+    log.append(&three).unwrap();
+    payloads.extend(three);
+    assert_eq!(sync_offsets(&seg), vec![0; 6]);
+    // Fill the segment; the next one is format 2 and its records carry offsets.
+    let mut seq = 6;
+    while segment_files(dir.path()).len() < 2 {
+        let p = payload_for(seq, 4000);
+        log.append(&[&p]).unwrap();
+        payloads.push(p);
+        seq += 1;
+    }
+    let three: Vec<Vec<u8>> = (seq..seq + 3).map(|s| payload_for(s, 100)).collect();
+    log.append(&three).unwrap();
+    payloads.extend(three);
+    let newer = segment_files(dir.path()).pop().unwrap();
+    let header = std::fs::read(&newer).unwrap();
+    assert_eq!(
+        decode_segment_header(&header).unwrap().format_version,
+        SEGMENT_FORMAT_VERSION
+    );
+    assert!(sync_offsets(&seg).iter().all(|&o| o == 0));
+    assert_eq!(sync_offsets(&newer).last_chunk::<3>(), Some(&[0, 1, 2]));
+    assert_eq!(all_payloads(&log), payloads);
+    drop(log);
+    let log = open(dir.path(), small_options());
+    assert_eq!(
+        all_payloads(&log),
+        payloads,
+        "both formats read back after a reopen"
+    );
 }

@@ -114,8 +114,9 @@ impl Tail {
         file.read_exact_at(&mut header, 0)
             .map_err(|e| io_error(&path, &e))?;
         match decode_segment_header(&header) {
-            Ok(b) if b == base => {}
-            Ok(b) => {
+            Ok(h) if h.base_seq == base => {}
+            Ok(h) => {
+                let b = h.base_seq;
                 return Err(CliError::new(
                     Code::Corrupt,
                     format!("{} says it starts at seq {b}; its name says {base}: the log is damaged, run `eventlog verify`", path.display()),
