@@ -9,9 +9,10 @@
 //!   record headers are walked to rebuild offsets, so recovery costs what was written since
 //!   the recovery point: at most about `LogOptions::recovery_point_step_bytes`, since the
 //!   point follows the synced end of the log in steps of that size.
-//! - In the last segment, a bad record followed by no valid record, or only by records of
-//!   the same (last) write, is a torn tail and is cut off; a bad record followed by a
-//!   record of another write is damage (see `segment::scan_records`).
+//! - In the last segment, a bad record followed by no valid record, or only by records
+//!   written while it was not yet durable (their sync marks say so), is a torn tail and is
+//!   cut off; a bad record followed by a record written after it was durable is damage
+//!   (see `segment::scan_records`).
 //! - Every write recovery makes is idempotent: crashing during recovery and opening again
 //!   reaches the same state.
 

@@ -21,8 +21,8 @@ pub const SEGMENT_MAGIC: [u8; 8] = *b"EVLOGSEG";
 /// The segment format version this build writes. Version 2 added records' sync offsets
 /// (bytes 17..20 of a record header, zero in version 1).
 pub const SEGMENT_FORMAT_VERSION: u32 = 2;
-/// The oldest segment format version this build reads: version 1 records read as records
-/// each written on its own.
+/// The oldest segment format version this build reads: version 1 records read with sync
+/// offset 0 (every earlier record durable when they were written, the careful reading).
 pub const SEGMENT_FORMAT_VERSION_OLDEST: u32 = 1;
 /// Magic bytes at the start of every offset index file.
 pub const INDEX_MAGIC: [u8; 8] = *b"EVLOGIDX";
