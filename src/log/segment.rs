@@ -504,6 +504,17 @@ mod tests {
         (buf, [first, second, second + step, second + 2 * step])
     }
 
+    /// Scans `buf` from seq 0 and checks that the scan stopped at damage.
+    fn scan_expecting_damage(buf: &[u8]) -> Scan {
+        let scan = scan_records(buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        assert!(
+            matches!(scan.stop, ScanStop::Damage { .. }),
+            "{:?}",
+            scan.stop
+        );
+        scan
+    }
+
     #[test]
     fn a_hole_before_records_written_while_it_was_unsynced_is_a_torn_tail() {
         let (mut buf, at) = two_writes();
@@ -535,13 +546,7 @@ mod tests {
         let (mut buf, at) = two_writes();
         // Record 0 (synced before the second write, which says so) is gone.
         buf[at[0]..at[1]].fill(0);
-        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
-        assert!(
-            matches!(scan.stop, ScanStop::Damage { .. }),
-            "{:?}",
-            scan.stop
-        );
-        assert_eq!(scan.next_seq, 0);
+        assert_eq!(scan_expecting_damage(&buf).next_seq, 0);
     }
 
     #[test]
@@ -550,21 +555,11 @@ mod tests {
         let big = vec![7u8; 4096];
         let mut buf = segment_with(&[(0, 0, &big), (1, FLAG_BATCH_END, &big)]);
         buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
-        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
-        assert!(
-            matches!(scan.stop, ScanStop::Damage { .. }),
-            "{:?}",
-            scan.stop
-        );
+        scan_expecting_damage(&buf);
         // The same with the offset saturated: the mark is not known.
         let mut buf = segment_with_offsets(&[(0, 0, 0, &big), (1, FLAG_BATCH_END, u64::MAX, &big)]);
         buf[SEGMENT_HEADER_SIZE_BYTES + 50] ^= 1;
-        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
-        assert!(
-            matches!(scan.stop, ScanStop::Damage { .. }),
-            "{:?}",
-            scan.stop
-        );
+        scan_expecting_damage(&buf);
     }
 
     #[test]
@@ -575,7 +570,7 @@ mod tests {
         let mut other = Vec::new();
         encode_into(&mut other, 3, FLAG_BATCH_END, 0, &[7u8; 4096]);
         buf[at[3]..at[3] + other.len()].copy_from_slice(&other);
-        let scan = scan_records(&buf, SEGMENT_HEADER_SIZE_BYTES, 0, 1 << 20);
+        let scan = scan_expecting_damage(&buf);
         assert!(
             matches!(&scan.stop, ScanStop::Damage { reason, .. } if reason.contains("after this place was synced")),
             "{:?}",
