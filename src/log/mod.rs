@@ -322,8 +322,6 @@ struct ActiveSegment {
     segment: Arc<Segment>,
     write_offset_bytes: u64,
     allocated_bytes: u64,
-    /// Seqs below this are fdatasync'ed.
-    synced_next: u64,
     /// Bytes of the active segment known durable.
     synced_offset_bytes: u64,
     written_next: u64,
@@ -340,8 +338,9 @@ struct Inner {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Seqs below this are readable.
     visible_next: AtomicU64,
-    /// Seqs below this are durable (synced). Outside `Sync`, the sync mark of the records
-    /// framed now (see [`record`]).
+    /// Seqs below this are durable (synced). Moved only by [`Inner::fsync`], under the
+    /// `active` lock; an atomic so that framing can read it without that lock: outside
+    /// `Sync` it is the sync mark of the records framed now (see [`record`]).
     durable_next: AtomicU64,
     /// Whether the active segment takes sync offsets (format 2 on; see
     /// [`segment::Segment::has_sync_marks`]). Set by a roll, read when framing.
@@ -514,7 +513,6 @@ impl Log {
                 segment: last,
                 write_offset_bytes: recovered.write_offset_bytes,
                 allocated_bytes,
-                synced_next: next_seq,
                 synced_offset_bytes: recovered.write_offset_bytes,
                 written_next: next_seq,
                 recovery_point_asked_bytes: SEGMENT_HEADER_SIZE_BYTES as u64,
@@ -982,7 +980,7 @@ impl Inner {
     ) -> GroupOutcome {
         let sync = self.options.durability == Durability::Sync;
         let mut acked_next = if sync {
-            active.synced_next
+            self.durable_next.load(Ordering::Acquire)
         } else {
             active.written_next
         };
@@ -1194,7 +1192,6 @@ impl Inner {
             .observe(started.elapsed().as_micros() as u64);
         match synced {
             Ok(()) => {
-                active.synced_next = active.written_next;
                 active.synced_offset_bytes = active.write_offset_bytes;
                 self.durable_next
                     .store(active.written_next, Ordering::Release);
@@ -1386,7 +1383,7 @@ impl Inner {
             });
         }
         let mut active = self.active.lock();
-        if active.synced_next == active.written_next {
+        if self.durable_next.load(Ordering::Acquire) == active.written_next {
             return Ok(());
         }
         match self.fsync(&mut active) {

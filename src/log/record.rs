@@ -240,6 +240,7 @@ fn header_fields(header: &[u8], payload_len: u32) -> RecordHeader {
         seq: read_u64(header, SEQ_OFFSET),
         flags: header[FLAGS_OFFSET],
         payload_len,
+        // The three bytes at SYNC_OFFSET_OFFSET, read with the flags byte below them.
         sync_offset: read_u32(header, FLAGS_OFFSET) >> 8,
     }
 }

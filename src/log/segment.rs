@@ -311,13 +311,8 @@ enum After {
 /// byte by byte only across bad bytes.
 fn records_after(bytes: &[u8], pos: usize, expected_seq: u64, payload_len_max: u32) -> After {
     let mut found = After::Nothing;
-    let mut next = valid_record_after(bytes, pos, payload_len_max);
-    while let Some(at) = next {
-        // (Always a record: `valid_record_after` and the step below decoded it already.
-        // Were it not, the careful reading is damage.)
-        let Decoded::Record(h) = record::decode(&bytes[at..], payload_len_max) else {
-            return After::WrittenAfterSync(at);
-        };
+    let mut next = valid_header_after(bytes, pos, payload_len_max);
+    while let Some((at, h)) = next {
         let unsynced_then =
             h.seq > expected_seq && h.sync_mark().is_some_and(|mark| mark <= expected_seq);
         if !unsynced_then {
@@ -326,8 +321,8 @@ fn records_after(bytes: &[u8], pos: usize, expected_seq: u64, payload_len_max: u
         found = After::OnlyUnsynced;
         let end = at + h.framed_len();
         next = match record::decode(&bytes[end..], payload_len_max) {
-            Decoded::Record(_) => Some(end),
-            _ => valid_record_after(bytes, end, payload_len_max),
+            Decoded::Record(h) => Some((end, h)),
+            _ => valid_header_after(bytes, end, payload_len_max),
         };
     }
     found
@@ -338,6 +333,15 @@ fn records_after(bytes: &[u8], pos: usize, expected_seq: u64, payload_len_max: u
 /// Runs of zeros are skipped quickly: a record header always has a non-zero byte, so only
 /// positions up to 19 bytes before a non-zero byte can start one.
 pub fn valid_record_after(bytes: &[u8], pos: usize, payload_len_max: u32) -> Option<usize> {
+    valid_header_after(bytes, pos, payload_len_max).map(|(at, _)| at)
+}
+
+/// [`valid_record_after`], with the record's header.
+fn valid_header_after(
+    bytes: &[u8],
+    pos: usize,
+    payload_len_max: u32,
+) -> Option<(usize, RecordHeader)> {
     let mut p = pos.checked_add(1)?;
     while p + RECORD_HEADER_SIZE_BYTES <= bytes.len() {
         let window = &bytes[p..p + RECORD_HEADER_SIZE_BYTES];
@@ -347,8 +351,8 @@ pub fn valid_record_after(bytes: &[u8], pos: usize, payload_len_max: u32) -> Opt
             p = (nz + 1).saturating_sub(RECORD_HEADER_SIZE_BYTES).max(p + 1);
             continue;
         }
-        if let Decoded::Record(_) = record::decode(&bytes[p..], payload_len_max) {
-            return Some(p);
+        if let Decoded::Record(h) = record::decode(&bytes[p..], payload_len_max) {
+            return Some((p, h));
         }
         p += 1;
     }
