@@ -988,7 +988,7 @@ fn report(
     );
     let _ = writeln!(
         w,
-        "- fdatasync latency measured again at the end: {:.3} ms after a 4 KiB overwrite (p90 {:.3} ms). On this virtual disk it varies with the other processes' I/O (from about 0.2 ms to 4+ ms), which moves every durable-append figure.",
+        "- fdatasync latency measured again at the end: {:.3} ms after a 4 KiB overwrite (p90 {:.3} ms). On this virtual disk it varies with the other processes' I/O (from about 0.07 ms to 4+ ms), which moves every durable-append figure.",
         fsync_end.0, fsync_end.1
     );
     let _ = writeln!(w, "- at start: {load_start}");
