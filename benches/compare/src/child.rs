@@ -77,6 +77,7 @@ pub fn main(kind: &str, args: &[String]) {
     match kind {
         "stage" => stage(&a),
         "append" => append(&a),
+        "append_threads" => append_threads(&a),
         "reopen" => reopen(&a),
         "reads" => reads(&a),
         "single" => single(&a),
@@ -290,6 +291,57 @@ fn reads(a: &Args) {
     drop(db);
     out.push(("disk_bytes", dir_bytes(&dir).to_string()));
     result(&out);
+}
+
+/// Batched appends of `events` in all from `threads` threads at once, each appending its
+/// share in appends of `batch` to random aggregates. The batches are generated before the
+/// clock starts (unlike `append`, whose generation runs between its appends, untimed), so
+/// the figure is the store's alone: events / the wall time from the threads' start to the
+/// last one's end.
+fn append_threads(a: &Args) {
+    let store = a.s("store");
+    let dir = a.path("dir");
+    let threads = a.u("threads").max(1) as usize;
+    let batch = a.u("batch").max(1) as usize;
+    let per_thread = a.u("events") as usize / threads;
+    let g = a.gen();
+    let work: Vec<Vec<Vec<Item>>> = (0..threads)
+        .map(|i| {
+            let mut g = g.fork(2000 + i as u64);
+            (0..per_thread.div_ceil(batch))
+                .map(|b| g.batch(batch.min(per_thread - b * batch)))
+                .collect()
+        })
+        .collect();
+    let db = stores::open(store, &dir, Durability::Sync);
+    let barrier = Barrier::new(threads + 1);
+    let cpu0 = crate::common::cpu_secs();
+    let elapsed = std::thread::scope(|s| {
+        let handles: Vec<_> = work
+            .iter()
+            .map(|batches| {
+                let mut w = db.appender();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    for items in batches {
+                        w.append(items);
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t = Instant::now();
+        for h in handles {
+            h.join().expect("appender thread");
+        }
+        t.elapsed().as_secs_f64()
+    });
+    result(&[
+        ("secs", elapsed.to_string()),
+        ("events", (per_thread * threads).to_string()),
+        ("cpu_secs", (crate::common::cpu_secs() - cpu0).to_string()),
+    ]);
 }
 
 /// Single-event durable appends from `threads` threads for `secs` seconds, to random

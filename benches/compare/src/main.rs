@@ -34,6 +34,8 @@ struct Cfg {
     threads: Vec<usize>,
     samples: usize,
     interval_events: u64,
+    batch_threads: Vec<usize>,
+    threads_events: u64,
     stores: Vec<String>,
     workloads: Vec<String>,
     real: PathBuf,
@@ -61,9 +63,13 @@ const HELP: &str = "eventlog-compare: eventlog vs SQLite vs sled vs the raw limi
   --samples N         aggregate histories timed; default 10,000
   --interval-events N events in the Interval-durability batched append (a secondary
                       figure, not in the JSON); default --events / 5
+  --batch-threads LIST
+                      appender threads of the batched append from several threads at
+                      once (a secondary figure, not in the JSON); default 1,4
+  --threads-events N  events in that append, generated beforehand; default --events / 5
   --stores LIST       default eventlog,sqlite,sled,raw
   --workloads LIST    of append (append, crash+reopen, reads, disk, memory), single,
-                      import, interval; default all
+                      import, interval, threads; default all
   --real FILE         the real data set; default ../shared/data/uci_incidents.jsonl.gz
   --dir DIR           where stores are written (default $EVENTLOG_BENCH_DIR, else
                       benches/compare/target/bench; never a tmpfs)
@@ -95,8 +101,10 @@ impl Cfg {
             threads: vec![1, 4, 16],
             samples: 10_000,
             interval_events: 0,
+            batch_threads: vec![1, 4],
+            threads_events: 0,
             stores: STORES.iter().map(|s| s.to_string()).collect(),
-            workloads: ["append", "single", "import", "interval"]
+            workloads: ["append", "single", "import", "interval", "threads"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -172,6 +180,10 @@ impl Cfg {
                 }
                 "--samples" => c.samples = num(&value).max(1) as usize,
                 "--interval-events" => c.interval_events = num(&value).max(1),
+                "--threads-events" => c.threads_events = num(&value).max(1),
+                "--batch-threads" => {
+                    c.batch_threads = value.split(',').map(|t| num(t).max(1) as usize).collect()
+                }
                 "--stores" => {
                     c.stores = list(&value);
                     for s in &c.stores {
@@ -197,6 +209,9 @@ impl Cfg {
             c.interval_events = (c.events / 5).max(c.batch as u64);
         }
         c.interval_events = c.interval_events.min(c.events);
+        if c.threads_events == 0 {
+            c.threads_events = (c.events / 5).max(c.batch as u64);
+        }
         c
     }
 
@@ -676,6 +691,35 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                 }
                 progress(started, &format!("  {eps:.0} events/s"));
                 let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        if cfg.runs("threads") {
+            for store in cfg.stores.iter().filter(|s| *s != "raw") {
+                for &t in &cfg.batch_threads {
+                    let dir = fresh_dir(base, &format!("{store}-threads"));
+                    progress(
+                        started,
+                        &format!(
+                            "{tag}: {store}: batched append from {t} thread{} at once ...",
+                            if t == 1 { "" } else { "s" }
+                        ),
+                    );
+                    let mut a = cfg.gen_args(seed + 400);
+                    a.push(format!("store={store}"));
+                    a.push(format!("dir={}", dir.display()));
+                    a.push(format!("events={}", cfg.threads_events));
+                    a.push(format!("threads={t}"));
+                    let r = run_child("append_threads", &a);
+                    let eps = f(&r, "events") / f(&r, "secs");
+                    res.extra(&format!("threads_append_batched_{t}t"), store, eps);
+                    res.extra(
+                        &format!("threads_cpu_per_million_{t}t"),
+                        store,
+                        f(&r, "cpu_secs") / f(&r, "events") * 1e6,
+                    );
+                    progress(started, &format!("  {eps:.0} events/s"));
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
             }
         }
         if cfg.runs("interval") {
@@ -1317,6 +1361,30 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             let _ = writeln!(w, "- batched append of {} events under `Interval` durability (a power loss may lose the last {} ms; SQLite NORMAL: since the last checkpoint), events/s: {}. Not in the JSON.", thousands(cfg.interval_events as f64), stores::INTERVAL_MS, b.join(", "));
         }
     }
+    if cfg.runs("threads") {
+        let mut b = Vec::new();
+        for st in STORES {
+            let per: Vec<String> = cfg
+                .batch_threads
+                .iter()
+                .filter_map(|t| {
+                    let eps = res.get_extra(&format!("threads_append_batched_{t}t"), st)?;
+                    let cpu = res.get_extra(&format!("threads_cpu_per_million_{t}t"), st)?;
+                    Some(format!(
+                        "{t} thread{}: {} ({cpu:.2} s of CPU per million)",
+                        if *t == 1 { "" } else { "s" },
+                        thousands(eps)
+                    ))
+                })
+                .collect();
+            if !per.is_empty() {
+                b.push(format!("{st} {}", per.join(", ")));
+            }
+        }
+        if !b.is_empty() {
+            let _ = writeln!(w, "- batched append of {} events from several threads at once, each appending its share in appends of {} to random aggregates (the batches generated before the clock starts; events/s over the wall time of all threads): {}. Not in the JSON.", thousands(cfg.threads_events as f64), thousands(cfg.batch as f64), b.join("; "));
+        }
+    }
     if !res.loads.is_empty() {
         let _ = writeln!(w, "\nLoad when each repetition started:\n");
         for l in &res.loads {
@@ -1350,7 +1418,7 @@ fn durability_text(w: &mut String) {
          aggregate and by type. Each workload of each store runs in its own process.\n"
     );
     let _ = writeln!(w, "- **eventlog**: `Store::open` with `Options::default()` (`Durability::Sync`: each append is `fdatasync`ed before it returns; concurrent appenders share one `fdatasync`). Batched: one `append_batch` of 1,000 single-event `AppendRequest`s to random aggregates, `ExpectedVersion::Any`. Single-event: `append` from each thread. Reads: `read_aggregate`, `read_type`, `read_all`, decoding every event with `StoredEvent::event()` (zero-copy). The index (sled) is derived from the log and caught up at open, so it is not synced per append: the log is the durable truth.");
-    let _ = writeln!(w, "- **SQLite** (rusqlite {}, bundled SQLite {}): WAL journal, `synchronous=FULL` (the WAL is fsynced at every commit), other settings SQLite's defaults (4 KiB pages, 2 MB page cache, autocheckpoint at 1,000 pages). One table `events(seq INTEGER PRIMARY KEY, aggregate TEXT, version INTEGER, type TEXT, event_id BLOB(16), ts INTEGER, content_type INTEGER, payload BLOB, UNIQUE(aggregate, version))` and an index on `(type, seq)`. The version is computed in the INSERT (`COALESCE(MAX(version),0)+1` from the unique index). Batched: one `BEGIN IMMEDIATE` transaction per 1,000 events. Single-event: one transaction per event, one connection per thread, `busy_timeout` 120 s. Reads: prepared statements, every column read (text as &str, blobs borrowed).", "0.37", rusqlite::version());
+    let _ = writeln!(w, "- **SQLite** (rusqlite 0.37, bundled SQLite {}): WAL journal, `synchronous=FULL` (the WAL is fsynced at every commit), other settings SQLite's defaults (4 KiB pages, 2 MB page cache, autocheckpoint at 1,000 pages). One table `events(seq INTEGER PRIMARY KEY, aggregate TEXT, version INTEGER, type TEXT, event_id BLOB(16), ts INTEGER, content_type INTEGER, payload BLOB, UNIQUE(aggregate, version))` and an index on `(type, seq)`. The version is computed in the INSERT (`COALESCE(MAX(version),0)+1` from the unique index). Batched: one `BEGIN IMMEDIATE` transaction per 1,000 events. Single-event: one transaction per event, one connection per thread, `busy_timeout` 120 s. Reads: prepared statements, every column read (text as &str, blobs borrowed).", rusqlite::version());
     let _ = writeln!(w, "- **sled 0.34** with its default configuration, used directly as an event store: trees `events` (seq → event bytes), `by_agg` ((aggregate, version) → seq), `by_type` ((type, seq) → ()), `latest` (aggregate → version, and the next seq). One append is one multi-tree transaction (atomic across trees and aggregates), taken under a process mutex (the next-seq key would make concurrent optimistic transactions conflict and retry), then `Db::flush()` (writes and fsyncs sled's log) before returning; concurrent appenders flush outside the mutex and share flushes. Reads: prefix scans of `by_agg` / `by_type`, a `get` per event, decoding each.");
     let _ = writeln!(w, "- **raw**: the limit. eventlog's own bytes (its event encoding in its record framing, produced by a scratch eventlog store) written with one `write(2)` per append to a fresh file and one `fdatasync` per append. Batched: one write + fdatasync per 1,000 records (only the write and fdatasync are timed). Single-event: a naive group commit over one file (appenders frame into a shared buffer; whoever finds no write in progress writes the whole buffer with one write(2) + one fdatasync). Replay: read(2) of the file in 4 MiB chunks, crc32 of every record checked and its event decoded. Raw has no indexes, so no aggregate or type reads, and no reopen.");
     let _ = writeln!(w, "- **Interval** (extra line in Details): eventlog `Durability::Interval {{ sync_interval_ms: {0} }}`, SQLite `synchronous=NORMAL` (WAL synced only at checkpoints), sled without `flush()` (its default background flush every {0} ms), raw without fdatasync and a background fdatasync every {0} ms. A process crash loses nothing in any of them; a power loss may lose the last interval.", stores::INTERVAL_MS);

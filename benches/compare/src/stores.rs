@@ -588,7 +588,7 @@ pub fn read_staged(stage_dir: &Path) -> Staged {
 
 /// Writes staged records: frames `payloads` (eventlog-encoded events) in appends of
 /// `batch`, the last record of each flagged as the end of its append, as the log does.
-pub fn write_staged<'a>(
+pub fn write_staged(
     stage_dir: &Path,
     payloads: impl Iterator<Item = Vec<u8>>,
     batch: usize,
