@@ -166,7 +166,7 @@ fn reference_decode(buf: &[u8], max: u32) -> Decoded {
         seq: le_u64(buf, 8),
         flags: buf[16],
         payload_len,
-        sync_offset: u32::from(buf[17]) | u32::from(buf[18]) << 8 | u32::from(buf[19]) << 16,
+        sync_offset: sync_offset_field(buf, 0),
     })
 }
 
@@ -257,7 +257,7 @@ fn check_scan(buf: &[u8], start: usize, first_seq: u64, max: u32, scan: &Scan, v
         let Decoded::Record(h) = decode(&buf[at..], max) else {
             panic!("offset {at} is in the table of valid records but does not decode");
         };
-        let offset = u64::from(le_u32(buf, at + 16) >> 8);
+        let offset = u64::from(sync_offset_field(buf, at));
         let unsynced_then = h.seq > seq
             && offset < 0xFF_FFFF
             && h.seq.checked_sub(offset).is_some_and(|first| first <= seq);
@@ -670,7 +670,7 @@ fn check_segment_files(dir: &Path, records: &[Option<Vec<u8>>], strict: bool) {
                     "record {seq} was returned but its checksum is bad"
                 );
                 let mut again = Vec::with_capacity(total);
-                let sync_offset = u64::from(le_u32(framed, 16) >> 8);
+                let sync_offset = u64::from(sync_offset_field(framed, 0));
                 encode_into(&mut again, seq, framed[16], sync_offset, payload);
                 assert_eq!(again, framed, "record {seq} bytes");
             }
@@ -1608,6 +1608,12 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// The sync offset of the record at `at`: header bytes 17..20, a u24 little endian (read
+/// here from the format description, not by the decoder under test).
+fn sync_offset_field(b: &[u8], at: usize) -> u32 {
+    u32::from(b[at + 17]) | u32::from(b[at + 18]) << 8 | u32::from(b[at + 19]) << 16
 }
 
 fn le_u32(b: &[u8], at: usize) -> u32 {

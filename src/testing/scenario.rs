@@ -1033,10 +1033,8 @@ impl<'c> Sim<'c> {
         let store = match Store::open_with_storage(self.disk.clone(), dir, self.options.clone()) {
             Ok(s) => s,
             // Under `Sync`, every crash recovers on its own, also when the pages of the
-            // last write landed out of order (docs/FORMAT.md): a refusal is a bug.
-            Err(e @ crate::store::OpenError::Log(crate::log::OpenError::Corrupt { .. })) => {
-                return Err(format!("open refused the log after a crash: {e}"));
-            }
+            // last write landed out of order (docs/FORMAT.md): a refusal (`Corrupt`) is a
+            // bug like any other failed reopen.
             Err(e) => return Err(format!("reopen failed: {e}")),
         };
         if first {

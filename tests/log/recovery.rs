@@ -134,14 +134,20 @@ fn the_recovery_point_follows_the_synced_end_so_a_crash_verifies_at_most_a_step(
     }
 }
 
-#[test]
-fn clean_close_leaves_nothing_to_verify_and_crash_verifies_only_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), small_options());
-    for seq in 0..2000 {
+/// Writes a log in `dir` (small options): records `0..count` of `payload_for(seq, 100)`,
+/// one append each; then closes it.
+fn write_records(dir: &std::path::Path, count: u64) {
+    let log = open(dir, small_options());
+    for seq in 0..count {
         log.append(&[payload_for(seq, 100)]).unwrap();
     }
     drop(log);
+}
+
+#[test]
+fn clean_close_leaves_nothing_to_verify_and_crash_verifies_only_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), 2000);
     let log = open(dir.path(), small_options());
     assert_eq!(
         log.recovery_report().verified_bytes,
@@ -175,11 +181,7 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
 #[test]
 fn bit_flip_in_sealed_segment_is_reported_and_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), small_options());
-    for seq in 0..3000 {
-        log.append(&[payload_for(seq, 100)]).unwrap();
-    }
-    drop(log);
+    write_records(dir.path(), 3000);
     let segs = segment_files(dir.path());
     assert!(segs.len() >= 3);
     // Record 10 of the first segment: header 32 bytes, then 120-byte records.
@@ -250,11 +252,7 @@ fn damage_before_valid_records_in_last_segment_is_refused_then_repaired_with_a_c
 #[test]
 fn repair_of_damaged_sealed_segment_quarantines_later_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), small_options());
-    for seq in 0..3000 {
-        log.append(&[payload_for(seq, 100)]).unwrap();
-    }
-    drop(log);
+    write_records(dir.path(), 3000);
     let segs = segment_files(dir.path());
     std::fs::remove_file(segs[1].with_extension("idx")).unwrap();
     let per_segment = (64 * 1024 - 32) / framed_len(100) as u64;
@@ -304,11 +302,7 @@ fn sync_offsets(seg: &std::path::Path) -> Vec<u32> {
 #[test]
 fn a_format_1_segment_is_read_and_appended_to_without_sync_offsets() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), small_options());
-    for seq in 0..3 {
-        log.append(&[payload_for(seq, 100)]).unwrap();
-    }
-    drop(log);
+    write_records(dir.path(), 3);
     // What an older build left: a format 1 header (single-record appends under `Sync`
     // have offset 0 anyway, as format 1 requires).
     let seg = segment_files(dir.path()).pop().unwrap();
