@@ -338,6 +338,11 @@ struct Inner {
     segments: RwLock<Vec<Arc<Segment>>>,
     /// Seqs below this are readable.
     visible_next: AtomicU64,
+    /// `WriterState::acked_next`, readable without the writer lock: stored after the
+    /// group below it was published (to readers and to the commit observer).
+    acked_next: AtomicU64,
+    /// `WriterState::epoch`, readable without the writer lock.
+    epoch: AtomicU64,
     /// Seqs below this are durable (synced). Moved only by [`Inner::fsync`], under the
     /// `active` lock; an atomic so that framing can read it without that lock: outside
     /// `Sync` it is the sync mark of the records framed now (see [`record`]).
@@ -487,6 +492,8 @@ impl Log {
             log_dir,
             segments: RwLock::new(recovered.segments),
             visible_next: AtomicU64::new(next_seq),
+            acked_next: AtomicU64::new(next_seq),
+            epoch: AtomicU64::new(0),
             // Recovery synced what it kept.
             durable_next: AtomicU64::new(next_seq),
             active_has_sync_marks: std::sync::atomic::AtomicBool::new(last.has_sync_marks),
@@ -585,7 +592,90 @@ impl Log {
     /// [`AppendError::DiskFull`] (nothing stored; retry after freeing space);
     /// [`AppendError::Poisoned`] after an earlier fsync or write failure; [`AppendError::Io`].
     pub fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
-        self.inner.append(payloads)
+        let mut w = self.inner.writer.lock();
+        let framed = self.inner.frame(&mut w, payloads, None)?;
+        self.inner.wait_acked(&mut w, framed)
+    }
+
+    /// The first half of [`Log::append`]: frames `payloads` into the next group commit and
+    /// returns their seqs without waiting for the group to be written. Finish with
+    /// [`Log::wait_appended`], which says whether the records were stored.
+    ///
+    /// Lets a caller that must keep appends in order (the store, per aggregate) let the
+    /// next append go as soon as this one has its seqs, instead of after its `fdatasync`.
+    /// With `epoch` set, frames only if no write failed since [`Log::epoch`] returned it:
+    /// a caller that read the seqs of appends in flight then knows they are not handed out
+    /// again (a failure takes back every seq not yet acknowledged).
+    ///
+    /// # Errors
+    /// As [`Log::append`]; if the epoch has moved on, the failure that moved it.
+    ///
+    /// # Examples
+    /// ```
+    /// use eventlog::log::{Log, LogOptions};
+    /// let dir = tempfile::tempdir()?;
+    /// let log = Log::open(dir.path(), LogOptions::default())?;
+    /// let framed = log.append_framed(&[b"first"], Some(log.epoch()))?;
+    /// assert_eq!(framed.seqs(), 0..1);
+    /// assert_eq!(log.wait_appended(framed)?, 0..1);
+    /// assert_eq!(log.acked_next(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn append_framed<P: AsRef<[u8]>>(
+        &self,
+        payloads: &[P],
+        epoch: Option<u64>,
+    ) -> Result<FramedAppend, AppendError> {
+        let mut w = self.inner.writer.lock();
+        self.inner.frame(&mut w, payloads, epoch)
+    }
+
+    /// Waits until the append framed by [`Log::append_framed`] is acknowledged (durable as
+    /// the log's [`Durability`] promises) or has failed. Returns its seqs.
+    ///
+    /// # Errors
+    /// As [`Log::append`]: the failure of the write or sync that took the records back.
+    pub fn wait_appended(&self, framed: FramedAppend) -> Result<Range<u64>, AppendError> {
+        let mut w = self.inner.writer.lock();
+        self.inner.wait_acked(&mut w, framed)
+    }
+
+    /// Seqs below this are acknowledged: durable under [`Durability::Sync`], written
+    /// otherwise, and in either case published to readers and to the commit observer.
+    pub fn acked_next(&self) -> u64 {
+        self.inner.acked_next.load(Ordering::Acquire)
+    }
+
+    /// Waits until seq `seq` is acknowledged, or a write failure has moved the log past
+    /// `epoch` (so `seq` was acknowledged before it or never will be), or `timeout`
+    /// passes. Returns whether one of the first two happened. Woken by group commits.
+    pub fn wait_settled(&self, seq: u64, epoch: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut w = self.inner.writer.lock();
+        loop {
+            if w.acked_next > seq || w.epoch != epoch {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            self.inner
+                .writer_cv
+                .wait_for(&mut w, (deadline - now).min(COMMIT_WAIT_SLICE));
+        }
+    }
+
+    /// The next seq to hand out: above [`Log::acked_next`] while appends are framed and
+    /// not yet acknowledged. For diagnostics and tests; takes the writer lock.
+    pub fn framed_next(&self) -> u64 {
+        self.inner.writer.lock().next_seq
+    }
+
+    /// Counts the write failures so far: each one takes back every seq handed out and not
+    /// yet acknowledged (see [`Log::append_framed`]).
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
     }
 
     /// Registers the [`CommitObserver`] told about every later commit. At most one per log.
@@ -811,7 +901,13 @@ impl Drop for Log {
 }
 
 impl Inner {
-    fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
+    /// Frames `payloads` into the pending group (see [`Log::append_framed`]).
+    fn frame<P: AsRef<[u8]>>(
+        &self,
+        w: &mut parking_lot::MutexGuard<'_, WriterState>,
+        payloads: &[P],
+        epoch: Option<u64>,
+    ) -> Result<FramedAppend, AppendError> {
         let count = payloads.len();
         if count == 0 || count > self.options.batch_records_max {
             return Err(AppendError::BadBatchSize {
@@ -837,7 +933,6 @@ impl Inner {
             });
         }
 
-        let mut w = self.writer.lock();
         if let Some(cause) = &w.poisoned {
             return Err(AppendError::Poisoned {
                 cause: cause.clone(),
@@ -845,6 +940,11 @@ impl Inner {
         }
         if w.closed {
             return Err(AppendError::Closed);
+        }
+        if let Some(epoch) = epoch {
+            if w.epoch != epoch {
+                return Err(failure_for(w, epoch));
+            }
         }
         let first = w.next_seq;
         if w.pending.is_empty() {
@@ -887,25 +987,35 @@ impl Inner {
             self.gather_cv.notify_one();
         }
         w.next_seq = first + count as u64;
-        let ticket = w.next_seq;
-        let epoch = w.epoch;
+        Ok(FramedAppend {
+            seqs: first..w.next_seq,
+            epoch: w.epoch,
+        })
+    }
 
+    /// Leads group commits or waits for them until `framed` is acknowledged or failed.
+    fn wait_acked(
+        &self,
+        w: &mut parking_lot::MutexGuard<'_, WriterState>,
+        framed: FramedAppend,
+    ) -> Result<Range<u64>, AppendError> {
+        let FramedAppend { seqs, epoch } = framed;
         loop {
             if w.epoch != epoch {
-                return Err(failure_for(&w, epoch));
+                return Err(failure_for(w, epoch));
             }
-            if w.acked_next >= ticket {
-                return Ok(first..ticket);
+            if w.acked_next >= seqs.end {
+                return Ok(seqs);
             }
             if !w.leader_active {
                 w.leader_active = true;
-                self.gather(&mut w);
-                self.lead(&mut w);
+                self.gather(w);
+                self.lead(w);
                 w.leader_active = false;
                 self.writer_cv.notify_all();
                 continue;
             }
-            self.writer_cv.wait_for(&mut w, COMMIT_WAIT_SLICE);
+            self.writer_cv.wait_for(w, COMMIT_WAIT_SLICE);
         }
     }
 
@@ -939,6 +1049,7 @@ impl Inner {
             self.write_group(&mut active, &bytes, &lens, &batches, first_seq)
         });
         w.acked_next = w.acked_next.max(outcome.acked_next);
+        self.acked_next.store(w.acked_next, Ordering::Release);
         if let Some(kind) = outcome.failure {
             // Everything not acknowledged fails: the seqs handed out after `acked_next`
             // are taken back, so the log stays dense.
@@ -946,6 +1057,7 @@ impl Inner {
                 w.poisoned = Some(cause.clone());
             }
             w.epoch += 1;
+            self.epoch.store(w.epoch, Ordering::Release);
             let epoch = w.epoch;
             w.failures.push_back((epoch, kind));
             if w.failures.len() > FAILURES_REMEMBERED_MAX {
@@ -1535,6 +1647,21 @@ impl Inner {
 struct GroupOutcome {
     acked_next: u64,
     failure: Option<FailKind>,
+}
+
+/// An append framed by [`Log::append_framed`] and not yet waited for.
+#[derive(Debug)]
+#[must_use = "the append is not known to be stored until `Log::wait_appended` says so"]
+pub struct FramedAppend {
+    seqs: Range<u64>,
+    epoch: u64,
+}
+
+impl FramedAppend {
+    /// The seqs the records will have if they are stored.
+    pub fn seqs(&self) -> Range<u64> {
+        self.seqs.clone()
+    }
 }
 
 fn failure_for(w: &WriterState, epoch: u64) -> AppendError {

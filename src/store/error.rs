@@ -85,6 +85,17 @@ pub enum AppendError {
         /// Where it is used.
         version: u64,
     },
+    /// An earlier append to the aggregate, still being written, has not been
+    /// acknowledged or failed within `Options::append_timeout_ms`. This append carries
+    /// event ids, so whether it retries that one can only be decided once it has. Retry
+    /// later.
+    #[error("aggregate {aggregate_id}: an earlier append is still being written after {waited_ms} ms; retry later")]
+    EarlierAppendPending {
+        /// The aggregate.
+        aggregate_id: String,
+        /// How long this append waited.
+        waited_ms: u64,
+    },
     /// The index fell behind by more than `IndexOptions::lag_events_max` and did not catch
     /// up within `Options::append_timeout_ms`. Retry later.
     #[error("index is {lag_events} events behind and did not catch up in time{}", cause.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]

@@ -5,9 +5,12 @@
 //! atomically through the log's group commit. Reads go through the index to seqs and then
 //! to the log's memory maps; every event read is checked against what the index claimed.
 //!
-//! Concurrency: appends to the same aggregate are serialized by a striped lock held from
-//! the version check until the log acknowledged the write and the index memtable has it;
-//! appends to different aggregates run in parallel and share `fdatasync`s.
+//! Concurrency: appends to the same aggregate are serialized by a striped lock taken for
+//! the version check and held until the events are framed in the log; appends to
+//! different aggregates run in parallel and share `fdatasync`s. With other appends
+//! running, an append lets go of its stripes once framed, so the next append to the same
+//! aggregate joins the same or the next group commit instead of waiting for this one's
+//! `fdatasync` (see `Stripe`). Such an append fails if the one before it does.
 
 mod codec;
 mod error;
@@ -32,6 +35,7 @@ use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -135,6 +139,63 @@ pub struct Appended {
     pub last_seq: u64,
     /// The aggregate's version after the append.
     pub last_version: u64,
+}
+
+/// Entries a stripe's in-flight map holds before the settled ones are swept out: a small
+/// map stays cheap to keep, and its stale entries cost nothing but memory (see [`Stripe`]).
+const IN_FLIGHT_SWEEP_AT: usize = 64;
+
+/// One append lock stripe, and the aggregates of its stripe whose last append let go of
+/// the lock before the log acknowledged it.
+///
+/// An append holds the stripes of its aggregates from its version checks until its
+/// records are framed in the log. When no other append is running it keeps them until the
+/// log has acknowledged the records (and the index has them): the next append then reads
+/// the aggregates' versions from the index. Otherwise it lets them go as soon as it is
+/// framed, and leaves here each aggregate's version and last seq, so that the next
+/// append to it can frame into the same or the next group commit instead of waiting for
+/// this one's `fdatasync`. An entry counts while its append is undecided: until the log
+/// acknowledges its last seq, or a failed write takes back every seq not yet
+/// acknowledged (the log's epoch moves on; an append that used the entry then fails to
+/// frame, since it framed in an epoch that ended). Settled entries are ignored, and swept
+/// out when the map grows past [`IN_FLIGHT_SWEEP_AT`].
+#[derive(Debug, Default)]
+struct Stripe {
+    in_flight: HashMap<Box<str>, InFlight>,
+}
+
+/// Where an aggregate stands after an append that is framed and not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    version: u64,
+    last_seq: u64,
+    /// The log's epoch the append was framed in.
+    epoch: u64,
+}
+
+impl InFlight {
+    /// Whether the append is still undecided, for an appender that read the log's `epoch`
+    /// and then its `acked_next`. (A failure in between leaves it looking undecided; the
+    /// appender's framing then fails on the epoch.)
+    fn is_undecided(&self, epoch: u64, acked_next: u64) -> bool {
+        self.epoch == epoch && self.last_seq >= acked_next
+    }
+}
+
+/// Counts an append in [`Inner::appends_running`] while it lives.
+struct RunningAppend<'a>(&'a AtomicUsize);
+
+impl<'a> RunningAppend<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        RunningAppend(count)
+    }
+}
+
+impl Drop for RunningAppend<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where an aggregate's newest event is while an append is being prepared.
@@ -310,7 +371,10 @@ struct Inner {
     log: Log,
     index: Index,
     options: Options,
-    stripes: Box<[Mutex<()>]>,
+    stripes: Box<[Mutex<Stripe>]>,
+    /// Appends past their checks and not yet returned: with more than one, an append lets
+    /// go of its stripes once framed (see [`Stripe`]).
+    appends_running: AtomicUsize,
     report: OpenReport,
     plugins: Plugins,
     metrics: StoreMetrics,
@@ -524,7 +588,10 @@ impl Store {
                 log,
                 index,
                 options,
-                stripes: (0..APPEND_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+                stripes: (0..APPEND_LOCK_STRIPES)
+                    .map(|_| Mutex::new(Stripe::default()))
+                    .collect(),
+                appends_running: AtomicUsize::new(0),
                 report,
                 plugins: Plugins::new(plugins),
                 metrics: StoreMetrics::default(),
@@ -562,11 +629,16 @@ impl Store {
     /// Retrying an append whose events all carry ids, after it succeeded (say the caller
     /// timed out), returns the original [`Appended`] and stores nothing.
     ///
+    /// `expected` is checked against the aggregate's last append, also one that another
+    /// thread has framed and the log not yet made durable: this append then joins the
+    /// same or the next group commit, and fails if that one does.
+    ///
     /// # Errors
     /// [`AppendError::WrongExpectedVersion`], [`AppendError::InvalidName`],
     /// [`AppendError::PayloadTooLarge`], [`AppendError::BadEventCount`],
     /// [`AppendError::DuplicateEventId`], [`AppendError::IndexBehind`],
-    /// [`AppendError::Log`] (disk full, poisoned, I/O). Nothing is stored on error.
+    /// [`AppendError::EarlierAppendPending`], [`AppendError::Log`] (disk full, poisoned,
+    /// I/O). Nothing is stored on error.
     pub fn append(
         &self,
         aggregate_id: &str,
@@ -735,12 +807,51 @@ impl Store {
             });
         }
 
-        let mut stripes: Vec<usize> = requests.iter().map(|r| stripe_of(r.aggregate_id)).collect();
+        let _running = RunningAppend::enter(&inner.appends_running);
+        let request_stripes: Vec<usize> =
+            requests.iter().map(|r| stripe_of(r.aggregate_id)).collect();
+        let mut stripes = request_stripes.clone();
         stripes.sort_unstable();
         stripes.dedup();
-        // Locks are taken in stripe order, so two batches cannot deadlock.
-        let _guards: Vec<MutexGuard<'_, ()>> =
-            stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
+        // Which of `guards` holds request `ri`'s stripe.
+        let guard_of = |ri: usize| stripes.partition_point(|&s| s < request_stripes[ri]);
+        let deadline = Instant::now() + timeout;
+        let (mut guards, epoch, in_flight) = loop {
+            // Locks are taken in stripe order, so two batches cannot deadlock.
+            let guards: Vec<MutexGuard<'_, Stripe>> =
+                stripes.iter().map(|&s| inner.stripes[s].lock()).collect();
+            // The epoch first: see `InFlight::is_undecided`.
+            let epoch = inner.log.epoch();
+            let acked_next = inner.log.acked_next();
+            let in_flight: Vec<Option<InFlight>> = requests
+                .iter()
+                .enumerate()
+                .map(|(ri, r)| {
+                    guards[guard_of(ri)]
+                        .in_flight
+                        .get(r.aggregate_id)
+                        .filter(|f| f.is_undecided(epoch, acked_next))
+                        .copied()
+                })
+                .collect();
+            // Events with ids may retry an append, which must be stored (or have failed)
+            // before this one can tell: wait for the aggregate's undecided one, unlocked.
+            let undecided = requests.iter().zip(&in_flight).find_map(|(r, f)| {
+                f.filter(|_| r.events.iter().any(|e| e.event_id.is_some()))
+                    .map(|f| (r.aggregate_id, f))
+            });
+            let Some((aggregate_id, f)) = undecided else {
+                break (guards, epoch, in_flight);
+            };
+            drop(guards);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !inner.log.wait_settled(f.last_seq, f.epoch, left) {
+                return Err(AppendError::EarlierAppendPending {
+                    aggregate_id: aggregate_id.to_string(),
+                    waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+        };
 
         let now = now_us();
         // Where each aggregate touched by this append stands: its version, and where its
@@ -761,9 +872,25 @@ impl Store {
         // then taken from `heads`): the lookups overlap their cache misses.
         // Seeded (one random UUID) only if some event comes without an id.
         let mut generated_ids: Option<event::GeneratedIds> = None;
-        let names: Vec<&str> = requests.iter().map(|r| r.aggregate_id).collect();
-        let mut latest = Vec::with_capacity(requests.len());
-        inner.index.latest_for_append_many(&names, &mut latest)?;
+        // The index answers for the aggregates with no undecided append (the index may be
+        // answering for those while their group commits).
+        let names: Vec<&str> = requests
+            .iter()
+            .zip(&in_flight)
+            .filter(|(_, f)| f.is_none())
+            .map(|(r, _)| r.aggregate_id)
+            .collect();
+        let mut indexed = Vec::with_capacity(names.len());
+        inner.index.latest_for_append_many(&names, &mut indexed)?;
+        debug_assert_eq!(indexed.len(), names.len(), "one answer per aggregate asked");
+        let mut indexed = indexed.into_iter();
+        let latest: Vec<Option<(u64, u64)>> = in_flight
+            .iter()
+            .map(|f| match f {
+                Some(f) => Some((f.version, f.last_seq)),
+                None => indexed.next().flatten(),
+            })
+            .collect();
         for (ri, r) in requests.iter().enumerate() {
             let (current, mut tail) = match heads.get(r.aggregate_id) {
                 Some(&h) => h,
@@ -840,7 +967,35 @@ impl Store {
                     p
                 })
                 .collect();
-            let seqs = inner.log.append(&payloads)?;
+            let framed = inner.log.append_framed(&payloads, Some(epoch))?;
+            if inner.appends_running.load(Ordering::Relaxed) > 1 {
+                let seqs = framed.seqs();
+                for &(ri, first, count, last_version) in &placed {
+                    let aggregate_id = requests[ri].aggregate_id;
+                    let entry = InFlight {
+                        version: last_version,
+                        last_seq: seqs.start + (first + count) as u64 - 1,
+                        epoch,
+                    };
+                    let map = &mut guards[guard_of(ri)].in_flight;
+                    match map.get_mut(aggregate_id) {
+                        Some(old) => *old = entry,
+                        None => {
+                            map.insert(aggregate_id.into(), entry);
+                        }
+                    }
+                }
+                let (epoch_now, acked_now) = (inner.log.epoch(), inner.log.acked_next());
+                for guard in guards.iter_mut() {
+                    if guard.in_flight.len() > IN_FLIGHT_SWEEP_AT {
+                        guard
+                            .in_flight
+                            .retain(|_, f| f.is_undecided(epoch_now, acked_now));
+                    }
+                }
+                drop(guards);
+            }
+            let seqs = inner.log.wait_appended(framed)?;
             for (ri, first, count, last_version) in placed {
                 results[ri] = Some((
                     Appended {

@@ -119,6 +119,8 @@ pub struct FullDisk {
     pub full: Arc<AtomicBool>,
     /// While set, every fdatasync fails with EIO.
     pub fsync_fails: Arc<AtomicBool>,
+    /// While closed, every fdatasync waits for it to open (see [`SyncGate`]).
+    pub sync_gate: Arc<SyncGate>,
     /// Whether the log may treat it as the real file system (its commit helper and
     /// preallocation thread run only there); by default it does not.
     pub real_fs: bool,
@@ -129,6 +131,54 @@ struct FullDiskFile {
     file: Arc<dyn StorageFile>,
     full: Arc<AtomicBool>,
     fsync_fails: Arc<AtomicBool>,
+    sync_gate: Arc<SyncGate>,
+}
+
+/// Holds fdatasyncs while closed, so a test can keep a group commit in flight and look
+/// at what other appends do meanwhile. Opens by itself after [`SyncGate::HOLD_MAX`], so a
+/// failing test cannot hang.
+#[derive(Debug, Default)]
+pub struct SyncGate {
+    /// (closed, syncs waiting)
+    state: std::sync::Mutex<(bool, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl SyncGate {
+    pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub fn close(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `count` syncs are held; false if that takes longer than 10 s.
+    pub fn wait_held(&self, count: usize) -> bool {
+        let st = self.state.lock().unwrap();
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, std::time::Duration::from_secs(10), |st| st.1 < count)
+            .unwrap();
+        st.1 >= count
+    }
+
+    fn pass(&self) {
+        let mut st = self.state.lock().unwrap();
+        if !st.0 {
+            return;
+        }
+        st.1 += 1;
+        self.cv.notify_all();
+        let (mut st, _) = self
+            .cv
+            .wait_timeout_while(st, Self::HOLD_MAX, |st| st.0)
+            .unwrap();
+        st.1 -= 1;
+    }
 }
 
 /// ENOSPC on Linux ("No space left on device").
@@ -154,6 +204,7 @@ impl Storage for FullDisk {
             file,
             full: self.full.clone(),
             fsync_fails: self.fsync_fails.clone(),
+            sync_gate: self.sync_gate.clone(),
         }))
     }
     fn exists(&self, path: &Path) -> io::Result<bool> {
@@ -193,6 +244,7 @@ impl StorageFile for FullDiskFile {
         self.file.write_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
+        self.sync_gate.pass();
         if self.fsync_fails.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5));
         }

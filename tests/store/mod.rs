@@ -1,4 +1,5 @@
 mod api;
 mod crash;
 mod ids;
+mod in_flight;
 mod model;

@@ -1,0 +1,267 @@
+//! Appends behind an undecided append to the same aggregate: framed while it is synced,
+//! failed with it, and retries of it recognized only once it is decided.
+//!
+//! A [`SyncGate`] holds the group commit of an append to another aggregate ("z") in its
+//! `fdatasync`, so that the store runs more than one append and lets go of an aggregate's
+//! lock as soon as its append is framed.
+
+use crate::common::{history, store_options, FullDisk, SyncGate};
+use eventlog::store::{
+    AppendError, AppendRequest, Appended, ExpectedVersion, NewEvent, Options, Store,
+};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+fn ev(data: &str) -> NewEvent {
+    NewEvent::binary("T", data.as_bytes().to_vec())
+}
+
+fn open_gated(dir: &std::path::Path, options: Options) -> (Store, Arc<FullDisk>) {
+    let storage = Arc::new(FullDisk {
+        real_fs: true,
+        ..FullDisk::default()
+    });
+    let store = Store::open_with_storage(storage.clone(), dir, options).unwrap();
+    (store, storage)
+}
+
+fn spawn_append(
+    store: &Store,
+    aggregate_id: &str,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> JoinHandle<Result<Appended, AppendError>> {
+    let store = store.clone();
+    let aggregate_id = aggregate_id.to_string();
+    std::thread::spawn(move || store.append(&aggregate_id, expected, &events))
+}
+
+/// Waits until the log has handed out seqs below `next`; false after 10 s.
+fn framed(store: &Store, next: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.log().framed_next() < next {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// Starts an append to "z" and waits until its group commit is held in the gate.
+fn hold_a_group(store: &Store, gate: &SyncGate) -> JoinHandle<Result<Appended, AppendError>> {
+    gate.close();
+    let held = spawn_append(store, "z", ExpectedVersion::Any, vec![ev("z")]);
+    assert!(
+        gate.wait_held(1),
+        "the append to z never reached its fdatasync"
+    );
+    held
+}
+
+fn payloads(store: &Store, aggregate_id: &str) -> Vec<(u64, Vec<u8>)> {
+    history(store, aggregate_id)
+        .into_iter()
+        .map(|(version, _, _, payload)| (version, payload))
+        .collect()
+}
+
+#[test]
+fn an_append_frames_while_the_previous_append_to_its_aggregate_is_being_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, storage) = open_gated(dir.path(), store_options());
+    let gate = &storage.sync_gate;
+    let z = hold_a_group(&store, gate);
+    let first = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("a")]);
+    assert!(framed(&store, 2), "the first append to x was not framed");
+    // Expects the version of an append that is framed, not yet stored.
+    let second = spawn_append(
+        &store,
+        "x",
+        ExpectedVersion::Exact(1),
+        vec![ev("b1"), ev("b2")],
+    );
+    let framed_behind = framed(&store, 4);
+    gate.open();
+    assert!(
+        framed_behind,
+        "the second append to x waited for the first one's fdatasync to frame"
+    );
+    assert_eq!(z.join().unwrap().unwrap().first_seq, 0);
+    let first = first.join().unwrap().unwrap();
+    let second = second.join().unwrap().unwrap();
+    assert_eq!((first.first_seq, first.last_version), (1, 1));
+    assert_eq!(
+        (second.first_seq, second.last_seq, second.last_version),
+        (2, 3, 3)
+    );
+    let wanted = vec![(1, b"a".to_vec()), (2, b"b1".to_vec()), (3, b"b2".to_vec())];
+    // Read through the back pointers from the newest event: the second append's first
+    // event points at the first append's seq, learned while it was in flight.
+    assert_eq!(payloads(&store, "x"), wanted);
+    assert!(store.verify(|_, _| {}).unwrap().is_clean());
+    drop(store);
+    let store = Store::open(dir.path(), store_options()).unwrap();
+    assert_eq!(payloads(&store, "x"), wanted);
+    assert!(store.verify(|_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn appends_framed_behind_a_failed_sync_fail_with_it_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, storage) = open_gated(dir.path(), store_options());
+    store
+        .append("x", ExpectedVersion::NoStream, &[ev("kept")])
+        .unwrap();
+    let z = hold_a_group(&store, &storage.sync_gate);
+    let first = spawn_append(&store, "x", ExpectedVersion::Exact(1), vec![ev("lost-1")]);
+    assert!(framed(&store, 3));
+    let second = spawn_append(&store, "x", ExpectedVersion::Exact(2), vec![ev("lost-2")]);
+    let framed_behind = framed(&store, 4);
+    storage
+        .fsync_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    storage.sync_gate.open();
+    assert!(
+        framed_behind,
+        "the second append did not frame behind the first"
+    );
+    for (name, outcome) in [
+        ("z", z.join().unwrap()),
+        ("first", first.join().unwrap()),
+        ("second", second.join().unwrap()),
+    ] {
+        assert!(
+            matches!(outcome, Err(AppendError::Log(_))),
+            "{name}: {outcome:?}"
+        );
+    }
+    // Nothing of the failed group is visible, now or after reopening.
+    assert_eq!(payloads(&store, "x"), vec![(1, b"kept".to_vec())]);
+    drop(store);
+    let store = Store::open(dir.path(), store_options()).unwrap();
+    assert_eq!(payloads(&store, "x"), vec![(1, b"kept".to_vec())]);
+    assert_eq!(store.aggregate_version("z").unwrap(), 0);
+    let next = store
+        .append("x", ExpectedVersion::Exact(1), &[ev("next")])
+        .unwrap();
+    assert_eq!((next.first_seq, next.last_version), (1, 2));
+    assert!(store.verify(|_, _| {}).unwrap().is_clean());
+}
+
+#[test]
+fn a_retry_of_an_undecided_append_waits_for_it_and_then_returns_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = store_options();
+    options.append_timeout_ms = 300;
+    let (store, storage) = open_gated(dir.path(), options);
+    let ids = [Uuid::from_u128(7), Uuid::from_u128(8)];
+    let events = || -> Vec<NewEvent> {
+        ids.iter()
+            .map(|&id| ev(&id.to_string()).with_id(id))
+            .collect()
+    };
+    let z = hold_a_group(&store, &storage.sync_gate);
+    let original = spawn_append(&store, "x", ExpectedVersion::NoStream, events());
+    assert!(framed(&store, 3));
+    // While the original is held, a retry cannot tell whether it repeats a stored append:
+    // it waits, and gives up after the store's append timeout.
+    let retry = store.append("x", ExpectedVersion::NoStream, &events());
+    assert!(
+        matches!(&retry, Err(AppendError::EarlierAppendPending { aggregate_id, .. }) if aggregate_id == "x"),
+        "{retry:?}"
+    );
+    // A retry still waiting when the original is stored gets the original's result.
+    let waiting_retry = spawn_append(&store, "x", ExpectedVersion::NoStream, events());
+    storage.sync_gate.open();
+    z.join().unwrap().unwrap();
+    let original = original.join().unwrap().unwrap();
+    assert_eq!(waiting_retry.join().unwrap().unwrap(), original);
+    assert_eq!(
+        store
+            .append_batch(&[AppendRequest {
+                aggregate_id: "x",
+                expected: ExpectedVersion::NoStream,
+                events: &events(),
+            }])
+            .unwrap(),
+        vec![original]
+    );
+    assert_eq!(history(&store, "x").len(), 2, "the retries stored nothing");
+    assert_eq!(store.next_seq(), 3);
+}
+
+/// Batches from several threads over a few aggregates, so that most appends find an
+/// aggregate of theirs in flight: every history stays contiguous and every event stored.
+#[test]
+fn concurrent_batches_over_shared_aggregates_keep_every_history_contiguous() {
+    const THREADS: u64 = 4;
+    const BATCHES: u64 = 60;
+    const REQUESTS: u64 = 12;
+    const AGGREGATES: u64 = 9;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), store_options()).unwrap();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for b in 0..BATCHES {
+                    let names: Vec<String> = (0..REQUESTS)
+                        .map(|_| {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            format!("agg-{}", x % AGGREGATES)
+                        })
+                        .collect();
+                    let events: Vec<Vec<NewEvent>> = (0..REQUESTS)
+                        .map(|r| vec![ev(&format!("{t}:{b}:{r}"))])
+                        .collect();
+                    let requests: Vec<AppendRequest<'_>> = names
+                        .iter()
+                        .zip(&events)
+                        .map(|(name, events)| AppendRequest {
+                            aggregate_id: name,
+                            expected: ExpectedVersion::Any,
+                            events,
+                        })
+                        .collect();
+                    let results = store.append_batch(&requests).unwrap();
+                    // A request naming an aggregate an earlier one of the batch named
+                    // comes right after it.
+                    for (i, r) in results.iter().enumerate() {
+                        if let Some(j) = (0..i).rev().find(|&j| names[j] == names[i]) {
+                            assert_eq!(r.last_version, results[j].last_version + 1);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let check = |store: &Store| {
+        let mut total = 0;
+        for a in 0..AGGREGATES {
+            let h = history(store, &format!("agg-{a}"));
+            for (i, e) in h.iter().enumerate() {
+                assert_eq!(e.0, i as u64 + 1, "agg-{a}: versions contiguous");
+            }
+            assert!(
+                h.windows(2).all(|w| w[0].1 < w[1].1),
+                "agg-{a}: seqs increase"
+            );
+            total += h.len() as u64;
+        }
+        assert_eq!(total, THREADS * BATCHES * REQUESTS);
+        let report = store.verify(|_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    };
+    check(&store);
+    drop(store);
+    check(&Store::open(dir.path(), store_options()).unwrap());
+}
