@@ -174,3 +174,42 @@ fn disk_full_on_a_real_small_filesystem() {
     let log = Log::open(&dir, options).unwrap();
     assert_eq!(all_payloads(&log), stored);
 }
+
+/// A caller that read the log's epoch before a failed write (and perhaps the seqs of
+/// appends that failed with it) cannot frame on that reading: the seqs it saw are handed
+/// out again.
+#[test]
+fn a_framed_append_in_an_epoch_a_failure_ended_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(FullDisk::default());
+    let mut options = small_options();
+    options.preallocate_chunk_bytes = 0;
+    let log = Log::open_with_storage(storage.clone(), dir.path(), options).unwrap();
+    log.append(&[b"kept"]).unwrap();
+    let epoch = log.epoch();
+    let framed = log.append_framed(&[b"doomed"], Some(epoch)).unwrap();
+    assert_eq!(framed.seqs(), 1..2);
+    assert_eq!(log.framed_next(), 2);
+    assert!(
+        log.acked_next() <= 1,
+        "not acknowledged before it is written"
+    );
+    storage.full.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        log.wait_appended(framed),
+        Err(AppendError::DiskFull { .. })
+    ));
+    assert_eq!(log.epoch(), epoch + 1);
+    assert!(log.wait_settled(1, epoch, std::time::Duration::ZERO));
+    storage.full.store(false, Ordering::SeqCst);
+    // Seq 1 is free again: a stale reading of the log is refused with the failure...
+    assert!(matches!(
+        log.append_framed(&[b"stale"], Some(epoch)),
+        Err(AppendError::DiskFull { .. })
+    ));
+    // ... and a fresh one frames there.
+    let framed = log.append_framed(&[b"fresh"], Some(log.epoch())).unwrap();
+    assert_eq!(log.wait_appended(framed).unwrap(), 1..2);
+    assert_eq!(log.acked_next(), 2);
+    assert_eq!(log.read(1).unwrap().payload(), b"fresh");
+}

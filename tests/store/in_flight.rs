@@ -265,3 +265,95 @@ fn concurrent_batches_over_shared_aggregates_keep_every_history_contiguous() {
     drop(store);
     check(&Store::open(dir.path(), store_options()).unwrap());
 }
+
+/// Appends from several threads to shared aggregates while the disk fills and empties
+/// again: groups fail now and then, taking with them the appends framed behind theirs.
+/// Whatever failed stored nothing, whatever was acknowledged is there, and every history
+/// is contiguous, before and after reopening.
+#[test]
+fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const THREADS: u64 = 4;
+    const APPENDS: u64 = 150;
+    const AGGREGATES: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(FullDisk {
+        real_fs: true,
+        ..FullDisk::default()
+    });
+    let mut options = store_options();
+    // Every write grows the file, so a full disk fails it.
+    options.log.preallocate_chunk_bytes = 0;
+    let store = Store::open_with_storage(storage.clone(), dir.path(), options).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filler = {
+        let (storage, stop) = (storage.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(SeqCst) {
+                std::thread::sleep(Duration::from_micros(300 + flips % 7 * 200));
+                storage.full.store(flips % 3 == 0, SeqCst);
+                flips += 1;
+            }
+            storage.full.store(false, SeqCst);
+            flips
+        })
+    };
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let (mut acked, mut failed) = (Vec::new(), 0u64);
+                for n in 0..APPENDS {
+                    let aggregate_id = format!("agg-{}", (t + n) % AGGREGATES);
+                    let events: Vec<NewEvent> = (0..1 + n % 3)
+                        .map(|i| ev(&format!("{t}:{n}:{i}")))
+                        .collect();
+                    match store.append(&aggregate_id, ExpectedVersion::Any, &events) {
+                        Ok(a) => acked.push((aggregate_id, a, events.len())),
+                        Err(AppendError::Log(_)) => failed += 1,
+                        Err(e) => panic!("thread {t} append {n}: {e}"),
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    stop.store(true, SeqCst);
+    filler.join().unwrap();
+    let failed: u64 = results.iter().map(|r| r.1).sum();
+    let acked: Vec<&(String, Appended, usize)> = results.iter().flat_map(|r| &r.0).collect();
+    assert!(
+        failed > 0,
+        "no append failed: the test did not test failures"
+    );
+    assert!(acked.len() > 10, "only {} appends succeeded", acked.len());
+    let check = |store: &Store| {
+        let acked_events: u64 = acked.iter().map(|a| a.2 as u64).sum();
+        assert_eq!(
+            store.next_seq(),
+            acked_events,
+            "events stored = events acknowledged"
+        );
+        for (aggregate_id, a, count) in &acked {
+            assert_eq!(a.last_seq - a.first_seq + 1, *count as u64);
+            for (i, seq) in (a.first_seq..=a.last_seq).enumerate() {
+                let e = store.read_seq(seq).unwrap().to_recorded().unwrap();
+                assert_eq!(&e.aggregate_id, aggregate_id);
+                assert_eq!(e.version, a.last_version + 1 + i as u64 - *count as u64);
+            }
+        }
+        for g in 0..AGGREGATES {
+            let h = history(store, &format!("agg-{g}"));
+            for (i, e) in h.iter().enumerate() {
+                assert_eq!(e.0, i as u64 + 1, "agg-{g}: versions contiguous");
+            }
+        }
+        let report = store.verify(|_, _| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.problems);
+    };
+    check(&store);
+    drop(store);
+    check(&Store::open(dir.path(), store_options()).unwrap());
+}
