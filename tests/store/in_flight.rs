@@ -292,7 +292,7 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
             let mut flips = 0u64;
             while !stop.load(SeqCst) {
                 std::thread::sleep(Duration::from_micros(300 + flips % 7 * 200));
-                storage.full.store(flips % 3 == 0, SeqCst);
+                storage.full.store(flips.is_multiple_of(3), SeqCst);
                 flips += 1;
             }
             storage.full.store(false, SeqCst);
