@@ -36,6 +36,7 @@ struct Cfg {
     interval_events: u64,
     batch_threads: Vec<usize>,
     threads_events: u64,
+    hot_aggregates: u64,
     stores: Vec<String>,
     workloads: Vec<String>,
     real: PathBuf,
@@ -67,9 +68,12 @@ const HELP: &str = "eventlog-compare: eventlog vs SQLite vs sled vs the raw limi
                       appender threads of the batched append from several threads at
                       once (a secondary figure, not in the JSON); default 1,4
   --threads-events N  events in that append, generated beforehand; default --events / 5
+  --hot-aggregates N  aggregates of the hot workload: single-event appends from the
+                      largest --threads count to only these (a secondary figure, not in
+                      the JSON); default 1
   --stores LIST       default eventlog,sqlite,sled,raw
   --workloads LIST    of append (append, crash+reopen, reads, disk, memory), single,
-                      import, interval, threads; default all
+                      import, interval, threads, hot; default all
   --real FILE         the real data set; default ../shared/data/uci_incidents.jsonl.gz
   --dir DIR           where stores are written (default $EVENTLOG_BENCH_DIR, else
                       benches/compare/target/bench; never a tmpfs)
@@ -103,8 +107,9 @@ impl Cfg {
             interval_events: 0,
             batch_threads: vec![1, 4],
             threads_events: 0,
+            hot_aggregates: 1,
             stores: STORES.iter().map(|s| s.to_string()).collect(),
-            workloads: ["append", "single", "import", "interval", "threads"]
+            workloads: ["append", "single", "import", "interval", "threads", "hot"]
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
@@ -181,6 +186,7 @@ impl Cfg {
                 "--samples" => c.samples = num(&value).max(1) as usize,
                 "--interval-events" => c.interval_events = num(&value).max(1),
                 "--threads-events" => c.threads_events = num(&value).max(1),
+                "--hot-aggregates" => c.hot_aggregates = num(&value).max(1),
                 "--batch-threads" => {
                     c.batch_threads = value.split(',').map(|t| num(t).max(1) as usize).collect()
                 }
@@ -720,6 +726,38 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                     progress(started, &format!("  {eps:.0} events/s"));
                     let _ = std::fs::remove_dir_all(&dir);
                 }
+            }
+        }
+        if cfg.runs("hot") {
+            let t = cfg.threads.iter().copied().max().unwrap_or(16);
+            for store in cfg.stores.iter().filter(|s| *s != "raw") {
+                let dir = fresh_dir(base, &format!("{store}-hot"));
+                progress(
+                    started,
+                    &format!(
+                        "{tag}: {store}: single-event durable appends, {t} threads, {} aggregate{}, {} s ...",
+                        cfg.hot_aggregates,
+                        if cfg.hot_aggregates == 1 { "" } else { "s" },
+                        cfg.secs
+                    ),
+                );
+                let mut a = cfg.gen_args(seed + 500);
+                // Later arguments win: the same single-event child, on few aggregates.
+                a.push(format!("aggregates={}", cfg.hot_aggregates));
+                a.push(format!("store={store}"));
+                a.push(format!("dir={}", dir.display()));
+                a.push(format!("threads={t}"));
+                a.push(format!("secs={}", cfg.secs));
+                a.push(format!("stage={}", stage_syn.display()));
+                let r = run_child("single", &a);
+                let eps = f(&r, "events") / f(&r, "secs");
+                res.extra("hot_append_single", store, eps);
+                res.extra("hot_append_single_p99_us", store, f(&r, "p99_us"));
+                progress(
+                    started,
+                    &format!("  {eps:.0} events/s, p99 {:.0} us", f(&r, "p99_us")),
+                );
+                let _ = std::fs::remove_dir_all(&dir);
             }
         }
         if cfg.runs("interval") {
@@ -1383,6 +1421,19 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
         }
         if !b.is_empty() {
             let _ = writeln!(w, "- batched append of {} events from several threads at once, each appending its share in appends of {} to random aggregates (the batches generated before the clock starts; events/s over the wall time of all threads): {}. Not in the JSON.", thousands(cfg.threads_events as f64), thousands(cfg.batch as f64), b.join("; "));
+        }
+    }
+    if cfg.runs("hot") {
+        let per: Vec<String> = STORES
+            .iter()
+            .filter_map(|st| {
+                let eps = res.get_extra("hot_append_single", st)?;
+                let p99 = res.get_extra("hot_append_single_p99_us", st)?;
+                Some(format!("{st} {} (p99 {p99:.0} µs)", thousands(eps)))
+            })
+            .collect();
+        if !per.is_empty() {
+            let _ = writeln!(w, "- single-event durable appends from {} threads to only {} aggregate{} (a hot stream: appends to one aggregate must be ordered), events/s: {}. Not in the JSON.", cfg.threads.iter().copied().max().unwrap_or(16), thousands(cfg.hot_aggregates as f64), if cfg.hot_aggregates == 1 { "" } else { "s" }, per.join("; "));
         }
     }
     if !res.loads.is_empty() {
