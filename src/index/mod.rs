@@ -1090,9 +1090,10 @@ impl Index {
     /// together rather than one each.
     ///
     /// Only call this while no commit for any of `aggregates` can happen (the store holds
-    /// their append locks), or a stale answer could be remembered. Unlike
-    /// [`Index::latest`] it would count a group being synced, but under those locks no
-    /// such group holds `aggregates` (an abandoned group is taken out again).
+    /// their append locks, and asks here only for aggregates with no append framed and
+    /// undecided), or a stale answer could be remembered. Unlike [`Index::latest`] it
+    /// would count a group being synced, but then no such group holds `aggregates` (an
+    /// abandoned group is taken out again).
     ///
     /// # Errors
     /// As [`Index::latest`].
