@@ -238,6 +238,24 @@ impl Cfg {
         s
     }
 
+    /// Arguments of the single-event child: `threads` appending for `--secs` seconds.
+    fn single_args(
+        &self,
+        seed: u64,
+        store: &str,
+        dir: &std::path::Path,
+        threads: usize,
+        stage: &std::path::Path,
+    ) -> Vec<String> {
+        let mut a = self.gen_args(seed);
+        a.push(format!("store={store}"));
+        a.push(format!("dir={}", dir.display()));
+        a.push(format!("threads={threads}"));
+        a.push(format!("secs={}", self.secs));
+        a.push(format!("stage={}", stage.display()));
+        a
+    }
+
     fn gen_args(&self, seed: u64) -> Vec<String> {
         vec![
             format!("seed={seed}"),
@@ -647,12 +665,7 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                             cfg.secs
                         ),
                     );
-                    let mut a = cfg.gen_args(seed + 200);
-                    a.push(format!("store={store}"));
-                    a.push(format!("dir={}", dir.display()));
-                    a.push(format!("threads={t}"));
-                    a.push(format!("secs={}", cfg.secs));
-                    a.push(format!("stage={}", stage_syn.display()));
+                    let a = cfg.single_args(seed + 200, store, &dir, t, &stage_syn);
                     let r = run_child("single", &a);
                     let w = format!("append_single_{t}t");
                     let eps = f(&r, "events") / f(&r, "secs");
@@ -741,14 +754,9 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                         cfg.secs
                     ),
                 );
-                let mut a = cfg.gen_args(seed + 500);
+                let mut a = cfg.single_args(seed + 500, store, &dir, t, &stage_syn);
                 // Later arguments win: the same single-event child, on few aggregates.
                 a.push(format!("aggregates={}", cfg.hot_aggregates));
-                a.push(format!("store={store}"));
-                a.push(format!("dir={}", dir.display()));
-                a.push(format!("threads={t}"));
-                a.push(format!("secs={}", cfg.secs));
-                a.push(format!("stage={}", stage_syn.display()));
                 let r = run_child("single", &a);
                 let eps = f(&r, "events") / f(&r, "secs");
                 res.extra("hot_append_single", store, eps);
