@@ -702,7 +702,7 @@ fn append_error(e: AppendError) -> WireError {
         e @ (AppendError::Rejected { .. } | AppendError::PluginFailed { .. }) => {
             WireError::new(ErrorCode::Rejected, e.to_string())
         }
-        e @ AppendError::IndexBehind { .. } => {
+        e @ (AppendError::IndexBehind { .. } | AppendError::EarlierAppendPending { .. }) => {
             WireError::new(ErrorCode::Unavailable, e.to_string())
         }
         AppendError::Read(e) => WireError::new(ErrorCode::ReadFailed, e.to_string()),
