@@ -311,7 +311,9 @@ struct WriterState {
     acked_next: u64,
     /// Bumped whenever a write fails: every append not yet acknowledged then fails too.
     epoch: u64,
-    failures: VecDeque<(u64, FailKind)>,
+    /// The last write failures: the epoch each one began, the log's `acked_next` when it
+    /// happened (the seqs it took back start there), and what failed.
+    failures: VecDeque<(u64, u64, FailKind)>,
     poisoned: Option<String>,
     closed: bool,
 }
@@ -1002,7 +1004,12 @@ impl Inner {
         let FramedAppend { seqs, epoch } = framed;
         loop {
             if w.epoch != epoch {
-                return Err(failure_for(w, epoch));
+                // A failure after this append was acknowledged does not undo it: the
+                // records were stored, and their seqs are not handed out again.
+                return match acked_before_failure(w, epoch) {
+                    Some(acked_next) if acked_next >= seqs.end => Ok(seqs),
+                    _ => Err(failure_for(w, epoch)),
+                };
             }
             if w.acked_next >= seqs.end {
                 return Ok(seqs);
@@ -1059,7 +1066,8 @@ impl Inner {
             w.epoch += 1;
             self.epoch.store(w.epoch, Ordering::Release);
             let epoch = w.epoch;
-            w.failures.push_back((epoch, kind));
+            let acked_next = w.acked_next;
+            w.failures.push_back((epoch, acked_next, kind));
             if w.failures.len() > FAILURES_REMEMBERED_MAX {
                 w.failures.pop_front();
             }
@@ -1668,11 +1676,22 @@ fn failure_for(w: &WriterState, epoch: u64) -> AppendError {
     // The failure that ended `epoch` is the first one recorded after it.
     w.failures
         .iter()
-        .find(|(e, _)| *e > epoch)
-        .map(|(_, kind)| kind.to_error())
+        .find(|(e, _, _)| *e > epoch)
+        .map(|(_, _, kind)| kind.to_error())
         .unwrap_or_else(|| AppendError::Poisoned {
             cause: "an earlier write failed".into(),
         })
+}
+
+/// Seqs below this were acknowledged when the failure that ended `epoch` happened; `None`
+/// if that failure is no longer remembered (then an append of `epoch` is taken for
+/// failed, which it almost surely was: more than [`FAILURES_REMEMBERED_MAX`] failures
+/// passed while it waited).
+fn acked_before_failure(w: &WriterState, epoch: u64) -> Option<u64> {
+    w.failures
+        .iter()
+        .find(|(e, _, _)| *e > epoch)
+        .map(|&(_, acked_next, _)| acked_next)
 }
 
 /// Iterator over records from a seq on; see [`Log::iter_from`].

@@ -213,3 +213,26 @@ fn a_framed_append_in_an_epoch_a_failure_ended_is_refused() {
     assert_eq!(log.acked_next(), 2);
     assert_eq!(log.read(1).unwrap().payload(), b"fresh");
 }
+
+/// An append acknowledged before a later write failed is stored, and its waiter hears so,
+/// however late it looks: a failure takes back only the seqs not yet acknowledged.
+#[test]
+fn an_append_acknowledged_before_a_failure_is_reported_stored_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Arc::new(FullDisk::default());
+    let mut options = small_options();
+    options.preallocate_chunk_bytes = 0;
+    let log = Log::open_with_storage(storage.clone(), dir.path(), options).unwrap();
+    // Framed, then written and synced in the group the next append leads.
+    let framed = log.append_framed(&[b"first"], Some(log.epoch())).unwrap();
+    assert_eq!(log.append(&[b"second"]).unwrap(), 1..2);
+    storage.full.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        log.append(&[b"failed"]),
+        Err(AppendError::DiskFull { .. })
+    ));
+    storage.full.store(false, Ordering::SeqCst);
+    assert_eq!(log.wait_appended(framed).unwrap(), 0..1);
+    assert_eq!(log.read(0).unwrap().payload(), b"first");
+    assert_eq!(log.append(&[b"third"]).unwrap(), 2..3);
+}
