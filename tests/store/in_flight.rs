@@ -305,12 +305,33 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
             std::thread::spawn(move || {
                 let (mut acked, mut failed) = (Vec::new(), 0u64);
                 for n in 0..APPENDS {
-                    let aggregate_id = format!("agg-{}", (t + n) % AGGREGATES);
-                    let events: Vec<NewEvent> = (0..1 + n % 3)
-                        .map(|i| ev(&format!("{t}:{n}:{i}")))
+                    // Every fourth append is a batch to two aggregates.
+                    let requests = if n % 4 == 0 { 2 } else { 1 };
+                    let names: Vec<String> = (0..requests)
+                        .map(|r| format!("agg-{}", (t + n + r) % AGGREGATES))
                         .collect();
-                    match store.append(&aggregate_id, ExpectedVersion::Any, &events) {
-                        Ok(a) => acked.push((aggregate_id, a, events.len())),
+                    let events: Vec<Vec<NewEvent>> = (0..requests)
+                        .map(|r| {
+                            (0..1 + (n + r) % 3)
+                                .map(|i| ev(&format!("{t}:{n}:{r}:{i}")))
+                                .collect()
+                        })
+                        .collect();
+                    let batch: Vec<AppendRequest<'_>> = names
+                        .iter()
+                        .zip(&events)
+                        .map(|(name, events)| AppendRequest {
+                            aggregate_id: name,
+                            expected: ExpectedVersion::Any,
+                            events,
+                        })
+                        .collect();
+                    match store.append_batch(&batch) {
+                        Ok(results) => {
+                            for ((name, events), a) in names.iter().zip(&events).zip(results) {
+                                acked.push((name.clone(), a, events.len()));
+                            }
+                        }
                         Err(AppendError::Log(_)) => failed += 1,
                         Err(e) => panic!("thread {t} append {n}: {e}"),
                     }
