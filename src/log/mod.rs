@@ -594,8 +594,9 @@ impl Log {
     /// [`AppendError::DiskFull`] (nothing stored; retry after freeing space);
     /// [`AppendError::Poisoned`] after an earlier fsync or write failure; [`AppendError::Io`].
     pub fn append<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<Range<u64>, AppendError> {
+        let batch_bytes = self.inner.check_batch(payloads)?;
         let mut w = self.inner.writer.lock();
-        let framed = self.inner.frame(&mut w, payloads, None)?;
+        let framed = self.inner.frame(&mut w, payloads, batch_bytes, None)?;
         self.inner.wait_acked(&mut w, framed)
     }
 
@@ -628,8 +629,9 @@ impl Log {
         payloads: &[P],
         epoch: Option<u64>,
     ) -> Result<FramedAppend, AppendError> {
+        let batch_bytes = self.inner.check_batch(payloads)?;
         let mut w = self.inner.writer.lock();
-        self.inner.frame(&mut w, payloads, epoch)
+        self.inner.frame(&mut w, payloads, batch_bytes, epoch)
     }
 
     /// Waits until the append framed by [`Log::append_framed`] is acknowledged (durable as
@@ -903,13 +905,8 @@ impl Drop for Log {
 }
 
 impl Inner {
-    /// Frames `payloads` into the pending group (see [`Log::append_framed`]).
-    fn frame<P: AsRef<[u8]>>(
-        &self,
-        w: &mut parking_lot::MutexGuard<'_, WriterState>,
-        payloads: &[P],
-        epoch: Option<u64>,
-    ) -> Result<FramedAppend, AppendError> {
+    /// Checks an append's sizes (before the writer lock is taken); returns its framed bytes.
+    fn check_batch<P: AsRef<[u8]>>(&self, payloads: &[P]) -> Result<u64, AppendError> {
         let count = payloads.len();
         if count == 0 || count > self.options.batch_records_max {
             return Err(AppendError::BadBatchSize {
@@ -934,7 +931,19 @@ impl Inner {
                 limit_bytes: self.options.segment_capacity_bytes(),
             });
         }
+        Ok(batch_bytes)
+    }
 
+    /// Frames `payloads`, checked by [`Inner::check_batch`] to take `batch_bytes`, into the
+    /// pending group (see [`Log::append_framed`]).
+    fn frame<P: AsRef<[u8]>>(
+        &self,
+        w: &mut parking_lot::MutexGuard<'_, WriterState>,
+        payloads: &[P],
+        batch_bytes: u64,
+        epoch: Option<u64>,
+    ) -> Result<FramedAppend, AppendError> {
+        let count = payloads.len();
         if let Some(cause) = &w.poisoned {
             return Err(AppendError::Poisoned {
                 cause: cause.clone(),
