@@ -175,16 +175,23 @@ fn disk_full_on_a_real_small_filesystem() {
     assert_eq!(all_payloads(&log), stored);
 }
 
+/// A log on a disk that can fill up, where every write grows the file (so a full disk
+/// fails it).
+fn open_without_preallocation(dir: &Path) -> (Log, Arc<FullDisk>) {
+    let storage = Arc::new(FullDisk::default());
+    let mut options = small_options();
+    options.preallocate_chunk_bytes = 0;
+    let log = Log::open_with_storage(storage.clone(), dir, options).unwrap();
+    (log, storage)
+}
+
 /// A caller that read the log's epoch before a failed write (and perhaps the seqs of
 /// appends that failed with it) cannot frame on that reading: the seqs it saw are handed
 /// out again.
 #[test]
 fn a_framed_append_in_an_epoch_a_failure_ended_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Arc::new(FullDisk::default());
-    let mut options = small_options();
-    options.preallocate_chunk_bytes = 0;
-    let log = Log::open_with_storage(storage.clone(), dir.path(), options).unwrap();
+    let (log, storage) = open_without_preallocation(dir.path());
     log.append(&[b"kept"]).unwrap();
     let epoch = log.epoch();
     let framed = log.append_framed(&[b"doomed"], Some(epoch)).unwrap();
@@ -219,10 +226,7 @@ fn a_framed_append_in_an_epoch_a_failure_ended_is_refused() {
 #[test]
 fn an_append_acknowledged_before_a_failure_is_reported_stored_after_it() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Arc::new(FullDisk::default());
-    let mut options = small_options();
-    options.preallocate_chunk_bytes = 0;
-    let log = Log::open_with_storage(storage.clone(), dir.path(), options).unwrap();
+    let (log, storage) = open_without_preallocation(dir.path());
     // Framed, then written and synced in the group the next append leads.
     let framed = log.append_framed(&[b"first"], Some(log.epoch())).unwrap();
     assert_eq!(log.append(&[b"second"]).unwrap(), 1..2);

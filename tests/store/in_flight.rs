@@ -61,6 +61,19 @@ fn hold_a_group(store: &Store, gate: &SyncGate) -> JoinHandle<Result<Appended, A
     held
 }
 
+/// One request per aggregate of `names`, with its `events`, at any version.
+fn any_version<'a>(names: &'a [String], events: &'a [Vec<NewEvent>]) -> Vec<AppendRequest<'a>> {
+    names
+        .iter()
+        .zip(events)
+        .map(|(name, events)| AppendRequest {
+            aggregate_id: name,
+            expected: ExpectedVersion::Any,
+            events,
+        })
+        .collect()
+}
+
 fn payloads(store: &Store, aggregate_id: &str) -> Vec<(u64, Vec<u8>)> {
     history(store, aggregate_id)
         .into_iter()
@@ -220,16 +233,7 @@ fn concurrent_batches_over_shared_aggregates_keep_every_history_contiguous() {
                     let events: Vec<Vec<NewEvent>> = (0..REQUESTS)
                         .map(|r| vec![ev(&format!("{t}:{b}:{r}"))])
                         .collect();
-                    let requests: Vec<AppendRequest<'_>> = names
-                        .iter()
-                        .zip(&events)
-                        .map(|(name, events)| AppendRequest {
-                            aggregate_id: name,
-                            expected: ExpectedVersion::Any,
-                            events,
-                        })
-                        .collect();
-                    let results = store.append_batch(&requests).unwrap();
+                    let results = store.append_batch(&any_version(&names, &events)).unwrap();
                     // A request naming an aggregate an earlier one of the batch named
                     // comes right after it.
                     for (i, r) in results.iter().enumerate() {
@@ -317,16 +321,7 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
                                 .collect()
                         })
                         .collect();
-                    let batch: Vec<AppendRequest<'_>> = names
-                        .iter()
-                        .zip(&events)
-                        .map(|(name, events)| AppendRequest {
-                            aggregate_id: name,
-                            expected: ExpectedVersion::Any,
-                            events,
-                        })
-                        .collect();
-                    match store.append_batch(&batch) {
+                    match store.append_batch(&any_version(&names, &events)) {
                         Ok(results) => {
                             for ((name, events), a) in names.iter().zip(&events).zip(results) {
                                 acked.push((name.clone(), a, events.len()));
