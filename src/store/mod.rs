@@ -386,6 +386,12 @@ struct StoreMetrics {
     appends: Counter,
     append_errors: Counter,
     events_appended: Counter,
+    /// Appends that let go of their stripes once framed (see [`Stripe`]).
+    appends_unlocked_when_framed: Counter,
+    /// Appends that framed behind an undecided append to one of their aggregates.
+    appends_behind_undecided: Counter,
+    /// Waits of appends with event ids for an undecided append to their aggregate.
+    waits_for_undecided: Counter,
     bytes_appended: Counter,
     append_us: Histogram,
 }
@@ -396,6 +402,9 @@ impl Default for StoreMetrics {
             appends: Counter::default(),
             append_errors: Counter::default(),
             events_appended: Counter::default(),
+            appends_unlocked_when_framed: Counter::default(),
+            appends_behind_undecided: Counter::default(),
+            waits_for_undecided: Counter::default(),
             bytes_appended: Counter::default(),
             append_us: Histogram::new(crate::metrics::LATENCY_US_BOUNDS),
         }
@@ -844,6 +853,7 @@ impl Store {
                 break (guards, epoch, in_flight);
             };
             drop(guards);
+            inner.metrics.waits_for_undecided.add(1);
             let left = deadline.saturating_duration_since(Instant::now());
             if !inner.log.wait_settled(f.last_seq, f.epoch, left) {
                 return Err(AppendError::EarlierAppendPending {
@@ -880,6 +890,9 @@ impl Store {
             .filter(|(_, f)| f.is_none())
             .map(|(r, _)| r.aggregate_id)
             .collect();
+        if names.len() < requests.len() {
+            inner.metrics.appends_behind_undecided.add(1);
+        }
         let mut indexed = Vec::with_capacity(names.len());
         inner.index.latest_for_append_many(&names, &mut indexed)?;
         debug_assert_eq!(indexed.len(), names.len(), "one answer per aggregate asked");
@@ -969,6 +982,7 @@ impl Store {
                 .collect();
             let framed = inner.log.append_framed(&payloads, Some(epoch))?;
             if inner.appends_running.load(Ordering::Relaxed) > 1 {
+                inner.metrics.appends_unlocked_when_framed.add(1);
                 let seqs = framed.seqs();
                 for &(ri, first, count, last_version) in &placed {
                     let aggregate_id = requests[ri].aggregate_id;
@@ -1267,6 +1281,27 @@ impl Store {
             "counter",
             "Events stored by appends.",
             m.events_appended.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_appends_unlocked_when_framed_total",
+            "counter",
+            "Appends that let go of their aggregates' locks once framed, before their sync, because other appends were running.",
+            m.appends_unlocked_when_framed.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_appends_behind_undecided_total",
+            "counter",
+            "Appends that framed behind an append to one of their aggregates not yet synced (they fail if it does).",
+            m.appends_behind_undecided.get(),
+        );
+        render_value(
+            &mut out,
+            "eventlog_append_waits_for_undecided_total",
+            "counter",
+            "Waits of appends carrying event ids for an earlier append to their aggregate to be synced or fail (a retry is recognized only then).",
+            m.waits_for_undecided.get(),
         );
         render_value(
             &mut out,

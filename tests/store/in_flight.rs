@@ -74,6 +74,15 @@ fn any_version<'a>(names: &'a [String], events: &'a [Vec<NewEvent>]) -> Vec<Appe
         .collect()
 }
 
+/// The value of counter `name` in the store's metrics.
+fn counter(store: &Store, name: &str) -> u64 {
+    store
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
 fn payloads(store: &Store, aggregate_id: &str) -> Vec<(u64, Vec<u8>)> {
     history(store, aggregate_id)
         .into_iter()
@@ -115,6 +124,10 @@ fn an_append_frames_while_the_previous_append_to_its_aggregate_is_being_synced()
     // event points at the first append's seq, learned while it was in flight.
     assert_eq!(payloads(&store, "x"), wanted);
     assert!(store.verify(|_, _| {}).unwrap().is_clean());
+    assert_eq!(
+        counter(&store, "eventlog_appends_behind_undecided_total"),
+        1
+    );
     drop(store);
     let store = Store::open(dir.path(), store_options()).unwrap();
     assert_eq!(payloads(&store, "x"), wanted);
@@ -186,6 +199,7 @@ fn a_retry_of_an_undecided_append_waits_for_it_and_then_returns_its_result() {
         matches!(&retry, Err(AppendError::EarlierAppendPending { aggregate_id, .. }) if aggregate_id == "x"),
         "{retry:?}"
     );
+    assert!(counter(&store, "eventlog_append_waits_for_undecided_total") >= 1);
     // A retry still waiting when the original is stored gets the original's result.
     let waiting_retry = spawn_append(&store, "x", ExpectedVersion::NoStream, events());
     storage.sync_gate.open();
@@ -266,6 +280,10 @@ fn concurrent_batches_over_shared_aggregates_keep_every_history_contiguous() {
         assert!(report.is_clean(), "{:?}", report.problems);
     };
     check(&store);
+    // The path under test was taken: appends let go of their locks once framed, and
+    // others framed behind them.
+    assert!(counter(&store, "eventlog_appends_unlocked_when_framed_total") > 0);
+    assert!(counter(&store, "eventlog_appends_behind_undecided_total") > 0);
     drop(store);
     check(&Store::open(dir.path(), store_options()).unwrap());
 }
