@@ -311,9 +311,8 @@ struct WriterState {
     acked_next: u64,
     /// Bumped whenever a write fails: every append not yet acknowledged then fails too.
     epoch: u64,
-    /// The last write failures: the epoch each one began, the log's `acked_next` when it
-    /// happened (the seqs it took back start there), and what failed.
-    failures: VecDeque<(u64, u64, FailKind)>,
+    /// The last write failures, oldest first.
+    failures: VecDeque<Failure>,
     poisoned: Option<String>,
     closed: bool,
 }
@@ -1015,8 +1014,8 @@ impl Inner {
             if w.epoch != epoch {
                 // A failure after this append was acknowledged does not undo it: the
                 // records were stored, and their seqs are not handed out again.
-                return match acked_before_failure(w, epoch) {
-                    Some(acked_next) if acked_next >= seqs.end => Ok(seqs),
+                return match failure_ending(w, epoch) {
+                    Some(f) if f.acked_next >= seqs.end => Ok(seqs),
                     _ => Err(failure_for(w, epoch)),
                 };
             }
@@ -1076,7 +1075,11 @@ impl Inner {
             self.epoch.store(w.epoch, Ordering::Release);
             let epoch = w.epoch;
             let acked_next = w.acked_next;
-            w.failures.push_back((epoch, acked_next, kind));
+            w.failures.push_back(Failure {
+                epoch,
+                acked_next,
+                kind,
+            });
             if w.failures.len() > FAILURES_REMEMBERED_MAX {
                 w.failures.pop_front();
             }
@@ -1681,26 +1684,31 @@ impl FramedAppend {
     }
 }
 
-fn failure_for(w: &WriterState, epoch: u64) -> AppendError {
-    // The failure that ended `epoch` is the first one recorded after it.
-    w.failures
-        .iter()
-        .find(|(e, _, _)| *e > epoch)
-        .map(|(_, _, kind)| kind.to_error())
-        .unwrap_or_else(|| AppendError::Poisoned {
-            cause: "an earlier write failed".into(),
-        })
+/// A write failure, remembered to tell the appends it ended what happened.
+#[derive(Debug)]
+struct Failure {
+    /// The epoch it began.
+    epoch: u64,
+    /// The log's `acked_next` when it happened: the seqs it took back start here, and an
+    /// append below it was stored.
+    acked_next: u64,
+    kind: FailKind,
 }
 
-/// Seqs below this were acknowledged when the failure that ended `epoch` happened; `None`
-/// if that failure is no longer remembered (then an append of `epoch` is taken for
-/// failed, which it almost surely was: more than [`FAILURES_REMEMBERED_MAX`] failures
-/// passed while it waited).
-fn acked_before_failure(w: &WriterState, epoch: u64) -> Option<u64> {
-    w.failures
-        .iter()
-        .find(|(e, _, _)| *e > epoch)
-        .map(|&(_, acked_next, _)| acked_next)
+/// The failure that ended `epoch` (the first one recorded after it); `None` if it is no
+/// longer remembered (more than [`FAILURES_REMEMBERED_MAX`] failures since: an append of
+/// `epoch` still waiting is then taken for failed, which it almost surely was).
+fn failure_ending(w: &WriterState, epoch: u64) -> Option<&Failure> {
+    w.failures.iter().find(|f| f.epoch > epoch)
+}
+
+fn failure_for(w: &WriterState, epoch: u64) -> AppendError {
+    failure_ending(w, epoch).map_or_else(
+        || AppendError::Poisoned {
+            cause: "an earlier write failed".into(),
+        },
+        |f| f.kind.to_error(),
+    )
 }
 
 /// Iterator over records from a seq on; see [`Log::iter_from`].

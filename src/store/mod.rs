@@ -822,8 +822,11 @@ impl Store {
         let mut stripes = request_stripes.clone();
         stripes.sort_unstable();
         stripes.dedup();
-        // Which of `guards` holds request `ri`'s stripe.
-        let guard_of = |ri: usize| stripes.partition_point(|&s| s < request_stripes[ri]);
+        // Which of `guards` holds each request's stripe.
+        let guard_of: Vec<usize> = request_stripes
+            .iter()
+            .map(|&rs| stripes.partition_point(|&s| s < rs))
+            .collect();
         let deadline = Instant::now() + timeout;
         let (mut guards, epoch, in_flight) = loop {
             // Locks are taken in stripe order, so two batches cannot deadlock.
@@ -836,7 +839,7 @@ impl Store {
                 .iter()
                 .enumerate()
                 .map(|(ri, r)| {
-                    guards[guard_of(ri)]
+                    guards[guard_of[ri]]
                         .in_flight
                         .get(r.aggregate_id)
                         .filter(|f| f.is_undecided(epoch, acked_next))
@@ -991,7 +994,7 @@ impl Store {
                         last_seq: seqs.start + (first + count) as u64 - 1,
                         epoch,
                     };
-                    let map = &mut guards[guard_of(ri)].in_flight;
+                    let map = &mut guards[guard_of[ri]].in_flight;
                     match map.get_mut(aggregate_id) {
                         Some(old) => *old = entry,
                         None => {

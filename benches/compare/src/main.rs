@@ -238,6 +238,11 @@ impl Cfg {
         s
     }
 
+    /// Appender threads of the hot workload: the largest single-event count.
+    fn hot_threads(&self) -> usize {
+        self.threads.iter().copied().max().unwrap_or(16)
+    }
+
     /// Arguments of the single-event child: `threads` appending for `--secs` seconds.
     fn single_args(
         &self,
@@ -742,7 +747,7 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
             }
         }
         if cfg.runs("hot") {
-            let t = cfg.threads.iter().copied().max().unwrap_or(16);
+            let t = cfg.hot_threads();
             for store in cfg.stores.iter().filter(|s| *s != "raw") {
                 let dir = fresh_dir(base, &format!("{store}-hot"));
                 progress(
@@ -1441,7 +1446,7 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             })
             .collect();
         if !per.is_empty() {
-            let _ = writeln!(w, "- single-event durable appends from {} threads to only {} aggregate{} (a hot stream: appends to one aggregate must be ordered), events/s: {}. Not in the JSON.", cfg.threads.iter().copied().max().unwrap_or(16), thousands(cfg.hot_aggregates as f64), if cfg.hot_aggregates == 1 { "" } else { "s" }, per.join("; "));
+            let _ = writeln!(w, "- single-event durable appends from {} threads to only {} aggregate{} (a hot stream: appends to one aggregate must be ordered), events/s: {}. Not in the JSON.", cfg.hot_threads(), thousands(cfg.hot_aggregates as f64), if cfg.hot_aggregates == 1 { "" } else { "s" }, per.join("; "));
         }
     }
     if !res.loads.is_empty() {
