@@ -63,7 +63,9 @@ pub const RECOVERY_POINT_STEP_BYTES_DEFAULT: u64 = 16 << 20;
 /// How long an appender waits for its group commit before checking again that the leader
 /// is alive. Waits loop on this, so no wait is unbounded and none spins.
 const COMMIT_WAIT_SLICE: Duration = Duration::from_millis(100);
-/// How many past write failures are remembered to tell waiters why their append failed.
+/// How many past write failures are remembered to tell a caller framing on a stale
+/// [`Log::epoch`] which failure moved it on (an append's own waiter learns how its epoch
+/// ended from the [`EpochEnd`] it holds, whatever the number of failures since).
 const FAILURES_REMEMBERED_MAX: usize = 64;
 const _: () =
     assert!(SEGMENT_SIZE_BYTES_MIN > (SEGMENT_HEADER_SIZE_BYTES + RECORD_HEADER_SIZE_BYTES) as u64);
@@ -311,6 +313,8 @@ struct WriterState {
     acked_next: u64,
     /// Bumped whenever a write fails: every append not yet acknowledged then fails too.
     epoch: u64,
+    /// How the current epoch ends, shared with the appends framed in it.
+    epoch_end: Arc<EpochEnd>,
     /// The last write failures, oldest first.
     failures: VecDeque<Failure>,
     poisoned: Option<String>,
@@ -511,6 +515,7 @@ impl Log {
                 last_group_appends: 0,
                 acked_next: next_seq,
                 epoch: 0,
+                epoch_end: Arc::default(),
                 failures: VecDeque::new(),
                 poisoned: None,
                 closed: false,
@@ -1000,6 +1005,7 @@ impl Inner {
         Ok(FramedAppend {
             seqs: first..w.next_seq,
             epoch: w.epoch,
+            end: Arc::clone(&w.epoch_end),
         })
     }
 
@@ -1009,14 +1015,17 @@ impl Inner {
         w: &mut parking_lot::MutexGuard<'_, WriterState>,
         framed: FramedAppend,
     ) -> Result<Range<u64>, AppendError> {
-        let FramedAppend { seqs, epoch } = framed;
+        let FramedAppend { seqs, epoch, end } = framed;
         loop {
             if w.epoch != epoch {
                 // A failure after this append was acknowledged does not undo it: the
                 // records were stored, and their seqs are not handed out again.
-                return match failure_ending(w, epoch) {
+                return match end.failure.get() {
                     Some(f) if f.acked_next >= seqs.end => Ok(seqs),
-                    _ => Err(failure_for(w, epoch)),
+                    Some(f) => Err(f.kind.to_error()),
+                    // Unreachable: the epoch's end is set before the epoch moves on. Had it
+                    // not been, the append is not known to be stored: reported failed.
+                    None => Err(failure_for(w, epoch)),
                 };
             }
             if w.acked_next >= seqs.end {
@@ -1073,13 +1082,17 @@ impl Inner {
             }
             w.epoch += 1;
             self.epoch.store(w.epoch, Ordering::Release);
-            let epoch = w.epoch;
-            let acked_next = w.acked_next;
-            w.failures.push_back(Failure {
-                epoch,
-                acked_next,
+            let failure = Failure {
+                epoch: w.epoch,
+                acked_next: w.acked_next,
                 kind,
-            });
+            };
+            // Told to the appends of the epoch that ended, before anyone can see it ended
+            // (both under the writer lock), then a fresh one for the next.
+            let told = w.epoch_end.failure.set(failure.clone()).is_ok();
+            debug_assert!(told, "an epoch ends once");
+            w.epoch_end = Arc::default();
+            w.failures.push_back(failure);
             if w.failures.len() > FAILURES_REMEMBERED_MAX {
                 w.failures.pop_front();
             }
@@ -1675,6 +1688,8 @@ struct GroupOutcome {
 pub struct FramedAppend {
     seqs: Range<u64>,
     epoch: u64,
+    /// How its epoch ends: its waiter reads there whether it was stored.
+    end: Arc<EpochEnd>,
 }
 
 impl FramedAppend {
@@ -1684,8 +1699,18 @@ impl FramedAppend {
     }
 }
 
+/// How an epoch ended, shared by the appends framed in it: each can tell whether it was
+/// stored however many epochs passed since (a bounded list of failures could forget).
+/// Freed with the last append of the epoch.
+#[derive(Debug, Default)]
+struct EpochEnd {
+    /// The failure that ended the epoch; set once, under the writer lock, before the
+    /// epoch moves on.
+    failure: std::sync::OnceLock<Failure>,
+}
+
 /// A write failure, remembered to tell the appends it ended what happened.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Failure {
     /// The epoch it began.
     epoch: u64,
@@ -1695,20 +1720,20 @@ struct Failure {
     kind: FailKind,
 }
 
-/// The failure that ended `epoch` (the first one recorded after it); `None` if it is no
-/// longer remembered (more than [`FAILURES_REMEMBERED_MAX`] failures since: an append of
-/// `epoch` still waiting is then taken for failed, which it almost surely was).
-fn failure_ending(w: &WriterState, epoch: u64) -> Option<&Failure> {
-    w.failures.iter().find(|f| f.epoch > epoch)
-}
-
+/// Why `epoch` is over: the failure that ended it (each failure begins the next epoch),
+/// or, if that one is no longer remembered ([`FAILURES_REMEMBERED_MAX`]), the oldest one
+/// remembered, which also came after it.
 fn failure_for(w: &WriterState, epoch: u64) -> AppendError {
-    failure_ending(w, epoch).map_or_else(
-        || AppendError::Poisoned {
-            cause: "an earlier write failed".into(),
-        },
-        |f| f.kind.to_error(),
-    )
+    w.failures
+        .iter()
+        .find(|f| f.epoch == epoch + 1)
+        .or_else(|| w.failures.front())
+        .map_or_else(
+            || AppendError::Poisoned {
+                cause: "an earlier write failed".into(),
+            },
+            |f| f.kind.to_error(),
+        )
 }
 
 /// Iterator over records from a seq on; see [`Log::iter_from`].

@@ -240,3 +240,48 @@ fn an_append_acknowledged_before_a_failure_is_reported_stored_after_it() {
     assert_eq!(log.read(0).unwrap().payload(), b"first");
     assert_eq!(log.append(&[b"third"]).unwrap(), 2..3);
 }
+
+/// However many writes fail while an append's waiter is away, it hears what happened to
+/// its own records: stored if they were acknowledged before its epoch ended, else the
+/// failure that ended it. (A bounded list of failures once forgot the oldest, and a waiter
+/// of a stored append was then told it failed: a retry without ids stores it twice.)
+#[test]
+fn a_waiter_hears_its_own_outcome_after_many_later_failures() {
+    const LATER_FAILURES: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let (log, storage) = open_without_preallocation(dir.path());
+    // Acknowledged in the group the next append leads, then many failures.
+    let stored = log.append_framed(&[b"stored"], Some(log.epoch())).unwrap();
+    assert_eq!(log.append(&[b"leader"]).unwrap(), 1..2);
+    // Framed, never written: the first failure below takes it back.
+    let lost = log.append_framed(&[b"lost"], Some(log.epoch())).unwrap();
+    assert_eq!(lost.seqs(), 2..3);
+    storage.full.store(true, Ordering::SeqCst);
+    for _ in 0..LATER_FAILURES {
+        assert!(matches!(
+            log.append(&[b"failed"]),
+            Err(AppendError::DiskFull { .. })
+        ));
+    }
+    storage.full.store(false, Ordering::SeqCst);
+    // Acknowledged appends in between, and failures after them, as a flapping disk does.
+    for i in 0..LATER_FAILURES as u64 {
+        assert_eq!(log.append(&[b"between"]).unwrap(), 2 + i..3 + i);
+        storage.full.store(true, Ordering::SeqCst);
+        assert!(log.append(&[b"failed"]).is_err());
+        storage.full.store(false, Ordering::SeqCst);
+    }
+    assert_eq!(
+        log.epoch(),
+        2 * LATER_FAILURES as u64,
+        "one epoch a failure"
+    );
+    assert_eq!(log.wait_appended(stored).unwrap(), 0..1);
+    let outcome = log.wait_appended(lost);
+    assert!(
+        matches!(outcome, Err(AppendError::DiskFull { .. })),
+        "taken back by the failure that ended its epoch, yet told {outcome:?}"
+    );
+    assert_eq!(log.read(0).unwrap().payload(), b"stored");
+    assert_eq!(log.read(2).unwrap().payload(), b"between");
+}
