@@ -1,3 +1,4 @@
 mod basics;
 mod disk_full;
+mod outcomes;
 mod recovery;
