@@ -86,9 +86,10 @@ pub enum AppendError {
         version: u64,
     },
     /// An earlier append to the aggregate, still being written, has not been
-    /// acknowledged or failed within `Options::append_timeout_ms`. This append carries
-    /// event ids, so whether it retries that one can only be decided once it has. Retry
-    /// later.
+    /// acknowledged or failed within `Options::append_timeout_ms`, and this append could
+    /// not be decided before it was: it carries event ids (whether it retries that one
+    /// can only be told once it is stored), or its expected version holds only if that one
+    /// fails. Retry later.
     #[error("aggregate {aggregate_id}: an earlier append is still being written after {waited_ms} ms; retry later")]
     EarlierAppendPending {
         /// The aggregate.

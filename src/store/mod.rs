@@ -182,6 +182,37 @@ impl InFlight {
     }
 }
 
+/// The first request's aggregate whose undecided append (in `in_flight`, by request) this
+/// append must wait for, unlocked, before it can go on:
+/// - events with ids may retry an append, which must be stored (or have failed) before
+///   this one can tell;
+/// - an expected version that only holds if the undecided append fails would be a
+///   conflict with a version that does not exist yet, and may never: the caller would
+///   reload the aggregate, not find it, and retry in vain. Once it is decided, the
+///   conflict is real (and names a readable version) or gone.
+///
+/// An expectation the undecided append satisfies goes on behind it (and fails with it).
+fn must_wait_for<'r>(
+    requests: &[AppendRequest<'r>],
+    in_flight: &[Option<InFlight>],
+) -> Option<(&'r str, InFlight)> {
+    if in_flight.iter().all(Option::is_none) {
+        return None;
+    }
+    // Each aggregate's version as the requests before see it: a request may name an
+    // aggregate an earlier one of the batch appends to.
+    let mut versions: HashMap<&str, u64> = HashMap::default();
+    for (r, f) in requests.iter().zip(in_flight) {
+        let Some(f) = f else { continue };
+        let current = versions.entry(r.aggregate_id).or_insert(f.version);
+        if r.events.iter().any(|e| e.event_id.is_some()) || !r.expected.admits(*current) {
+            return Some((r.aggregate_id, *f));
+        }
+        *current += r.events.len() as u64;
+    }
+    None
+}
+
 /// Counts an append in [`Inner::appends_running`] while it lives.
 struct RunningAppend<'a>(&'a AtomicUsize);
 
@@ -390,7 +421,8 @@ struct StoreMetrics {
     appends_unlocked_when_framed: Counter,
     /// Appends that framed behind an undecided append to one of their aggregates.
     appends_behind_undecided: Counter,
-    /// Waits of appends with event ids for an undecided append to their aggregate.
+    /// Waits for an undecided append to an aggregate, by appends with event ids or with an
+    /// expected version only its failure would satisfy.
     waits_for_undecided: Counter,
     bytes_appended: Counter,
     append_us: Histogram,
@@ -639,8 +671,11 @@ impl Store {
     /// timed out), returns the original [`Appended`] and stores nothing.
     ///
     /// `expected` is checked against the aggregate's last append, also one that another
-    /// thread has framed and the log not yet made durable: this append then joins the
-    /// same or the next group commit, and fails if that one does.
+    /// thread has framed and the log not yet made durable: if that append satisfies it,
+    /// this one joins the same or the next group commit, and fails if that one does;
+    /// otherwise this one waits (up to `Options::append_timeout_ms`) until that append is
+    /// stored or has failed, so that a `WrongExpectedVersion` always names a version a
+    /// read can see.
     ///
     /// # Errors
     /// [`AppendError::WrongExpectedVersion`], [`AppendError::InvalidName`],
@@ -846,13 +881,7 @@ impl Store {
                         .copied()
                 })
                 .collect();
-            // Events with ids may retry an append, which must be stored (or have failed)
-            // before this one can tell: wait for the aggregate's undecided one, unlocked.
-            let undecided = requests.iter().zip(&in_flight).find_map(|(r, f)| {
-                f.filter(|_| r.events.iter().any(|e| e.event_id.is_some()))
-                    .map(|f| (r.aggregate_id, f))
-            });
-            let Some((aggregate_id, f)) = undecided else {
+            let Some((aggregate_id, f)) = must_wait_for(requests, &in_flight) else {
                 break (guards, epoch, in_flight);
             };
             drop(guards);
@@ -1303,7 +1332,7 @@ impl Store {
             &mut out,
             "eventlog_append_waits_for_undecided_total",
             "counter",
-            "Waits of appends carrying event ids for an earlier append to their aggregate to be synced or fail (a retry is recognized only then).",
+            "Waits for an earlier append to the aggregate to be synced or fail, by appends carrying event ids (a retry is recognized only then) or expecting a version only its failure would give (a conflict is reported only once real).",
             m.waits_for_undecided.get(),
         );
         render_value(

@@ -391,3 +391,76 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
     drop(store);
     check(&Store::open(dir.path(), store_options()).unwrap());
 }
+
+/// An append whose expected version only an undecided append contradicts waits for it to
+/// be decided: a conflict then names a version the caller can read, and a conflict with
+/// an append that fails never happens.
+#[test]
+fn a_conflict_with_an_undecided_append_is_reported_only_once_it_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = store_options();
+    options.append_timeout_ms = 30_000;
+    let (store, storage) = open_gated(dir.path(), options);
+    let z = hold_a_group(&store, &storage.sync_gate);
+    let first = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("a")]);
+    assert!(framed(&store, 2));
+    // Expects the version the first append is about to make stale.
+    let rival = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let outcome = store.append("x", ExpectedVersion::NoStream, &[ev("rival")]);
+            // What the caller would reload: the version the conflict names.
+            let readable = store.aggregate_version("x").unwrap();
+            (outcome, readable)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let decided_early = rival.is_finished();
+    storage.sync_gate.open();
+    assert!(
+        !decided_early,
+        "the rival was answered while the append it conflicts with was undecided"
+    );
+    z.join().unwrap().unwrap();
+    assert_eq!(first.join().unwrap().unwrap().last_version, 1);
+    let (outcome, readable) = rival.join().unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Err(AppendError::WrongExpectedVersion { actual: 1, .. })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(readable, 1, "the version the conflict named was readable");
+    assert!(counter(&store, "eventlog_append_waits_for_undecided_total") >= 1);
+}
+
+#[test]
+fn an_append_that_contradicts_only_a_failed_append_is_not_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = store_options();
+    options.append_timeout_ms = 30_000;
+    let (store, storage) = open_gated(dir.path(), options);
+    let z = hold_a_group(&store, &storage.sync_gate);
+    let doomed = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("doomed")]);
+    assert!(framed(&store, 2));
+    let rival = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("rival")]);
+    std::thread::sleep(Duration::from_millis(200));
+    storage
+        .fsync_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    storage.sync_gate.open();
+    assert!(z.join().unwrap().is_err());
+    assert!(doomed.join().unwrap().is_err());
+    // The rival's expectation held (x never got an event): it fails only because the log
+    // refuses writes after the failed sync, not with a conflict with an append that was
+    // never stored.
+    let rival = rival.join().unwrap();
+    assert!(matches!(rival, Err(AppendError::Log(_))), "{rival:?}");
+    drop(store);
+    let store = Store::open(dir.path(), store_options()).unwrap();
+    assert_eq!(store.aggregate_version("x").unwrap(), 0);
+    store
+        .append("x", ExpectedVersion::NoStream, &[ev("after")])
+        .unwrap();
+}
