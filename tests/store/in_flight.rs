@@ -392,18 +392,31 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
     check(&Store::open(dir.path(), store_options()).unwrap());
 }
 
+type Pending = JoinHandle<Result<Appended, AppendError>>;
+
+/// A store (appends wait up to 30 s) with a group held in its fdatasync and the first
+/// append to "x" (`data`) framed behind it, undecided: the store, its storage, and the two
+/// appends' threads.
+fn undecided_first_append_to_x(
+    dir: &std::path::Path,
+    data: &str,
+) -> (Store, Arc<FullDisk>, Pending, Pending) {
+    let mut options = store_options();
+    options.append_timeout_ms = 30_000;
+    let (store, storage) = open_gated(dir, options);
+    let z = hold_a_group(&store, &storage.sync_gate);
+    let first = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev(data)]);
+    assert!(framed(&store, 2));
+    (store, storage, z, first)
+}
+
 /// An append whose expected version only an undecided append contradicts waits for it to
 /// be decided: a conflict then names a version the caller can read, and a conflict with
 /// an append that fails never happens.
 #[test]
 fn a_conflict_with_an_undecided_append_is_reported_only_once_it_is_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let mut options = store_options();
-    options.append_timeout_ms = 30_000;
-    let (store, storage) = open_gated(dir.path(), options);
-    let z = hold_a_group(&store, &storage.sync_gate);
-    let first = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("a")]);
-    assert!(framed(&store, 2));
+    let (store, storage, z, first) = undecided_first_append_to_x(dir.path(), "a");
     // Expects the version the first append is about to make stale.
     let rival = {
         let store = store.clone();
@@ -438,12 +451,7 @@ fn a_conflict_with_an_undecided_append_is_reported_only_once_it_is_stored() {
 #[test]
 fn an_append_that_contradicts_only_a_failed_append_is_not_a_conflict() {
     let dir = tempfile::tempdir().unwrap();
-    let mut options = store_options();
-    options.append_timeout_ms = 30_000;
-    let (store, storage) = open_gated(dir.path(), options);
-    let z = hold_a_group(&store, &storage.sync_gate);
-    let doomed = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("doomed")]);
-    assert!(framed(&store, 2));
+    let (store, storage, z, doomed) = undecided_first_append_to_x(dir.path(), "doomed");
     let rival = spawn_append(&store, "x", ExpectedVersion::NoStream, vec![ev("rival")]);
     std::thread::sleep(Duration::from_millis(200));
     storage
