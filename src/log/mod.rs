@@ -1004,7 +1004,6 @@ impl Inner {
         w.next_seq = first + count as u64;
         Ok(FramedAppend {
             seqs: first..w.next_seq,
-            epoch: w.epoch,
             end: Arc::clone(&w.epoch_end),
         })
     }
@@ -1015,17 +1014,15 @@ impl Inner {
         w: &mut parking_lot::MutexGuard<'_, WriterState>,
         framed: FramedAppend,
     ) -> Result<Range<u64>, AppendError> {
-        let FramedAppend { seqs, epoch, end } = framed;
+        let FramedAppend { seqs, end } = framed;
         loop {
-            if w.epoch != epoch {
-                // A failure after this append was acknowledged does not undo it: the
-                // records were stored, and their seqs are not handed out again.
-                return match end.failure.get() {
-                    Some(f) if f.acked_next >= seqs.end => Ok(seqs),
-                    Some(f) => Err(f.kind.to_error()),
-                    // Unreachable: the epoch's end is set before the epoch moves on. Had it
-                    // not been, the append is not known to be stored: reported failed.
-                    None => Err(failure_for(w, epoch)),
+            // Its epoch ended. A failure after this append was acknowledged does not undo
+            // it: the records were stored, and their seqs are not handed out again.
+            if let Some(f) = end.failure.get() {
+                return if f.acked_next >= seqs.end {
+                    Ok(seqs)
+                } else {
+                    Err(f.kind.to_error())
                 };
             }
             if w.acked_next >= seqs.end {
@@ -1687,8 +1684,7 @@ struct GroupOutcome {
 #[must_use = "the append is not known to be stored until `Log::wait_appended` says so"]
 pub struct FramedAppend {
     seqs: Range<u64>,
-    epoch: u64,
-    /// How its epoch ends: its waiter reads there whether it was stored.
+    /// How its epoch ends (set once it has): its waiter reads there whether it was stored.
     end: Arc<EpochEnd>,
 }
 
@@ -1699,9 +1695,9 @@ impl FramedAppend {
     }
 }
 
-/// How an epoch ended, shared by the appends framed in it: each can tell whether it was
-/// stored however many epochs passed since (a bounded list of failures could forget).
-/// Freed with the last append of the epoch.
+/// How an epoch ended, shared by the appends framed in it: each can tell whether its epoch
+/// ended, and then whether it was stored, however many epochs passed since (a bounded list
+/// of failures could forget). Freed with the last append of the epoch.
 #[derive(Debug, Default)]
 struct EpochEnd {
     /// The failure that ended the epoch; set once, under the writer lock, before the

@@ -243,8 +243,9 @@ fn an_append_acknowledged_before_a_failure_is_reported_stored_after_it() {
 
 /// However many writes fail while an append's waiter is away, it hears what happened to
 /// its own records: stored if they were acknowledged before its epoch ended, else the
-/// failure that ended it. (A bounded list of failures once forgot the oldest, and a waiter
-/// of a stored append was then told it failed: a retry without ids stores it twice.)
+/// failure that ended it. (A bounded list of failures once forgot the oldest, and the
+/// waiter of an append the first failure took back was then told it was stored, with its
+/// seq holding another append's record.)
 #[test]
 fn a_waiter_hears_its_own_outcome_after_many_later_failures() {
     const LATER_FAILURES: usize = 200;

@@ -88,6 +88,12 @@ impl Told {
         }
     }
 
+    /// Waits for a framed append and notes its outcome.
+    fn wait(&mut self, log: &Log, (framed, payloads): (FramedAppend, Vec<Vec<u8>>)) {
+        let seqs = framed.seqs();
+        self.outcome(log.wait_appended(framed), &payloads, Some(seqs));
+    }
+
     /// The log holds exactly the appends reported stored, densely from seq 0.
     fn check(&self, log: &Log, when: &str) {
         let expected: Vec<u64> = (0..self.stored.len() as u64).collect();
@@ -165,9 +171,7 @@ proptest! {
                 }
                 Op::Wait { which } => {
                     if !framed.is_empty() {
-                        let (f, ps) = framed.remove(which % framed.len());
-                        let seqs = f.seqs();
-                        told.outcome(log.wait_appended(f), &ps, Some(seqs));
+                        told.wait(&log, framed.remove(which % framed.len()));
                     }
                 }
                 Op::ReadEpoch => epoch_read = log.epoch(),
@@ -190,9 +194,8 @@ proptest! {
                     }
                 }
                 Op::Reopen => {
-                    for (f, ps) in framed.drain(..) {
-                        let seqs = f.seqs();
-                        told.outcome(log.wait_appended(f), &ps, Some(seqs));
+                    for f in framed.drain(..) {
+                        told.wait(&log, f);
                     }
                     drop(log);
                     storage.full.store(false, Ordering::SeqCst);
@@ -202,9 +205,8 @@ proptest! {
             }
         }
         storage.full.store(false, Ordering::SeqCst);
-        for (f, ps) in framed.drain(..) {
-            let seqs = f.seqs();
-            told.outcome(log.wait_appended(f), &ps, Some(seqs));
+        for f in framed.drain(..) {
+            told.wait(&log, f);
         }
         // A poisoned log reads what it acknowledged, and so does the reopened one.
         told.check(&log, "at the end");

@@ -725,7 +725,7 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                         started,
                         &format!(
                             "{tag}: {store}: batched append from {t} thread{} at once ...",
-                            if t == 1 { "" } else { "s" }
+                            plural(t as u64)
                         ),
                     );
                     let mut a = cfg.gen_args(seed + 400);
@@ -755,7 +755,7 @@ fn run_main(cfg: &Cfg, base: &Path, started: &Instant, res: &mut Results, notes:
                     &format!(
                         "{tag}: {store}: single-event durable appends, {t} threads, {} aggregate{}, {} s ...",
                         cfg.hot_aggregates,
-                        if cfg.hot_aggregates == 1 { "" } else { "s" },
+                        plural(cfg.hot_aggregates),
                         cfg.secs
                     ),
                 );
@@ -1122,7 +1122,7 @@ fn report(
                     format!("append_single_{t}t"),
                     format!(
                         "single-event durable append, {t} thread{}",
-                        if *t == 1 { "" } else { "s" }
+                        plural(*t as u64)
                     ),
                 )
             })
@@ -1423,7 +1423,7 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
                     let cpu = res.get_extra(&format!("threads_cpu_per_million_{t}t"), st)?;
                     Some(format!(
                         "{t} thread{}: {} ({cpu:.2} s of CPU per million)",
-                        if *t == 1 { "" } else { "s" },
+                        plural(*t as u64),
                         thousands(eps)
                     ))
                 })
@@ -1446,7 +1446,7 @@ fn details(w: &mut String, cfg: &Cfg, res: &Results) {
             })
             .collect();
         if !per.is_empty() {
-            let _ = writeln!(w, "- single-event durable appends from {} threads to only {} aggregate{} (a hot stream: appends to one aggregate must be ordered), events/s: {}. Not in the JSON.", cfg.hot_threads(), thousands(cfg.hot_aggregates as f64), if cfg.hot_aggregates == 1 { "" } else { "s" }, per.join("; "));
+            let _ = writeln!(w, "- single-event durable appends from {} threads to only {} aggregate{} (a hot stream: appends to one aggregate must be ordered), events/s: {}. Not in the JSON.", cfg.hot_threads(), thousands(cfg.hot_aggregates as f64), plural(cfg.hot_aggregates), per.join("; "));
         }
     }
     if !res.loads.is_empty() {
@@ -1487,4 +1487,13 @@ fn durability_text(w: &mut String) {
     let _ = writeln!(w, "- **raw**: the limit. eventlog's own bytes (its event encoding in its record framing, produced by a scratch eventlog store) written with one `write(2)` per append to a fresh file and one `fdatasync` per append. Batched: one write + fdatasync per 1,000 records (only the write and fdatasync are timed). Single-event: a naive group commit over one file (appenders frame into a shared buffer; whoever finds no write in progress writes the whole buffer with one write(2) + one fdatasync). Replay: read(2) of the file in 4 MiB chunks, crc32 of every record checked and its event decoded. Raw has no indexes, so no aggregate or type reads, and no reopen.");
     let _ = writeln!(w, "- **Interval** (extra line in Details): eventlog `Durability::Interval {{ sync_interval_ms: {0} }}`, SQLite `synchronous=NORMAL` (WAL synced only at checkpoints), sled without `flush()` (its default background flush every {0} ms), raw without fdatasync and a background fdatasync every {0} ms. A process crash loses nothing in any of them; a power loss may lose the last interval.", stores::INTERVAL_MS);
     let _ = writeln!(w, "- **Timing**: batched and import figures count the time spent in the store's append calls (the workload's events are generated, or the real file parsed, outside them); single-event figures count every append completed in the fixed window by all threads. Reads are warm and settled: the store was just written (page cache warm), the background work its opening started is finished first (eventlog: the index moves the events it caught up from the log into sled; sled: `flush()`; SQLite has none), and one untimed replay and 1,000 untimed aggregate reads go first. The reopen is timed in a fresh process from before `open` to the end of reading the history of the aggregate appended last before the kill (page cache warm either way). Disk bytes are allocated blocks (st_blocks) of the whole store directory after a clean close, divided by the events stored. Peak RSS is VmHWM of the appending process when the last of its events was acknowledged.\n");
+}
+
+/// The plural ending of a count's noun: "s" unless `n` is 1.
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
