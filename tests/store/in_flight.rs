@@ -83,6 +83,21 @@ fn counter(store: &Store, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing"))
 }
 
+/// Runs `work(store, thread)` on `count` threads at once; returns their results in order.
+fn on_threads<R: Send + 'static>(
+    store: &Store,
+    count: u64,
+    work: impl Fn(Store, u64) -> R + Send + Clone + 'static,
+) -> Vec<R> {
+    let threads: Vec<_> = (0..count)
+        .map(|t| {
+            let (store, work) = (store.clone(), work.clone());
+            std::thread::spawn(move || work(store, t))
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 fn payloads(store: &Store, aggregate_id: &str) -> Vec<(u64, Vec<u8>)> {
     history(store, aggregate_id)
         .into_iter()
@@ -230,38 +245,30 @@ fn concurrent_batches_over_shared_aggregates_keep_every_history_contiguous() {
     const AGGREGATES: u64 = 9;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), store_options()).unwrap();
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-                for b in 0..BATCHES {
-                    let names: Vec<String> = (0..REQUESTS)
-                        .map(|_| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            format!("agg-{}", x % AGGREGATES)
-                        })
-                        .collect();
-                    let events: Vec<Vec<NewEvent>> = (0..REQUESTS)
-                        .map(|r| vec![ev(&format!("{t}:{b}:{r}"))])
-                        .collect();
-                    let results = store.append_batch(&any_version(&names, &events)).unwrap();
-                    // A request naming an aggregate an earlier one of the batch named
-                    // comes right after it.
-                    for (i, r) in results.iter().enumerate() {
-                        if let Some(j) = (0..i).rev().find(|&j| names[j] == names[i]) {
-                            assert_eq!(r.last_version, results[j].last_version + 1);
-                        }
-                    }
+    on_threads(&store, THREADS, |store, t| {
+        let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for b in 0..BATCHES {
+            let names: Vec<String> = (0..REQUESTS)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    format!("agg-{}", x % AGGREGATES)
+                })
+                .collect();
+            let events: Vec<Vec<NewEvent>> = (0..REQUESTS)
+                .map(|r| vec![ev(&format!("{t}:{b}:{r}"))])
+                .collect();
+            let results = store.append_batch(&any_version(&names, &events)).unwrap();
+            // A request naming an aggregate an earlier one of the batch named
+            // comes right after it.
+            for (i, r) in results.iter().enumerate() {
+                if let Some(j) = (0..i).rev().find(|&j| names[j] == names[i]) {
+                    assert_eq!(r.last_version, results[j].last_version + 1);
                 }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+            }
+        }
+    });
     let check = |store: &Store| {
         let mut total = 0;
         for a in 0..AGGREGATES {
@@ -321,39 +328,33 @@ fn appends_racing_failed_writes_store_exactly_the_acknowledged_events() {
             flips
         })
     };
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let (mut acked, mut failed) = (Vec::new(), 0u64);
-                for n in 0..APPENDS {
-                    // Every fourth append is a batch to two aggregates.
-                    let requests = if n % 4 == 0 { 2 } else { 1 };
-                    let names: Vec<String> = (0..requests)
-                        .map(|r| format!("agg-{}", (t + n + r) % AGGREGATES))
-                        .collect();
-                    let events: Vec<Vec<NewEvent>> = (0..requests)
-                        .map(|r| {
-                            (0..1 + (n + r) % 3)
-                                .map(|i| ev(&format!("{t}:{n}:{r}:{i}")))
-                                .collect()
-                        })
-                        .collect();
-                    match store.append_batch(&any_version(&names, &events)) {
-                        Ok(results) => {
-                            for ((name, events), a) in names.iter().zip(&events).zip(results) {
-                                acked.push((name.clone(), a, events.len()));
-                            }
-                        }
-                        Err(AppendError::Log(_)) => failed += 1,
-                        Err(e) => panic!("thread {t} append {n}: {e}"),
+    let results = on_threads(&store, THREADS, |store, t| {
+        let (mut acked, mut failed) = (Vec::new(), 0u64);
+        for n in 0..APPENDS {
+            // Every fourth append is a batch to two aggregates.
+            let requests = if n % 4 == 0 { 2 } else { 1 };
+            let names: Vec<String> = (0..requests)
+                .map(|r| format!("agg-{}", (t + n + r) % AGGREGATES))
+                .collect();
+            let events: Vec<Vec<NewEvent>> = (0..requests)
+                .map(|r| {
+                    (0..1 + (n + r) % 3)
+                        .map(|i| ev(&format!("{t}:{n}:{r}:{i}")))
+                        .collect()
+                })
+                .collect();
+            match store.append_batch(&any_version(&names, &events)) {
+                Ok(results) => {
+                    for ((name, events), a) in names.iter().zip(&events).zip(results) {
+                        acked.push((name.clone(), a, events.len()));
                     }
                 }
-                (acked, failed)
-            })
-        })
-        .collect();
-    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+                Err(AppendError::Log(_)) => failed += 1,
+                Err(e) => panic!("thread {t} append {n}: {e}"),
+            }
+        }
+        (acked, failed)
+    });
     stop.store(true, SeqCst);
     filler.join().unwrap();
     let failed: u64 = results.iter().map(|r| r.1).sum();
@@ -483,40 +484,36 @@ fn clients_retrying_conflicts_on_one_aggregate_each_see_the_version_they_conflic
     const ATTEMPTS_MAX: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), store_options()).unwrap();
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let (mut done, mut conflicts) = (0, 0u64);
-                let mut version = store.aggregate_version("hot").unwrap();
-                for _ in 0..ATTEMPTS_MAX {
-                    if done == APPENDS {
-                        return conflicts;
-                    }
-                    let event = ev(&format!("{c}:{done}"));
-                    match store.append("hot", ExpectedVersion::Exact(version), &[event]) {
-                        Ok(a) => {
-                            assert_eq!(a.last_version, version + 1);
-                            version += 1;
-                            done += 1;
-                        }
-                        Err(AppendError::WrongExpectedVersion { actual, .. }) => {
-                            conflicts += 1;
-                            assert!(actual > version, "a conflict names a newer version");
-                            version = store.aggregate_version("hot").unwrap();
-                            assert!(
-                                version >= actual,
-                                "reloaded version {version} is older than the conflict's {actual}"
-                            );
-                        }
-                        Err(e) => panic!("client {c}: {e}"),
-                    }
+    let conflicts: u64 = on_threads(&store, CLIENTS, |store, c| {
+        let (mut done, mut conflicts) = (0, 0u64);
+        let mut version = store.aggregate_version("hot").unwrap();
+        for _ in 0..ATTEMPTS_MAX {
+            if done == APPENDS {
+                return conflicts;
+            }
+            let event = ev(&format!("{c}:{done}"));
+            match store.append("hot", ExpectedVersion::Exact(version), &[event]) {
+                Ok(a) => {
+                    assert_eq!(a.last_version, version + 1);
+                    version += 1;
+                    done += 1;
                 }
-                panic!("client {c}: {done} of {APPENDS} appends after {ATTEMPTS_MAX} attempts")
-            })
-        })
-        .collect();
-    let conflicts: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+                Err(AppendError::WrongExpectedVersion { actual, .. }) => {
+                    conflicts += 1;
+                    assert!(actual > version, "a conflict names a newer version");
+                    version = store.aggregate_version("hot").unwrap();
+                    assert!(
+                        version >= actual,
+                        "reloaded version {version} is older than the conflict's {actual}"
+                    );
+                }
+                Err(e) => panic!("client {c}: {e}"),
+            }
+        }
+        panic!("client {c}: {done} of {APPENDS} appends after {ATTEMPTS_MAX} attempts")
+    })
+    .into_iter()
+    .sum();
     let h = history(&store, "hot");
     assert_eq!(h.len() as u64, CLIENTS * APPENDS);
     for (i, e) in h.iter().enumerate() {
