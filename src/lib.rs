@@ -18,6 +18,7 @@
 //! most 4 GiB - 1 (128 MiB by default); one append fits in one segment.
 #![warn(missing_docs)]
 
+mod deadline;
 /// Bodies of the cargo-fuzz targets in `fuzz/`, shared with the corpus replay test.
 #[doc(hidden)]
 pub mod fuzzing;

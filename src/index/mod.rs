@@ -1044,7 +1044,7 @@ impl Index {
         if fits(self.lag_events()) {
             return Ok(());
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         let mut signal = self.shared.signal.lock();
         self.shared.wake_cv.notify_one();
         loop {
@@ -1508,7 +1508,7 @@ impl Shared {
                     // Retried after `interval`, not at every wake by a commit, but a stop
                     // ends the wait: closing a store whose index cannot be written does
                     // not wait out the interval.
-                    let retry_at = Instant::now() + interval;
+                    let retry_at = crate::deadline::deadline_after(Instant::now(), interval);
                     while !signal.stop
                         && !self.wake_cv.wait_until(&mut signal, retry_at).timed_out()
                     {

@@ -658,7 +658,7 @@ impl Log {
     /// `epoch` (so `seq` was acknowledged before it or never will be), or `timeout`
     /// passes. Returns whether one of the first two happened. Woken by group commits.
     pub fn wait_settled(&self, seq: u64, epoch: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         let mut w = self.inner.writer.lock();
         loop {
             if w.acked_next > seq || w.epoch != epoch {
@@ -1046,7 +1046,7 @@ impl Inner {
         let wait = Duration::from_micros(self.options.group_commit_wait_us);
         let target = w.last_group_appends;
         if !wait.is_zero() && w.pending_batches.len() < target {
-            let deadline = Instant::now() + wait;
+            let deadline = crate::deadline::deadline_after(Instant::now(), wait);
             w.gathering = true;
             while w.pending_batches.len() < target && !w.closed {
                 if self.gather_cv.wait_until(w, deadline).timed_out() {
@@ -1563,7 +1563,7 @@ impl Inner {
         if self.visible_next.load(Ordering::Acquire) > seq {
             return true;
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         let mut g = self.visible_lock.lock();
         while self.visible_next.load(Ordering::Acquire) <= seq {
             if self.visible_cv.wait_until(&mut g, deadline).timed_out() {

@@ -728,7 +728,7 @@ impl Subscription {
     /// Waits until every event up to `seq` is handled (or `timeout` passes). Returns
     /// whether it was.
     pub fn wait_until_handled(&self, seq: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         let mut c = self.shared.control.lock();
         loop {
             if self.shared.counters.position.load(Ordering::Acquire) > seq {
@@ -756,7 +756,7 @@ impl Subscription {
     /// # Errors
     /// [`PublishError::StopTimeout`] if the worker is still busy after `timeout`.
     pub fn stop(&self, timeout: Duration) -> Result<(), PublishError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         {
             let mut c = self.shared.control.lock();
             c.stop = true;
@@ -1194,7 +1194,7 @@ impl Shared {
                     tracing::debug!(subscription = %self.name, seq = stored.seq(), attempt, delay_ms = delay.as_millis() as u64, error = %e, "delivery failed; retrying");
                     // Back off without blocking other subscriptions (each has its own
                     // thread), waking early only to stop.
-                    let deadline = Instant::now() + delay;
+                    let deadline = crate::deadline::deadline_after(Instant::now(), delay);
                     let mut c = self.control.lock();
                     while !c.stop {
                         if self.control_cv.wait_until(&mut c, deadline).timed_out() {

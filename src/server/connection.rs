@@ -163,7 +163,7 @@ impl Outbox {
 
     /// [`Outbox::push`] from a thread outside the runtime (a subscription's).
     pub(crate) fn push_blocking(&self, item: Outgoing) -> Result<(), Closed> {
-        let deadline = std::time::Instant::now() + self.wait();
+        let deadline = crate::deadline::deadline_after(std::time::Instant::now(), self.wait());
         let mut item = item;
         let mut room = self.ending.room.lock();
         loop {

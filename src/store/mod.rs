@@ -862,7 +862,7 @@ impl Store {
             .iter()
             .map(|&rs| stripes.partition_point(|&s| s < rs))
             .collect();
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline::deadline_after(Instant::now(), timeout);
         let (mut guards, epoch, in_flight) = loop {
             // Locks are taken in stripe order, so two batches cannot deadlock.
             let guards: Vec<MutexGuard<'_, Stripe>> =
@@ -1795,7 +1795,8 @@ impl Follower {
                 }
             }
             let now = Instant::now();
-            let deadline = *deadline.get_or_insert(now + timeout);
+            let deadline =
+                *deadline.get_or_insert_with(|| crate::deadline::deadline_after(now, timeout));
             if now >= deadline
                 || interrupted.is_some_and(|i| i.load(std::sync::atomic::Ordering::Acquire))
             {
