@@ -1368,10 +1368,10 @@ fn subscriptions_and_dead_letters_are_inspected_and_managed() {
             )
             .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while sub.dead_letters().len() != 501 && std::time::Instant::now() < deadline {
+        while sub.dead_letters().unwrap().len() != 501 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(sub.dead_letters().len(), 501);
+        assert_eq!(sub.dead_letters().unwrap().len(), 501);
         sub.stop(Duration::from_secs(30)).unwrap();
     }
     let purged = json(&ok(&run(&dir, &["deadletters", "purge", "mailer"])));

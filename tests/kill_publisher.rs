@@ -356,7 +356,12 @@ fn child_main(dir: &str) -> ! {
         "idle" => {
             // The worker redrives the marked dead letters when it is idle.
             let deadline = Instant::now() + CHILD_TIMEOUT;
-            while sub.dead_letters().iter().any(|d| d.redrive_requested) {
+            while sub
+                .dead_letters()
+                .unwrap()
+                .iter()
+                .any(|d| d.redrive_requested)
+            {
                 if Instant::now() > deadline {
                     die(
                         7,
@@ -368,10 +373,11 @@ fn child_main(dir: &str) -> ! {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+            // Listed before the stop: stopping releases the dead letters.
+            let left = sub.dead_letters().unwrap();
             if let Err(e) = sub.stop(Duration::from_secs(30)) {
                 die(8, &format!("child run {run}: stop failed: {e}"));
             }
-            let left = sub.dead_letters();
             say(&format!(
                 "idle-left {} {}",
                 left.iter().filter(|d| d.redrive_requested).count(),
@@ -392,10 +398,12 @@ fn child_main(dir: &str) -> ! {
                 report.delivered.len(),
                 report.failed.len()
             ));
+            // Listed before the stop: stopping releases the dead letters.
+            let left = sub.dead_letters().unwrap().len();
             if let Err(e) = sub.stop(Duration::from_secs(30)) {
                 die(8, &format!("child run {run}: stop failed: {e}"));
             }
-            say(&format!("left {}", sub.dead_letters().len()));
+            say(&format!("left {left}"));
         }
         other => die(2, &format!("child run {run}: unknown mode {other:?}")),
     }

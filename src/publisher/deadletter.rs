@@ -4,13 +4,21 @@
 //! Each subscription's dead letters are a [`Log`] of their own in
 //! `<dir>/deadletter/<subscription>/log/`, in the main log's checksummed record format and
 //! with its crash recovery. Records are serde + bincode with a version byte: an `Entry` when
-//! an event is parked, `Updated` when a redrive failed again, `Resolved` when a redrive
-//! succeeded or the entry was purged. The live entries are rebuilt from the records at open.
+//! an event is parked, `Updated` when a redrive failed again, `RedriveRequested`,
+//! `Resolved` when a redrive succeeded or the entry was purged, `Carried` when compaction
+//! moved a live entry forward (keeping its id) and `Evicted` when the bounds dropped
+//! entries. The live entries are rebuilt from the records at open (`docs/FORMAT.md`).
 //!
-//! Bounded: past `entries_max` live entries or `size_bytes_max` bytes, the oldest whole
-//! segments are dropped first (FIFO); the live entries dropped are counted as evicted,
-//! logged, and the count is kept durably.
+//! Bounded, with a stated eviction policy:
+//! - past `entries_max` live entries, or past half of `size_bytes_max` bytes of live
+//!   entries, the oldest live entries are evicted first (FIFO), counted, logged and
+//!   recorded durably;
+//! - the segments themselves are kept within `size_bytes_max`: when they grow past it
+//!   (updates and resolutions add records too), the oldest segment's live entries are
+//!   carried forward, with their ids and state, and the segment is dropped. Compaction
+//!   never loses a live entry.
 
+use crate::log::record::RECORD_HEADER_SIZE_BYTES;
 use crate::log::{Durability, Log, LogOptions};
 use crate::storage::Storage;
 use serde::{Deserialize, Serialize};
@@ -25,15 +33,25 @@ const DEAD_LETTER_FORMAT_VERSION: u8 = 1;
 /// Longest error text kept with a dead letter, in bytes.
 pub const ERROR_TEXT_BYTES_MAX: usize = 4096;
 
+/// Records carried forward or evicted in one append, at most: one append must fit in a
+/// segment.
+const RECORDS_PER_APPEND_MAX: usize = 256;
+/// Ids named by one `Evicted` record, at most (it must fit in the smallest segment's
+/// record limit, half of 4 KiB).
+const EVICTED_IDS_PER_RECORD_MAX: usize = 200;
+
 /// Bounds of a subscription's dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterOptions {
-    /// Most live dead letters kept. Default 100,000.
+    /// Most live dead letters kept; past it the oldest are evicted. Default 100,000.
     pub entries_max: u64,
-    /// Most bytes of dead-letter segments kept. Default 64 MiB.
+    /// Most bytes of dead-letter segments kept. The live dead letters may fill half of it
+    /// (past that the oldest are evicted); the other half is room for the records that
+    /// redrives, purges and resolutions add until compaction reclaims them. At least twice
+    /// `segment_size_bytes`. Default 64 MiB.
     pub size_bytes_max: u64,
-    /// Size of one dead-letter segment: eviction drops whole segments, so this is also
-    /// the granularity of the bounds. Default 1 MiB.
+    /// Size of one dead-letter segment: compaction drops a whole segment at a time.
+    /// Default 1 MiB.
     pub segment_size_bytes: u64,
 }
 
@@ -88,7 +106,15 @@ enum DeadLetterRecord {
     RedriveRequested {
         id: u64,
     },
+    /// A live entry moved forward by compaction: its whole state, under its own id.
+    Carried(DeadLetter),
+    /// Entries dropped by the bounds, and the subscription's evicted count after them.
+    Evicted {
+        ids: Vec<u64>,
+        evicted_total: u64,
+    },
 }
+// Variants are only ever added at the end: bincode encodes the variant's index.
 
 fn encode(r: &DeadLetterRecord) -> Vec<u8> {
     let mut out = vec![DEAD_LETTER_FORMAT_VERSION];
@@ -117,14 +143,32 @@ pub(crate) fn clip_error(text: &str) -> String {
     text[..end].to_string()
 }
 
+/// Bytes a live entry's full state takes as a record (what carrying it forward writes).
+fn entry_record_bytes(d: &DeadLetter) -> u64 {
+    // A failure to size it would also fail to encode it (`encode` says so); the estimate
+    // only steers the bounds.
+    1 + 4 + bincode::serialized_size(d).unwrap_or(0) + RECORD_HEADER_SIZE_BYTES as u64
+}
+
 /// One subscription's dead letters.
 #[derive(Debug)]
 pub struct DeadLetters {
     log: Log,
     dir: PathBuf,
     entries: BTreeMap<u64, DeadLetter>,
-    /// Store seq -> how many live entries hold it (normally one).
-    parked_seqs: HashMap<u64, u32>,
+    /// Id -> seq of the record holding the entry's full state (its `Entry`, or the
+    /// `Carried` record compaction wrote): compaction carries entries whose record lies in
+    /// the segment it drops.
+    record_of: HashMap<u64, u64>,
+    /// Store seq -> ids of the live entries that parked it (normally one).
+    parked_seqs: HashMap<u64, Vec<u64>>,
+    /// Sum of [`entry_record_bytes`] over the live entries.
+    live_bytes: u64,
+    /// Seq of the last `Evicted` record: compaction carries it forward too, so the evicted
+    /// count it holds survives until the publisher has stored it.
+    last_evicted_record: Option<u64>,
+    /// The segment size in use (`options.segment_size_bytes`, raised to the log's minimum).
+    segment_size_bytes: u64,
     options: DeadLetterOptions,
     evicted: u64,
 }
@@ -149,6 +193,13 @@ impl DeadLetters {
             .max(crate::log::SEGMENT_SIZE_BYTES_MIN);
         log_options.record_size_bytes_max = (log_options.segment_size_bytes / 2) as u32;
         log_options.preallocate_chunk_bytes = 0;
+        if options.size_bytes_max < 2 * log_options.segment_size_bytes {
+            return Err(PublishError::InvalidOptions(format!(
+                "dead letters: size_bytes_max ({}) must be at least twice the segment size ({})",
+                options.size_bytes_max, log_options.segment_size_bytes
+            )));
+        }
+        let segment_size_bytes = log_options.segment_size_bytes;
         let err = |e: String| PublishError::DeadLetters {
             dir: dir.to_path_buf(),
             message: e,
@@ -156,12 +207,30 @@ impl DeadLetters {
         let log =
             Log::open_with_storage(storage, dir, log_options).map_err(|e| err(e.to_string()))?;
         let mut entries = BTreeMap::new();
+        let mut record_of = HashMap::new();
+        let mut evicted = evicted;
+        let mut last_evicted_record = None;
         for record in log.iter_from(log.first_seq()) {
             let record = record.map_err(|e| err(e.to_string()))?;
             match decode(record.payload()) {
                 Some(DeadLetterRecord::Entry(mut d)) => {
                     d.id = record.seq();
+                    record_of.insert(d.id, record.seq());
                     entries.insert(d.id, d);
+                }
+                Some(DeadLetterRecord::Carried(d)) => {
+                    record_of.insert(d.id, record.seq());
+                    entries.insert(d.id, d);
+                }
+                Some(DeadLetterRecord::Evicted { ids, evicted_total }) => {
+                    for id in ids {
+                        entries.remove(&id);
+                        record_of.remove(&id);
+                    }
+                    // The publisher stores the count after the eviction: a crash between
+                    // the two leaves the higher count here.
+                    evicted = evicted.max(evicted_total);
+                    last_evicted_record = Some(record.seq());
                 }
                 Some(DeadLetterRecord::Updated {
                     id,
@@ -183,19 +252,25 @@ impl DeadLetters {
                 }
                 Some(DeadLetterRecord::Resolved { id }) => {
                     entries.remove(&id);
+                    record_of.remove(&id);
                 }
                 None => return Err(err(format!("record {} is not a dead letter", record.seq()))),
             }
         }
-        let mut parked_seqs = HashMap::new();
+        let mut parked_seqs: HashMap<u64, Vec<u64>> = HashMap::new();
         for d in entries.values() {
-            *parked_seqs.entry(d.seq).or_insert(0) += 1;
+            parked_seqs.entry(d.seq).or_default().push(d.id);
         }
+        let live_bytes = entries.values().map(entry_record_bytes).sum();
         Ok(DeadLetters {
             log,
             dir: dir.to_path_buf(),
             entries,
+            record_of,
             parked_seqs,
+            live_bytes,
+            last_evicted_record,
+            segment_size_bytes,
             options,
             evicted,
         })
@@ -211,8 +286,7 @@ impl DeadLetters {
         entry.last_error = clip_error(&entry.last_error);
         let id = self.append(&DeadLetterRecord::Entry(entry.clone()))?;
         entry.id = id;
-        *self.parked_seqs.entry(entry.seq).or_insert(0) += 1;
-        self.entries.insert(id, entry);
+        self.insert_entry(id, entry);
         let evicted = self.enforce_bounds()?;
         Ok((id, evicted))
     }
@@ -236,11 +310,14 @@ impl DeadLetters {
             last_failure_us: now_us,
         })?;
         if let Some(d) = self.entries.get_mut(&id) {
+            self.live_bytes -= entry_record_bytes(d);
             d.attempts = attempts;
             d.last_error = last_error;
             d.last_failure_us = now_us;
             d.redrive_requested = false;
+            self.live_bytes += entry_record_bytes(d);
         }
+        self.enforce_bounds()?;
         Ok(())
     }
 
@@ -260,6 +337,7 @@ impl DeadLetters {
                 marked.push(id);
             }
         }
+        self.enforce_bounds()?;
         Ok(marked)
     }
 
@@ -280,6 +358,7 @@ impl DeadLetters {
         if self.entries.contains_key(&id) {
             self.append(&DeadLetterRecord::Resolved { id })?;
             self.remove_entry(id);
+            self.enforce_bounds()?;
         }
         Ok(())
     }
@@ -289,9 +368,27 @@ impl DeadLetters {
         self.entries.values().cloned().collect()
     }
 
-    /// Whether the event with store seq `seq` is parked (a live entry).
+    /// Whether some live entry parked store seq `seq` (it may have been another event,
+    /// if the log lost its tail since and the seq was reused: see
+    /// [`DeadLetters::find_event`]).
     pub fn contains_seq(&self, seq: u64) -> bool {
         self.parked_seqs.contains_key(&seq)
+    }
+
+    /// The id of the live entry that parked this very event: the one at store seq `seq`
+    /// with this aggregate and version (an undecodable event was parked as aggregate `""`,
+    /// version 0).
+    pub fn find_event(&self, seq: u64, aggregate_id: &str, version: u64) -> Option<u64> {
+        self.parked_seqs.get(&seq)?.iter().copied().find(|id| {
+            self.entries
+                .get(id)
+                .is_some_and(|d| d.aggregate_id == aggregate_id && d.version == version)
+        })
+    }
+
+    /// Bytes the live entries take as records (bounded by half of `size_bytes_max`).
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
     }
 
     /// One entry.
@@ -319,11 +416,23 @@ impl DeadLetters {
         self.log.stats().log_bytes
     }
 
+    fn insert_entry(&mut self, record: u64, entry: DeadLetter) {
+        self.record_of.insert(entry.id, record);
+        self.parked_seqs
+            .entry(entry.seq)
+            .or_default()
+            .push(entry.id);
+        self.live_bytes += entry_record_bytes(&entry);
+        self.entries.insert(entry.id, entry);
+    }
+
     fn remove_entry(&mut self, id: u64) {
         if let Some(d) = self.entries.remove(&id) {
-            if let Some(n) = self.parked_seqs.get_mut(&d.seq) {
-                *n -= 1;
-                if *n == 0 {
+            self.live_bytes -= entry_record_bytes(&d);
+            self.record_of.remove(&id);
+            if let Some(ids) = self.parked_seqs.get_mut(&d.seq) {
+                ids.retain(|&other| other != id);
+                if ids.is_empty() {
                     self.parked_seqs.remove(&d.seq);
                 }
             }
@@ -331,47 +440,127 @@ impl DeadLetters {
     }
 
     fn append(&mut self, r: &DeadLetterRecord) -> Result<u64, PublishError> {
-        let bytes = encode(r);
-        let seqs = self
-            .log
-            .append(&[bytes])
-            .map_err(|e| PublishError::DeadLetters {
-                dir: self.dir.clone(),
-                message: e.to_string(),
-            })?;
-        Ok(seqs.start)
+        let seqs = self.append_all(std::slice::from_ref(r))?;
+        Ok(seqs.first().copied().unwrap_or(0))
     }
 
-    /// Drops the oldest segments while a bound is exceeded; returns live entries dropped.
+    /// Appends records, in as few durable writes as fit a quarter segment each (an append
+    /// never spans segments; one record is at most half of one); returns their seqs.
+    fn append_all(&mut self, rs: &[DeadLetterRecord]) -> Result<Vec<u64>, PublishError> {
+        let budget_bytes = (self.segment_size_bytes / 4) as usize;
+        let mut seqs = Vec::with_capacity(rs.len());
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut batch_bytes = 0;
+        for (i, r) in rs.iter().enumerate() {
+            let bytes = encode(r);
+            batch_bytes += bytes.len() + RECORD_HEADER_SIZE_BYTES;
+            batch.push(bytes);
+            let full = batch.len() >= RECORDS_PER_APPEND_MAX || batch_bytes >= budget_bytes;
+            if full || i + 1 == rs.len() {
+                let written = self
+                    .log
+                    .append(&batch)
+                    .map_err(|e| PublishError::DeadLetters {
+                        dir: self.dir.clone(),
+                        message: e.to_string(),
+                    })?;
+                seqs.extend(written);
+                batch.clear();
+                batch_bytes = 0;
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Evicts past the live bounds, then compacts past the size bound; returns the live
+    /// entries evicted.
     fn enforce_bounds(&mut self) -> Result<u64, PublishError> {
-        let mut dropped = 0;
-        while self.len() > self.options.entries_max
-            || self.size_bytes() > self.options.size_bytes_max
-        {
-            let bases = self.log.segment_first_seqs();
-            let Some(&second) = bases.get(1) else {
+        let evicted = self.evict_over_bounds()?;
+        self.compact()?;
+        Ok(evicted)
+    }
+
+    /// Drops the oldest live entries while there are more than `entries_max` of them or
+    /// they take more than half of `size_bytes_max`. The eviction is written (with the
+    /// new evicted count) before the entries leave memory.
+    fn evict_over_bounds(&mut self) -> Result<u64, PublishError> {
+        let live_bytes_max = self.options.size_bytes_max / 2;
+        let mut gone = Vec::new();
+        let (mut count, mut bytes) = (self.len(), self.live_bytes);
+        for (&id, d) in &self.entries {
+            if count <= self.options.entries_max && bytes <= live_bytes_max {
+                break;
+            }
+            gone.push(id);
+            count -= 1;
+            bytes -= entry_record_bytes(d);
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let evicted_total = self.evicted + gone.len() as u64;
+        let records: Vec<DeadLetterRecord> = gone
+            .chunks(EVICTED_IDS_PER_RECORD_MAX)
+            .map(|ids| DeadLetterRecord::Evicted {
+                ids: ids.to_vec(),
+                evicted_total,
+            })
+            .collect();
+        let seqs = self.append_all(&records)?;
+        self.last_evicted_record = seqs.last().copied();
+        for &id in &gone {
+            self.remove_entry(id);
+        }
+        self.evicted = evicted_total;
+        tracing::warn!(dir = %self.dir.display(), evicted = gone.len(), evicted_total, "dead letters over their bound: oldest evicted");
+        Ok(gone.len() as u64)
+    }
+
+    /// While the segments take more than `size_bytes_max`, carries the live entries whose
+    /// records lie in the oldest segment (and the last `Evicted` record) forward, then
+    /// drops that segment. One pass over the segments at most: the live entries take at
+    /// most half of the bound, so a pass brings the size under it.
+    fn compact(&mut self) -> Result<(), PublishError> {
+        let passes = self.log.segment_first_seqs().len().saturating_sub(1);
+        for _ in 0..passes {
+            if self.size_bytes() <= self.options.size_bytes_max {
+                break;
+            }
+            let Some(&second) = self.log.segment_first_seqs().get(1) else {
                 break; // only the active segment is left: it cannot be dropped
             };
+            let mut carry: Vec<DeadLetterRecord> = self
+                .entries
+                .values()
+                .filter(|d| self.record_of.get(&d.id).is_some_and(|&r| r < second))
+                .map(|d| DeadLetterRecord::Carried(d.clone()))
+                .collect();
+            if self.last_evicted_record.is_some_and(|r| r < second) {
+                carry.push(DeadLetterRecord::Evicted {
+                    ids: Vec::new(),
+                    evicted_total: self.evicted,
+                });
+            }
+            let seqs = self.append_all(&carry)?;
+            for (record, seq) in carry.iter().zip(seqs) {
+                match record {
+                    DeadLetterRecord::Carried(d) => {
+                        self.record_of.insert(d.id, seq);
+                    }
+                    _ => self.last_evicted_record = Some(seq),
+                }
+            }
+            // Everything live in the segment is written again (durably) further on.
             self.log
                 .remove_segments_before(second)
                 .map_err(|e| PublishError::DeadLetters {
                     dir: self.dir.clone(),
                     message: e.to_string(),
                 })?;
-            let removed = self.log.first_seq();
-            if removed < second {
-                break;
+            if self.log.first_seq() < second {
+                break; // could not remove it; the next write tries again
             }
-            let gone: Vec<u64> = self.entries.range(..removed).map(|(&id, _)| id).collect();
-            for &id in &gone {
-                self.remove_entry(id);
-            }
-            dropped += gone.len() as u64;
         }
-        if dropped > 0 {
-            self.evicted += dropped;
-            tracing::warn!(dir = %self.dir.display(), evicted = dropped, evicted_total = self.evicted, "dead letters over their bound: oldest evicted");
-        }
-        Ok(dropped)
+        Ok(())
     }
 }

@@ -11,7 +11,15 @@
 //! - The checkpoint is written every `checkpoint_every_events` handled events or every
 //!   `checkpoint_interval_ms`, whichever comes first, and when the subscription stops. A
 //!   crash therefore re-delivers at most the events handled since the last checkpoint:
-//!   at most `checkpoint_every_events` events or `checkpoint_interval_ms` of them.
+//!   at most `checkpoint_every_events` events or `checkpoint_interval_ms` of them (and
+//!   the one being handled when the interval ran out).
+//! - An event parked after the last checkpoint is met again after a crash: it stays one
+//!   dead letter and is not delivered again (a redrive does that). After
+//!   [`Subscription::reset_to`] every event is delivered again, parked ones too: one that
+//!   is handled then leaves the dead letters, one that fails again updates its dead
+//!   letter. A dead letter is matched to its event by seq, aggregate and version, so an
+//!   event that took the seq of a lost one (the log lost its unsynced tail in a power
+//!   loss, or a repair cut it) is delivered as any other.
 //! - A handler that panics has failed that attempt; the panic is caught and the
 //!   subscription goes on.
 //!
@@ -43,9 +51,14 @@ pub const DEAD_LETTER_DIR_NAME: &str = "deadletter";
 pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
 /// How long a worker waits for new events before it looks at its controls again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
-/// While busy, a worker looks at the clock (for the checkpoint interval) every this many
-/// events; a run of ready events delivered under one handler lock ends there too.
+/// While busy with a fast handler, a worker looks at the clock (for the checkpoint
+/// interval) every this many events; a run of ready events delivered under one handler
+/// lock ends there too.
 const CLOCK_EVERY_EVENTS: u64 = 64;
+/// A handler taking at least this long an event gets the clock read after every event
+/// (next to its own time, a clock read is noise), so a slow handler's checkpoint is not
+/// late by up to `CLOCK_EVERY_EVENTS` of its events.
+const SLOW_EVENT: Duration = Duration::from_micros(50);
 /// `wait_until_handled` re-checks the position at least this often.
 const WAIT_SLICE: Duration = Duration::from_millis(5);
 
@@ -94,6 +107,12 @@ pub enum PublishError {
         name: String,
         /// The timeout.
         timeout_ms: u64,
+    },
+    /// The subscription was stopped: its handle no longer holds its dead letters.
+    #[error("subscription {name} is stopped and its dead letters are released; open them with Publisher::open_dead_letters, or subscribe again")]
+    Stopped {
+        /// The name.
+        name: String,
     },
     /// No dead letter with this id.
     #[error("subscription {name} has no dead letter {id}")]
@@ -269,7 +288,11 @@ struct Shared {
     control_pending: std::sync::atomic::AtomicBool,
     counters: Counters,
     handler: Mutex<Box<dyn Handler>>,
-    dead_letters: Mutex<DeadLetters>,
+    /// `None` once the subscription is stopped: the dead-letter log (and its lock) is
+    /// released, so the subscription can be started again or its dead letters opened.
+    dead_letters: Mutex<Option<DeadLetters>>,
+    /// Live and evicted dead letters when they were released (for `stats`).
+    released_counts: Mutex<(u64, u64)>,
     /// Whether any dead letter was ever live: until then delivery skips the dead-letter
     /// lookup on the hot path.
     parked_any: std::sync::atomic::AtomicBool,
@@ -432,13 +455,7 @@ impl Publisher {
             ));
         }
         let mut running = self.running.lock();
-        if let Some(s) = running.get(name) {
-            if !s.control.lock().finished {
-                return Err(PublishError::AlreadyRunning {
-                    name: name.to_string(),
-                });
-            }
-        }
+        release_if_finished(&running, name)?;
         let mut checkpoint = self.db.get(&self.db.checkpoints, name)?.unwrap_or(0);
         let head = self.store.next_seq();
         if checkpoint > head {
@@ -478,7 +495,8 @@ impl Publisher {
             counters: Counters::default(),
             handler: Mutex::new(Box::new(handler)),
             parked_any: std::sync::atomic::AtomicBool::new(!dead_letters.is_empty()),
-            dead_letters: Mutex::new(dead_letters),
+            dead_letters: Mutex::new(Some(dead_letters)),
+            released_counts: Mutex::new((0, 0)),
         });
         shared
             .counters
@@ -524,10 +542,7 @@ impl Publisher {
             .iter()
             .map(|s| {
                 let c = &s.counters;
-                let (live, evicted) = {
-                    let dl = s.dead_letters.lock();
-                    (dl.len(), dl.evicted())
-                };
+                let (live, evicted) = s.dead_letter_counts();
                 let label = crate::metrics::escape_label(&s.name);
                 (
                     label,
@@ -606,15 +621,20 @@ impl Publisher {
     }
 
     /// Opens a subscription's dead letters when it is not running (to inspect, purge).
+    /// A subscription of this publisher that has stopped by itself (a poison event)
+    /// releases them to the caller.
     ///
     /// # Errors
-    /// [`PublishError::DeadLetters`] (for instance locked by the running subscription).
+    /// [`PublishError::AlreadyRunning`] if it runs in this publisher;
+    /// [`PublishError::DeadLetters`] if they cannot be opened (for instance locked by
+    /// another process).
     pub fn open_dead_letters(
         &self,
         name: &str,
         options: DeadLetterOptions,
     ) -> Result<DeadLetters, PublishError> {
         check_subscription_name(name)?;
+        release_if_finished(&self.running.lock(), name)?;
         let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
         DeadLetters::open(
             Arc::clone(self.store.storage()),
@@ -642,6 +662,23 @@ impl Publisher {
         }
         self.db.put(&self.db.checkpoints, name, next_seq)
     }
+}
+
+/// Refuses a subscription of this name that is running; makes one that has finished
+/// (stopped at a poison event) release its dead letters.
+fn release_if_finished(
+    running: &HashMap<String, Arc<Shared>>,
+    name: &str,
+) -> Result<(), PublishError> {
+    if let Some(s) = running.get(name) {
+        if !s.control.lock().finished {
+            return Err(PublishError::AlreadyRunning {
+                name: name.to_string(),
+            });
+        }
+        s.release_dead_letters();
+    }
+    Ok(())
 }
 
 /// A running subscription. Dropping the handle stops it (waiting up to 30 s).
@@ -680,7 +717,7 @@ impl Subscription {
     pub fn stats(&self) -> SubscriptionStats {
         let c = &self.shared.counters;
         let position = c.position.load(Ordering::Acquire);
-        let dl = self.shared.dead_letters.lock();
+        let (dead_letters, dead_letters_evicted) = self.shared.dead_letter_counts();
         SubscriptionStats {
             name: self.shared.name.clone(),
             status: self.shared.control.lock().status.clone(),
@@ -690,8 +727,8 @@ impl Subscription {
             delivered: c.delivered.load(Ordering::Relaxed),
             retried: c.retried.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
-            dead_letters: dl.len(),
-            dead_letters_evicted: dl.evicted(),
+            dead_letters,
+            dead_letters_evicted,
         }
     }
 
@@ -752,6 +789,8 @@ impl Subscription {
     }
 
     /// Stops after the in-flight event, saves the checkpoint, and waits up to `timeout`.
+    /// Then releases the dead letters: the subscription can be started again, or its dead
+    /// letters opened with [`Publisher::open_dead_letters`].
     ///
     /// # Errors
     /// [`PublishError::StopTimeout`] if the worker is still busy after `timeout`.
@@ -780,6 +819,7 @@ impl Subscription {
         if let Some(worker) = self.worker.lock().take() {
             let _ = worker.join();
         }
+        self.shared.release_dead_letters();
         let mut running = self.running.lock();
         if running
             .get(&self.shared.name)
@@ -791,51 +831,43 @@ impl Subscription {
     }
 
     /// The live dead letters, oldest first.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.shared.dead_letters.lock().list()
+    ///
+    /// # Errors
+    /// [`PublishError::Stopped`] once the subscription is stopped.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, PublishError> {
+        self.shared.with_dead_letters(|dl| Ok(dl.list()))
     }
 
     /// Delivers dead letters to the handler again (one attempt each, now). Delivered ones
     /// are removed; failed ones stay with their attempt count raised.
     ///
+    /// An entry whose event cannot be read, or whose seq now holds another event (the log
+    /// lost the parked one since), fails with that as its error.
+    ///
     /// # Errors
     /// [`PublishError::NoSuchDeadLetter`] for an unknown id (nothing is redriven then);
-    /// [`PublishError::DeadLetters`] or [`PublishError::Read`] on I/O failures.
+    /// [`PublishError::Stopped`] once stopped; [`PublishError::DeadLetters`] on I/O
+    /// failures.
     pub fn redrive(&self, which: Redrive) -> Result<RedriveReport, PublishError> {
-        let entries = {
-            let dl = self.shared.dead_letters.lock();
-            match which {
-                Redrive::All => dl.list(),
-                Redrive::Ids(ids) => {
-                    let mut v = Vec::new();
-                    for id in ids {
-                        v.push(dl.get(id).cloned().ok_or(PublishError::NoSuchDeadLetter {
-                            name: self.shared.name.clone(),
-                            id,
-                        })?);
-                    }
-                    v
-                }
-            }
-        };
+        let name = &self.shared.name;
+        let entries = self.shared.with_dead_letters(|dl| match which {
+            Redrive::All => Ok(dl.list()),
+            Redrive::Ids(ids) => ids
+                .into_iter()
+                .map(|id| {
+                    dl.get(id).cloned().ok_or(PublishError::NoSuchDeadLetter {
+                        name: name.clone(),
+                        id,
+                    })
+                })
+                .collect(),
+        })?;
         let mut report = RedriveReport::default();
         for entry in entries {
-            let stored = self.shared.store.read_seq(entry.seq)?;
-            let attempt = entry.attempts + 1;
-            let outcome = self.shared.attempt(&stored, attempt);
-            let mut dl = self.shared.dead_letters.lock();
-            match outcome {
-                Ok(()) => {
-                    dl.resolve(entry.id)?;
-                    report.delivered.push(entry.id);
-                }
-                Err(e) => {
-                    let text = match e {
-                        HandlerError::Retryable(t) | HandlerError::Permanent(t) => t,
-                    };
-                    dl.update(entry.id, attempt, &text, now_us())?;
-                    report.failed.push(entry.id);
-                }
+            if self.shared.redrive_one(&entry)? {
+                report.delivered.push(entry.id);
+            } else {
+                report.failed.push(entry.id);
             }
         }
         Ok(report)
@@ -844,14 +876,16 @@ impl Subscription {
     /// Removes every dead letter.
     ///
     /// # Errors
-    /// [`PublishError::DeadLetters`] if the write fails.
+    /// [`PublishError::DeadLetters`] if the write fails; [`PublishError::Stopped`] once
+    /// stopped.
     pub fn purge_dead_letters(&self) -> Result<u64, PublishError> {
-        let mut dl = self.shared.dead_letters.lock();
-        let ids: Vec<u64> = dl.list().iter().map(|d| d.id).collect();
-        for id in &ids {
-            dl.resolve(*id)?;
-        }
-        Ok(ids.len() as u64)
+        self.shared.with_dead_letters(|dl| {
+            let ids: Vec<u64> = dl.list().iter().map(|d| d.id).collect();
+            for id in &ids {
+                dl.resolve(*id)?;
+            }
+            Ok(ids.len() as u64)
+        })
     }
 }
 
@@ -866,7 +900,11 @@ impl Drop for Subscription {
 enum Outcome {
     Handled,
     Parked,
+    /// Stopped during a backoff: the event is not handled.
     Interrupted,
+    /// A reset was asked for during a backoff: the event is not handled; delivery goes on
+    /// from the reset's seq.
+    Reset,
     Poison(String),
 }
 
@@ -880,6 +918,24 @@ enum Step {
     Poison { seq: u64, error: String },
 }
 
+/// How a run of ready events is delivered.
+#[derive(Clone, Copy)]
+struct Run {
+    /// End the run after this many events (to look at the clock).
+    clock_every: u64,
+    /// Events from this seq on that already have a dead letter are not delivered again.
+    skip_parked_from: Option<u64>,
+}
+
+/// Whether `stored` is the event `entry` parked: the same seq, aggregate and version (an
+/// undecodable event was parked as aggregate `""`, version 0).
+fn is_parked_event(entry: &DeadLetter, stored: &StoredEvent) -> bool {
+    match stored.event() {
+        Ok(e) => e.aggregate_id == entry.aggregate_id && e.version == entry.version,
+        Err(_) => entry.aggregate_id.is_empty() && entry.version == 0,
+    }
+}
+
 impl Shared {
     /// Tells the worker its controls changed: it looks at them before its next event, and
     /// a wait of its follower for new events ends now rather than at its timeout.
@@ -888,18 +944,110 @@ impl Shared {
         self.store.log().wake_waiters();
     }
 
+    /// Runs `f` on the dead letters while they are held (not yet released by a stop).
+    fn with_dead_letters<R>(
+        &self,
+        f: impl FnOnce(&mut DeadLetters) -> Result<R, PublishError>,
+    ) -> Result<R, PublishError> {
+        match self.dead_letters.lock().as_mut() {
+            Some(dl) => f(dl),
+            None => Err(PublishError::Stopped {
+                name: self.name.clone(),
+            }),
+        }
+    }
+
+    /// Closes the dead-letter log (once the worker is done with it), keeping its counts
+    /// for `stats`.
+    fn release_dead_letters(&self) {
+        let mut dl = self.dead_letters.lock();
+        if let Some(released) = dl.take() {
+            *self.released_counts.lock() = (released.len(), released.evicted());
+        }
+    }
+
+    /// Live and evicted dead letters.
+    fn dead_letter_counts(&self) -> (u64, u64) {
+        match self.dead_letters.lock().as_ref() {
+            Some(dl) => (dl.len(), dl.evicted()),
+            None => *self.released_counts.lock(),
+        }
+    }
+
+    /// The id of the live dead letter that parked this very event, if any.
+    fn parked_entry(&self, stored: &StoredEvent) -> Option<u64> {
+        if !self.parked_any.load(Ordering::Acquire) {
+            return None;
+        }
+        let dl = self.dead_letters.lock();
+        let dl = dl.as_ref()?;
+        if !dl.contains_seq(stored.seq()) {
+            return None;
+        }
+        let event = stored.event();
+        let (aggregate_id, version) = match &event {
+            Ok(e) => (e.aggregate_id, e.version),
+            Err(_) => ("", 0),
+        };
+        dl.find_event(stored.seq(), aggregate_id, version)
+    }
+
+    /// An event parked earlier was handled now (a replay after a reset): its dead letter
+    /// goes. If that cannot be written, the dead letter stays (a redrive delivers the
+    /// event again: at least once).
+    fn resolve_handled(&self, id: u64) {
+        if let Err(e) = self.with_dead_letters(|dl| dl.resolve(id)) {
+            tracing::error!(subscription = %self.name, id, error = %e, "removing the dead letter of a handled event failed");
+        }
+    }
+
+    /// One redrive attempt of a dead letter; records the outcome. Returns whether the
+    /// event was delivered (and the dead letter removed).
+    fn redrive_one(&self, entry: &DeadLetter) -> Result<bool, PublishError> {
+        let attempt = entry.attempts + 1;
+        let outcome = match self.store.read_seq(entry.seq) {
+            Ok(stored) if is_parked_event(entry, &stored) => self.attempt(&stored, attempt),
+            Ok(_) => Err(HandlerError::Permanent(format!(
+                "seq {} now holds another event: the log lost {} version {} since it was \
+                 parked (a power loss took its unsynced tail, or a repair cut it); purge this \
+                 dead letter",
+                entry.seq, entry.aggregate_id, entry.version
+            ))),
+            Err(e) => Err(HandlerError::Permanent(format!(
+                "event cannot be read: {e}"
+            ))),
+        };
+        self.with_dead_letters(|dl| match outcome {
+            Ok(()) => {
+                dl.resolve(entry.id)?;
+                Ok(true)
+            }
+            Err(HandlerError::Retryable(t) | HandlerError::Permanent(t)) => {
+                dl.update(entry.id, attempt, &t, now_us())?;
+                Ok(false)
+            }
+        })
+    }
+
     fn run(&self, from: u64) {
         let mut follower = self.store.follow(from, self.options.filter.clone());
         let mut jitter = Jitter::new(now_us() as u64 ^ (self as *const Shared as u64));
         let mut unsaved = 0u64;
         let mut last_save = Instant::now();
         let interval = Duration::from_millis(self.options.checkpoint_interval_ms);
+        // Events parked by an earlier run after its last checkpoint are met again from
+        // here on: they stay parked. After a reset, everything is delivered again.
+        let mut skip_parked_from = Some(from);
+        // The first run measures the handler: one event.
+        let mut clock_every = 1;
+        let mut last_clock = Instant::now();
         loop {
             // Controls: stop, pause, reset. Flagged by an atomic so that the hot path does
             // not take the control lock for every event.
             if self.control_pending.load(Ordering::Acquire) {
                 let mut c = self.control.lock();
                 if let Some(seq) = c.reset_to.take() {
+                    skip_parked_from = None;
                     follower.seek(seq);
                     self.counters.position.store(seq, Ordering::Release);
                     drop(c);
@@ -929,10 +1077,15 @@ impl Shared {
                     continue;
                 }
             };
-            let next_was_idle = next.is_none();
+            let unsaved_before = unsaved;
             match next {
                 Some(stored) => {
-                    match self.deliver_ready(stored, &mut follower, &mut jitter, &mut unsaved) {
+                    let run = Run {
+                        clock_every,
+                        skip_parked_from,
+                    };
+                    match self.deliver_ready(stored, &mut follower, &mut jitter, &mut unsaved, run)
+                    {
                         Step::Continue => {}
                         Step::Interrupted => {
                             // Stopped during a backoff: the event is not handled; the
@@ -957,12 +1110,22 @@ impl Shared {
                     self.notify();
                 }
             }
-            // Reading the clock costs more than delivering an event: look every
-            // CLOCK_EVERY_EVENTS (a run of ready events ends there), or when idle.
+            // Once a run: a run of ready events ends every `clock_every` events, which is
+            // CLOCK_EVERY_EVENTS for a fast handler (reading the clock costs more than
+            // delivering an event) and 1 for a slow one.
+            let now = Instant::now();
+            let handled = unsaved.saturating_sub(unsaved_before);
+            if handled > 0 {
+                let per_event = now.saturating_duration_since(last_clock) / handled as u32;
+                clock_every = if per_event >= SLOW_EVENT {
+                    1
+                } else {
+                    CLOCK_EVERY_EVENTS
+                };
+            }
+            last_clock = now;
             let due = unsaved >= self.options.checkpoint_every_events
-                || (unsaved > 0
-                    && (unsaved.is_multiple_of(CLOCK_EVERY_EVENTS) || next_was_idle)
-                    && last_save.elapsed() >= interval);
+                || (unsaved > 0 && now.saturating_duration_since(last_save) >= interval);
             if due {
                 let position = self.counters.position.load(Ordering::Acquire);
                 if let Err(e) = self.save_checkpoint(position) {
@@ -990,25 +1153,17 @@ impl Shared {
 
     /// Delivers dead letters marked for redrive (one attempt each), when idle.
     fn redrive_requested(&self) {
-        let wanted = self.dead_letters.lock().redrive_requested();
+        let wanted = self
+            .dead_letters
+            .lock()
+            .as_ref()
+            .map(DeadLetters::redrive_requested)
+            .unwrap_or_default();
         for entry in wanted {
             if self.control.lock().stop {
                 return;
             }
-            let outcome = match self.store.read_seq(entry.seq) {
-                Ok(stored) => self.attempt(&stored, entry.attempts + 1),
-                Err(e) => Err(HandlerError::Permanent(format!(
-                    "event cannot be read: {e}"
-                ))),
-            };
-            let mut dl = self.dead_letters.lock();
-            let written = match outcome {
-                Ok(()) => dl.resolve(entry.id),
-                Err(HandlerError::Retryable(t) | HandlerError::Permanent(t)) => {
-                    dl.update(entry.id, entry.attempts + 1, &t, now_us())
-                }
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.redrive_one(&entry) {
                 tracing::error!(subscription = %self.name, error = %e, "recording a redrive failed");
                 return;
             }
@@ -1106,28 +1261,39 @@ impl Shared {
         follower: &mut Follower,
         jitter: &mut Jitter,
         unsaved: &mut u64,
+        run: Run,
     ) -> Step {
         let counters = &self.counters;
         let mut stored = first;
         let mut handler = self.handler.lock();
+        let mut run_len = 0u64;
         loop {
-            // Already parked (delivered again after a crash before the checkpoint moved
-            // past it): it stays a single dead letter; redrive is how it is delivered
-            // again. Only the worker parks, so `parked_any` cannot turn on during a run.
-            let parked = self.parked_any.load(Ordering::Acquire)
-                && self.dead_letters.lock().contains_seq(stored.seq());
-            if !parked {
+            // Parked by an earlier run after its last checkpoint (met again after a
+            // crash): it stays a single dead letter; redrive is how it is delivered again.
+            // Only the worker parks, so `parked_any` cannot turn on during a run.
+            let parked = self.parked_entry(&stored);
+            let skip = parked.is_some()
+                && run
+                    .skip_parked_from
+                    .is_some_and(|from| stored.seq() >= from);
+            if !skip {
                 match self.attempt_with(&mut **handler, &stored, 1) {
                     // Only this thread writes the counters: a load and a store, not a
                     // locked read-modify-write.
-                    Ok(()) => counters.delivered.store(
-                        counters.delivered.load(Ordering::Relaxed) + 1,
-                        Ordering::Relaxed,
-                    ),
+                    Ok(()) => {
+                        counters.delivered.store(
+                            counters.delivered.load(Ordering::Relaxed) + 1,
+                            Ordering::Relaxed,
+                        );
+                        if let Some(id) = parked {
+                            self.resolve_handled(id);
+                        }
+                    }
                     Err(error) => {
                         drop(handler);
-                        match self.deliver_failed(&stored, jitter, error) {
+                        match self.deliver_failed(&stored, jitter, error, parked) {
                             Outcome::Handled | Outcome::Parked => {}
+                            Outcome::Reset => return Step::Continue,
                             Outcome::Interrupted => return Step::Interrupted,
                             Outcome::Poison(error) => {
                                 return Step::Poison {
@@ -1141,12 +1307,13 @@ impl Shared {
                 }
             }
             *unsaved += 1;
+            run_len += 1;
             let position = follower.position();
             counters.position.store(position, Ordering::Release);
             if position > counters.wanted.load(Ordering::Acquire) {
                 self.notify();
             }
-            if unsaved.is_multiple_of(CLOCK_EVERY_EVENTS)
+            if run_len >= run.clock_every
                 || *unsaved >= self.options.checkpoint_every_events
                 || self.control_pending.load(Ordering::Acquire)
             {
@@ -1169,12 +1336,14 @@ impl Shared {
     }
 
     /// Goes on with an event whose first attempt failed with `first`: retries it by the
-    /// policy, then parks it or stops.
+    /// policy, then parks it (or updates its dead letter `parked`, when a replay met an
+    /// event parked before) or stops.
     fn deliver_failed(
         &self,
         stored: &StoredEvent,
         jitter: &mut Jitter,
         first: HandlerError,
+        parked: Option<u64>,
     ) -> Outcome {
         let policy = &self.options.retry;
         let first_failure = now_us();
@@ -1184,6 +1353,9 @@ impl Shared {
             match outcome {
                 Ok(()) => {
                     self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Some(id) = parked {
+                        self.resolve_handled(id);
+                    }
                     return Outcome::Handled;
                 }
                 Err(HandlerError::Permanent(e)) => break e,
@@ -1193,16 +1365,19 @@ impl Shared {
                     let delay = policy.delay_after(attempt, jitter.next());
                     tracing::debug!(subscription = %self.name, seq = stored.seq(), attempt, delay_ms = delay.as_millis() as u64, error = %e, "delivery failed; retrying");
                     // Back off without blocking other subscriptions (each has its own
-                    // thread), waking early only to stop.
+                    // thread), waking early to stop or reset.
                     let deadline = crate::deadline::deadline_after(Instant::now(), delay);
                     let mut c = self.control.lock();
-                    while !c.stop {
+                    while !c.stop && c.reset_to.is_none() {
                         if self.control_cv.wait_until(&mut c, deadline).timed_out() {
                             break;
                         }
                     }
                     if c.stop {
                         return Outcome::Interrupted;
+                    }
+                    if c.reset_to.is_some() {
+                        return Outcome::Reset;
                     }
                     drop(c);
                     attempt += 1;
@@ -1212,6 +1387,19 @@ impl Shared {
         };
         if self.options.on_exhausted == OnExhausted::Stop {
             return Outcome::Poison(format!("attempt {attempt}: {error}"));
+        }
+        if let Some(id) = parked {
+            let updated = self.with_dead_letters(|dl| {
+                let before = dl.get(id).map_or(0, |d| d.attempts);
+                dl.update(id, before + attempt, &error, now_us())
+            });
+            return match updated {
+                Ok(()) => {
+                    self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    Outcome::Parked
+                }
+                Err(e) => Outcome::Poison(format!("updating its dead letter failed: {e}")),
+            };
         }
         let head = match stored.event() {
             Ok(e) => (
@@ -1234,11 +1422,13 @@ impl Shared {
             redrive_requested: false,
         };
         self.parked_any.store(true, Ordering::Release);
-        let parked = self.dead_letters.lock().park(entry);
+        let parked = self.with_dead_letters(|dl| {
+            let (_, evicted) = dl.park(entry)?;
+            Ok((evicted, dl.evicted()))
+        });
         match parked {
-            Ok((_, evicted)) => {
+            Ok((evicted, total)) => {
                 if evicted > 0 {
-                    let total = self.dead_letters.lock().evicted();
                     if let Err(e) = self.db.put(&self.db.evicted, &self.name, total) {
                         tracing::error!(subscription = %self.name, error = %e, "saving the evicted count failed");
                     }

@@ -1355,7 +1355,12 @@ impl<'c> Sim<'c> {
         let Some(sub) = self.subscription() else {
             return Ok(());
         };
-        let seq_of: HashMap<u64, u64> = sub.dead_letters().iter().map(|d| (d.id, d.seq)).collect();
+        let seq_of: HashMap<u64, u64> = sub
+            .dead_letters()
+            .map_err(|e| format!("dead letters of a running subscription: {e}"))?
+            .iter()
+            .map(|d| (d.id, d.seq))
+            .collect();
         let result = sub.redrive(Redrive::All);
         self.note(format!("redrive -> {result:?}"));
         match result {
@@ -1461,7 +1466,12 @@ impl<'c> Sim<'c> {
     fn check_everything_delivered(&mut self) -> Result<(), String> {
         let sub = self.subscription().ok_or("no subscription")?;
         let stats = sub.stats();
-        let parked: BTreeSet<u64> = sub.dead_letters().iter().map(|d| d.seq).collect();
+        let parked: BTreeSet<u64> = sub
+            .dead_letters()
+            .map_err(|e| format!("dead letters of a running subscription: {e}"))?
+            .iter()
+            .map(|d| d.seq)
+            .collect();
         let log = self.handler_log.lock();
         let missing: Vec<u64> = (0..self.events.len() as u64)
             .filter(|s| !log.handled.contains_key(s) && !parked.contains(s))

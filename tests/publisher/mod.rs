@@ -1,11 +1,12 @@
 //! The publisher: delivery, retry, dead letters, controls.
 
+mod dead_letters;
+
 use crate::common::open_store;
 use eventlog::publisher::{
-    DeadLetter, DeadLetterOptions, DeadLetters, HandlerError, OnExhausted, Publisher, Redrive,
-    RetryPolicy, Status, SubscriptionOptions,
+    DeadLetterOptions, HandlerError, OnExhausted, Publisher, Redrive, RetryPolicy, Status,
+    SubscriptionOptions,
 };
-use eventlog::storage::FsStorage;
 use eventlog::store::{EventRef, ExpectedVersion, Filter, NewEvent, Store};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -179,7 +180,7 @@ fn exhausted_and_permanent_failures_are_parked_and_delivery_moves_on() {
         "a panic is a failed attempt, and the worker lives on"
     );
     assert_eq!(attempts_for(5), 1);
-    let dl = sub.dead_letters();
+    let dl = sub.dead_letters().unwrap();
     assert_eq!(
         dl.iter().map(|d| (d.seq, d.attempts)).collect::<Vec<_>>(),
         vec![(1, 4), (3, 1), (4, 4)]
@@ -261,7 +262,7 @@ fn redrive_after_restart_delivers_parked_events_and_keeps_failures() {
             })
             .unwrap();
         assert!(sub.wait_until_handled(3, WAIT));
-        assert_eq!(sub.dead_letters().len(), 2);
+        assert_eq!(sub.dead_letters().unwrap().len(), 2);
         sub.stop(WAIT).unwrap();
     }
     drop(store);
@@ -283,7 +284,7 @@ fn redrive_after_restart_delivers_parked_events_and_keeps_failures() {
             },
         )
         .unwrap();
-    let parked = sub.dead_letters();
+    let parked = sub.dead_letters().unwrap();
     assert_eq!(
         parked.iter().map(|d| d.seq).collect::<Vec<_>>(),
         vec![1, 3],
@@ -297,7 +298,7 @@ fn redrive_after_restart_delivers_parked_events_and_keeps_failures() {
         vec![(1, 3), (3, 3)],
         "redrive continues the attempt count"
     );
-    let left = sub.dead_letters();
+    let left = sub.dead_letters().unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(
         (left[0].seq, left[0].attempts, left[0].last_error.as_str()),
@@ -308,78 +309,7 @@ fn redrive_after_restart_delivers_parked_events_and_keeps_failures() {
         Err(eventlog::publisher::PublishError::NoSuchDeadLetter { id: 999, .. })
     ));
     assert_eq!(sub.purge_dead_letters().unwrap(), 1);
-    assert!(sub.dead_letters().is_empty());
-}
-
-#[test]
-fn dead_letters_past_the_bound_evict_oldest_first_and_count_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = DeadLetterOptions {
-        entries_max: 40,
-        size_bytes_max: 1 << 30,
-        segment_size_bytes: 4096,
-    };
-    let entry = |seq: u64| DeadLetter {
-        id: 0,
-        seq,
-        aggregate_id: format!("agg-{seq}"),
-        version: 1,
-        event_type: "T".into(),
-        attempts: 5,
-        last_error: "x".repeat(40),
-        first_failure_us: 1,
-        last_failure_us: 2,
-        redrive_requested: false,
-    };
-    let mut total_evicted = 0;
-    {
-        let mut dl =
-            DeadLetters::open(Arc::new(FsStorage), dir.path(), options.clone(), 0).unwrap();
-        for seq in 0..300 {
-            let (_, evicted) = dl.park(entry(seq)).unwrap();
-            total_evicted += evicted;
-            assert!(
-                dl.len() <= 40,
-                "bound kept after parking {seq}: {}",
-                dl.len()
-            );
-        }
-        assert_eq!(dl.evicted(), total_evicted);
-        assert_eq!(
-            dl.len() + dl.evicted(),
-            300,
-            "every entry is either kept or counted as evicted"
-        );
-        let kept: Vec<u64> = dl.list().iter().map(|d| d.seq).collect();
-        let first_kept = 300 - kept.len() as u64;
-        assert_eq!(
-            kept,
-            (first_kept..300).collect::<Vec<_>>(),
-            "the oldest went first"
-        );
-    }
-    // The count survives reopening (the publisher stores it; here we pass it back).
-    let dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, total_evicted).unwrap();
-    assert_eq!(dl.len() + dl.evicted(), 300);
-
-    // The size bound too.
-    let dir = tempfile::tempdir().unwrap();
-    let options = DeadLetterOptions {
-        entries_max: 1_000_000,
-        size_bytes_max: 16 * 1024,
-        segment_size_bytes: 4096,
-    };
-    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
-    for seq in 0..500 {
-        dl.park(entry(seq)).unwrap();
-        assert!(
-            dl.size_bytes() <= 16 * 1024 + 4096,
-            "size {}",
-            dl.size_bytes()
-        );
-    }
-    assert_eq!(dl.len() + dl.evicted(), 500);
-    assert!(dl.evicted() > 0);
+    assert!(sub.dead_letters().unwrap().is_empty());
 }
 
 #[test]
@@ -528,10 +458,10 @@ fn redrive_requested_offline_is_delivered_when_the_subscription_runs() {
         .subscribe("s", fast_retry(1), recorder(&seen))
         .unwrap();
     let deadline = Instant::now() + WAIT;
-    while !sub.dead_letters().is_empty() && Instant::now() < deadline {
+    while !sub.dead_letters().unwrap().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(sub.dead_letters().is_empty());
+    assert!(sub.dead_letters().unwrap().is_empty());
     assert_eq!(*seen.lock().unwrap(), vec![(1, 2)]);
 }
 
@@ -625,4 +555,46 @@ fn publisher_metrics_and_delivery_spans_carry_what_an_operator_needs() {
     ] {
         assert!(line.contains(field), "{field} missing from {line}");
     }
+}
+
+/// A slow handler's checkpoint follows `checkpoint_interval_ms`, not only every 64 events:
+/// after about a second of 20 ms events with a 50 ms interval, one is stored.
+#[test]
+fn a_slow_handler_gets_its_checkpoint_within_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 60);
+    let publisher = Publisher::open(&store).unwrap();
+    let mut o = SubscriptionOptions::default();
+    o.checkpoint_interval_ms = 50;
+    let sub = publisher
+        .subscribe("slow", o, |_e: &EventRef<'_>, _a: u32| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        })
+        .unwrap();
+    assert!(sub.wait_until_handled(50, WAIT));
+    let stats = sub.stats();
+    assert!(
+        stats.checkpoint > 0,
+        "51 events of 20 ms handled, checkpoint still {} (interval 50 ms)",
+        stats.checkpoint
+    );
+}
+
+/// "Wait as long as it takes" is `Duration::MAX`: no overflow panic in the library.
+#[test]
+fn waits_given_duration_max_do_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 1);
+    let publisher = Publisher::open(&store).unwrap();
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("m", SubscriptionOptions::default(), recorder(&seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(0, Duration::MAX));
+    sub.stop(Duration::MAX).unwrap();
+    let mut follower = store.follow(0, Filter::all());
+    assert!(follower.next_timeout(Duration::MAX).unwrap().is_some());
 }

@@ -1,0 +1,346 @@
+//! Dead letters across restarts, replays, lost log tails and long redrive churn: each
+//! dead letter stands for one event, and the bounds never cost a live one.
+
+use super::{fast_retry, fill, recorder, Seen, WAIT};
+use crate::common::open_store;
+use eventlog::log::Durability;
+use eventlog::publisher::{
+    DeadLetter, DeadLetterOptions, DeadLetters, HandlerError, PublishError, Publisher, Redrive,
+};
+use eventlog::storage::FsStorage;
+use eventlog::store::{EventRef, ExpectedVersion, NewEvent, Store};
+use eventlog::testing::{CrashFault, SimDisk};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn seqs(seen: &Seen) -> Vec<u64> {
+    seen.lock().unwrap().iter().map(|s| s.0).collect()
+}
+
+/// A handler that parks `bad` until `fixed` is set, recording what it accepts.
+fn failing_at(
+    bad: u64,
+    fixed: &Arc<AtomicBool>,
+    seen: &Seen,
+) -> impl FnMut(&EventRef<'_>, u32) -> Result<(), HandlerError> + Send + 'static {
+    let (fixed, seen) = (Arc::clone(fixed), Arc::clone(seen));
+    move |e: &EventRef<'_>, attempt: u32| {
+        if e.seq == bad && !fixed.load(Ordering::SeqCst) {
+            return Err(HandlerError::Permanent("bug".into()));
+        }
+        seen.lock().unwrap().push((e.seq, attempt));
+        Ok(())
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The log lost its unsynced tail (`Durability::None`, power loss) after the subscription
+/// parked seq 1. New events reuse seqs 0..3: the one at seq 1 is another event and is
+/// delivered, and the stale dead letter's redrive names the loss instead of handing the
+/// handler the new event under the old entry.
+#[test]
+fn a_new_event_at_the_seq_of_a_lost_parked_one_is_delivered() {
+    let sled = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    options.sled_dir = Some(sled.path().to_path_buf());
+    options.log.segment_size_bytes = 1 << 20;
+    options.log.durability = Durability::None;
+    options.payload_size_bytes_max = 4 << 10;
+    let root = Path::new("/sim/app");
+    let disk = SimDisk::new(7);
+    let store = Store::open_with_storage(disk.clone(), root, options.clone()).unwrap();
+    disk.sync_all_dirs();
+    for i in 0..3 {
+        store
+            .append(
+                &format!("old-{i}"),
+                ExpectedVersion::Any,
+                &[NewEvent::json_text("Old", "{}")],
+            )
+            .unwrap();
+    }
+    {
+        let publisher = Publisher::open(&store).unwrap();
+        let never = Arc::new(AtomicBool::new(false));
+        let seen: Seen = Arc::default();
+        let sub = publisher
+            .subscribe("s", fast_retry(1), failing_at(1, &never, &seen))
+            .unwrap();
+        assert!(sub.wait_until_handled(2, WAIT));
+        assert_eq!(sub.dead_letters().unwrap().len(), 1);
+        sub.stop(WAIT).unwrap();
+    }
+    // The main log's unsynced appends are gone; the dead-letter log syncs every write.
+    let disk = disk.crash(CrashFault::DropUnsynced);
+    drop(store);
+    let store = Store::open_with_storage(disk, root, options).unwrap();
+    assert_eq!(store.next_seq(), 0, "the three old events were lost");
+    let publisher = Publisher::open(&store).unwrap();
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("s", fast_retry(1), recorder(&seen))
+        .unwrap();
+    for i in 0..3 {
+        store
+            .append(
+                &format!("new-{i}"),
+                ExpectedVersion::Any,
+                &[NewEvent::json_text("New", "{}")],
+            )
+            .unwrap();
+    }
+    assert!(sub.wait_until_handled(2, WAIT));
+    assert_eq!(seqs(&seen), vec![0, 1, 2], "new-1 at seq 1 was delivered");
+    let stale = sub.dead_letters().unwrap();
+    assert_eq!(stale.len(), 1);
+    assert_eq!((stale[0].seq, stale[0].aggregate_id.as_str()), (1, "old-1"));
+    let report = sub.redrive(Redrive::All).unwrap();
+    assert_eq!(report.failed, vec![stale[0].id]);
+    assert_eq!(seqs(&seen), vec![0, 1, 2], "the handler got nothing more");
+    let kept = sub.dead_letters().unwrap();
+    assert!(
+        kept[0].last_error.contains("now holds another event")
+            && kept[0].last_error.contains("old-1"),
+        "{}",
+        kept[0].last_error
+    );
+}
+
+/// A handler bug parked seq 2; the bug is fixed and the projection rebuilt from 0: the
+/// replay delivers seq 2 in order, and its dead letter goes.
+#[test]
+fn a_replay_after_reset_delivers_parked_events_in_order_and_clears_their_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 5);
+    let publisher = Publisher::open(&store).unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("proj", fast_retry(1), failing_at(2, &fixed, &seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(4, WAIT));
+    assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
+    assert_eq!(sub.dead_letters().unwrap().len(), 1);
+    fixed.store(true, Ordering::SeqCst);
+    seen.lock().unwrap().clear();
+    sub.reset_to(0);
+    wait_for("the replay", || seen.lock().unwrap().len() >= 5);
+    assert_eq!(seqs(&seen), vec![0, 1, 2, 3, 4]);
+    assert!(sub.dead_letters().unwrap().is_empty());
+    assert_eq!(sub.stats().dead_letters, 0);
+}
+
+/// A replayed parked event that fails again keeps its one dead letter, with the attempts
+/// of the replay added.
+#[test]
+fn a_replayed_parked_event_that_fails_again_updates_its_one_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 5);
+    let publisher = Publisher::open(&store).unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("proj", fast_retry(2), failing_at(2, &never, &seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(4, WAIT));
+    let first = sub.dead_letters().unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].attempts, 1, "a permanent failure is not retried");
+    seen.lock().unwrap().clear();
+    sub.reset_to(0);
+    wait_for("the replay", || seen.lock().unwrap().len() >= 4);
+    assert!(sub.wait_until_handled(4, WAIT));
+    let again = sub.dead_letters().unwrap();
+    assert_eq!(again.len(), 1, "still one dead letter for seq 2: {again:?}");
+    assert_eq!(
+        (again[0].id, again[0].seq, again[0].attempts),
+        (first[0].id, 2, 2)
+    );
+}
+
+/// The checkpoint was left before a parked event (as a crash leaves it): the restarted
+/// subscription meets the event again, and it stays one dead letter, not delivered.
+#[test]
+fn an_event_parked_after_the_last_checkpoint_stays_one_dead_letter_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 5);
+    let publisher = Publisher::open(&store).unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("s", fast_retry(1), failing_at(2, &never, &seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(4, WAIT));
+    sub.stop(WAIT).unwrap();
+    drop(sub);
+    publisher.set_checkpoint("s", 0).unwrap();
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("s", fast_retry(1), recorder(&seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(4, WAIT));
+    assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
+    assert_eq!(sub.dead_letters().unwrap().len(), 1);
+}
+
+/// `stop` releases the dead letters: the subscription starts again, or they are opened,
+/// while the old handle still exists; the old handle says it is stopped.
+#[test]
+fn a_stopped_subscription_releases_its_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 3);
+    let publisher = Publisher::open(&store).unwrap();
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("r", fast_retry(1), recorder(&seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(2, WAIT));
+    sub.stop(WAIT).unwrap();
+    assert!(matches!(
+        sub.dead_letters(),
+        Err(PublishError::Stopped { ref name }) if name == "r"
+    ));
+    assert!(matches!(
+        sub.redrive(Redrive::All),
+        Err(PublishError::Stopped { .. })
+    ));
+    let opened = publisher
+        .open_dead_letters("r", DeadLetterOptions::default())
+        .unwrap();
+    drop(opened);
+    let again = publisher
+        .subscribe("r", fast_retry(1), recorder(&seen))
+        .unwrap();
+    assert!(matches!(
+        publisher.open_dead_letters("r", DeadLetterOptions::default()),
+        Err(PublishError::AlreadyRunning { .. })
+    ));
+    drop(sub);
+    assert!(again.dead_letters().unwrap().is_empty());
+}
+
+fn entry(seq: u64) -> DeadLetter {
+    DeadLetter {
+        id: 0,
+        seq,
+        aggregate_id: format!("agg-{seq}"),
+        version: 1,
+        event_type: "T".into(),
+        attempts: 5,
+        last_error: "x".into(),
+        first_failure_us: 1,
+        last_failure_us: 2,
+        redrive_requested: false,
+    }
+}
+
+/// Failed redrives add a record each: the segments stay within `size_bytes_max` by
+/// compaction, which carries the live entries forward with their ids and state, so two
+/// live dead letters far below both bounds are never evicted.
+#[test]
+fn redrive_churn_stays_within_the_size_bound_and_evicts_nothing_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DeadLetterOptions {
+        entries_max: 1000,
+        size_bytes_max: 16 * 1024,
+        segment_size_bytes: 4096,
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options.clone(), 0).unwrap();
+    let (first, _) = dl.park(entry(0)).unwrap();
+    for i in 0..400u32 {
+        dl.update(first, i + 6, &"smtp down ".repeat(10), i64::from(i))
+            .unwrap();
+        assert!(
+            dl.size_bytes() <= 16 * 1024,
+            "after {} failed redrives: {} bytes",
+            i + 1,
+            dl.size_bytes()
+        );
+        if i == 200 {
+            dl.request_redrive(&[first]).unwrap();
+        }
+    }
+    let (second, evicted) = dl.park(entry(1)).unwrap();
+    assert_eq!(evicted, 0);
+    assert_eq!(dl.evicted(), 0);
+    let want = dl.list();
+    assert_eq!(want.len(), 2);
+    assert_eq!((want[0].id, want[0].attempts), (first, 405));
+    assert_eq!(want[0].last_error, "smtp down ".repeat(10));
+    assert_eq!(want[1].id, second);
+    drop(dl);
+    let reopened = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
+    assert_eq!(reopened.list(), want, "compaction kept ids and state");
+}
+
+/// Past `entries_max` or half of `size_bytes_max` of live entries, the oldest go first,
+/// exactly, and the evicted count is kept in the dead-letter log itself (the publisher
+/// stores it too, after: a crash between the two does not undercount).
+#[test]
+fn evictions_are_oldest_first_exact_and_their_count_survives_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DeadLetterOptions {
+        entries_max: 40,
+        size_bytes_max: 64 * 1024,
+        segment_size_bytes: 4096,
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options.clone(), 0).unwrap();
+    for seq in 0..300 {
+        dl.park(entry(seq)).unwrap();
+        assert_eq!(dl.len(), (seq + 1).min(40));
+        assert!(dl.size_bytes() <= 64 * 1024);
+    }
+    assert_eq!(dl.evicted(), 260);
+    let kept: Vec<u64> = dl.list().iter().map(|d| d.seq).collect();
+    assert_eq!(kept, (260..300).collect::<Vec<_>>());
+    drop(dl);
+    // As if the publisher's stored count (0 here) had missed the evictions.
+    let reopened = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
+    assert_eq!(reopened.evicted(), 260);
+    assert_eq!(reopened.list().len(), 40);
+
+    // The bytes bound on live entries: half of size_bytes_max.
+    let dir = tempfile::tempdir().unwrap();
+    let options = DeadLetterOptions {
+        entries_max: 1_000_000,
+        size_bytes_max: 16 * 1024,
+        segment_size_bytes: 4096,
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
+    for seq in 0..500 {
+        dl.park(entry(seq)).unwrap();
+        assert!(dl.live_bytes() <= 8 * 1024 && dl.size_bytes() <= 16 * 1024);
+    }
+    assert_eq!(dl.len() + dl.evicted(), 500);
+    let kept: Vec<u64> = dl.list().iter().map(|d| d.seq).collect();
+    assert_eq!(kept, (dl.evicted()..500).collect::<Vec<_>>());
+}
+
+/// Bounds that cannot hold (live entries must fit half of the size) are refused.
+#[test]
+fn a_size_bound_below_two_segments_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DeadLetterOptions {
+        entries_max: 10,
+        size_bytes_max: 6 * 1024,
+        segment_size_bytes: 4096,
+    };
+    let err = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap_err();
+    assert!(
+        matches!(err, PublishError::InvalidOptions(ref m) if m.contains("twice")),
+        "{err}"
+    );
+}
