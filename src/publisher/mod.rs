@@ -26,8 +26,11 @@
 //! The publisher's sled database is not the index's: the index can be deleted and
 //! rebuilt, checkpoints cannot.
 
+mod checkpoint;
 pub mod deadletter;
 pub mod retry;
+
+use checkpoint::StoredCheckpoint;
 
 pub use deadletter::{DeadLetter, DeadLetterOptions, DeadLetters};
 pub use retry::RetryPolicy;
@@ -332,10 +335,36 @@ impl Db {
 
     /// Stores and makes durable.
     fn put(&self, tree: &sled::Tree, name: &str, value: u64) -> Result<(), PublishError> {
-        tree.insert(name.as_bytes(), &value.to_be_bytes())
-            .map_err(self.err())?;
+        self.put_bytes(tree, name, &value.to_be_bytes())
+    }
+
+    fn put_bytes(&self, tree: &sled::Tree, name: &str, value: &[u8]) -> Result<(), PublishError> {
+        tree.insert(name.as_bytes(), value).map_err(self.err())?;
         self.db.flush().map_err(self.err())?;
         Ok(())
+    }
+
+    /// A subscription's stored checkpoint (a malformed one reads as none: delivery
+    /// starts over, at least once).
+    fn checkpoint(&self, name: &str) -> Result<Option<StoredCheckpoint>, PublishError> {
+        let Some(value) = self.checkpoints.get(name.as_bytes()).map_err(self.err())? else {
+            return Ok(None);
+        };
+        let decoded = StoredCheckpoint::decode(&value);
+        if decoded.is_none() {
+            tracing::warn!(
+                subscription = name,
+                bytes = value.len(),
+                "malformed checkpoint; delivering from seq 0"
+            );
+        }
+        Ok(decoded)
+    }
+
+    /// Stores (durably) the checkpoint at `next_seq`, fingerprinting `store`'s events.
+    fn put_checkpoint(&self, store: &Store, name: &str, next_seq: u64) -> Result<(), PublishError> {
+        let value = StoredCheckpoint::of(store, next_seq).encode();
+        self.put_bytes(&self.checkpoints, name, &value)
     }
 }
 
@@ -456,20 +485,22 @@ impl Publisher {
         }
         let mut running = self.running.lock();
         release_if_finished(&running, name)?;
-        let mut checkpoint = self.db.get(&self.db.checkpoints, name)?.unwrap_or(0);
-        let head = self.store.next_seq();
-        if checkpoint > head {
-            // The log is shorter than when the checkpoint was saved (a repair cut it, or a
-            // power loss took unsynced appends). New events will reuse those seqs, so
-            // resume at the head rather than skip them.
+        let stored = self.db.checkpoint(name)?;
+        let mut checkpoint = stored.as_ref().map_or(0, |c| c.next_seq);
+        let resume = stored.as_ref().map_or(0, |c| c.resume_at(&self.store));
+        if resume != checkpoint {
+            // The log lost events below the checkpoint since it was saved (a power loss
+            // took unsynced appends, or a repair cut it), and new events may have taken
+            // their seqs: resume where the log is still what was handled.
             tracing::warn!(
                 subscription = name,
                 checkpoint,
-                head,
-                "checkpoint is past the end of the log; resuming at the end"
+                resume,
+                head = self.store.next_seq(),
+                "the log lost events below the checkpoint; resuming where it still holds what was handled"
             );
-            checkpoint = head;
-            self.db.put(&self.db.checkpoints, name, checkpoint)?;
+            checkpoint = resume;
+            self.db.put_checkpoint(&self.store, name, checkpoint)?;
         }
         let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
         let dead_letters = DeadLetters::open(
@@ -609,7 +640,7 @@ impl Publisher {
         for kv in self.db.checkpoints.iter() {
             let (k, v) = kv.map_err(self.db.err())?;
             let name = String::from_utf8_lossy(&k).into_owned();
-            let checkpoint = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let checkpoint = StoredCheckpoint::decode(&v).map_or(0, |c| c.next_seq);
             let evicted = self.db.get(&self.db.evicted, &name)?.unwrap_or(0);
             out.push(StoredSubscription {
                 name,
@@ -660,7 +691,7 @@ impl Publisher {
                 name: name.to_string(),
             });
         }
-        self.db.put(&self.db.checkpoints, name, next_seq)
+        self.db.put_checkpoint(&self.store, name, next_seq)
     }
 }
 
@@ -1186,7 +1217,7 @@ impl Shared {
     }
 
     fn save_checkpoint(&self, next_seq: u64) -> Result<(), PublishError> {
-        self.db.put(&self.db.checkpoints, &self.name, next_seq)?;
+        self.db.put_checkpoint(&self.store, &self.name, next_seq)?;
         self.counters.checkpoint.store(next_seq, Ordering::Release);
         Ok(())
     }

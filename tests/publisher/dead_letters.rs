@@ -1,26 +1,19 @@
 //! Dead letters across restarts, replays, lost log tails and long redrive churn: each
 //! dead letter stands for one event, and the bounds never cost a live one.
 
-use super::{fast_retry, fill, recorder, Seen, WAIT};
+use super::{fast_retry, fill, recorder, seqs, Seen, WAIT};
 use crate::common::open_store;
-use eventlog::log::Durability;
 use eventlog::publisher::{
     DeadLetter, DeadLetterOptions, DeadLetters, HandlerError, PublishError, Publisher, Redrive,
 };
 use eventlog::storage::FsStorage;
-use eventlog::store::{EventRef, ExpectedVersion, NewEvent, Store};
-use eventlog::testing::{CrashFault, SimDisk};
-use std::path::Path;
+use eventlog::store::EventRef;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn seqs(seen: &Seen) -> Vec<u64> {
-    seen.lock().unwrap().iter().map(|s| s.0).collect()
-}
-
 /// A handler that parks `bad` until `fixed` is set, recording what it accepts.
-fn failing_at(
+pub(super) fn failing_at(
     bad: u64,
     fixed: &Arc<AtomicBool>,
     seen: &Seen,
@@ -41,78 +34,6 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// The log lost its unsynced tail (`Durability::None`, power loss) after the subscription
-/// parked seq 1. New events reuse seqs 0..3: the one at seq 1 is another event and is
-/// delivered, and the stale dead letter's redrive names the loss instead of handing the
-/// handler the new event under the old entry.
-#[test]
-fn a_new_event_at_the_seq_of_a_lost_parked_one_is_delivered() {
-    let sled = tempfile::tempdir().unwrap();
-    let mut options = crate::common::store_options();
-    options.sled_dir = Some(sled.path().to_path_buf());
-    options.log.segment_size_bytes = 1 << 20;
-    options.log.durability = Durability::None;
-    options.payload_size_bytes_max = 4 << 10;
-    let root = Path::new("/sim/app");
-    let disk = SimDisk::new(7);
-    let store = Store::open_with_storage(disk.clone(), root, options.clone()).unwrap();
-    disk.sync_all_dirs();
-    for i in 0..3 {
-        store
-            .append(
-                &format!("old-{i}"),
-                ExpectedVersion::Any,
-                &[NewEvent::json_text("Old", "{}")],
-            )
-            .unwrap();
-    }
-    {
-        let publisher = Publisher::open(&store).unwrap();
-        let never = Arc::new(AtomicBool::new(false));
-        let seen: Seen = Arc::default();
-        let sub = publisher
-            .subscribe("s", fast_retry(1), failing_at(1, &never, &seen))
-            .unwrap();
-        assert!(sub.wait_until_handled(2, WAIT));
-        assert_eq!(sub.dead_letters().unwrap().len(), 1);
-        sub.stop(WAIT).unwrap();
-    }
-    // The main log's unsynced appends are gone; the dead-letter log syncs every write.
-    let disk = disk.crash(CrashFault::DropUnsynced);
-    drop(store);
-    let store = Store::open_with_storage(disk, root, options).unwrap();
-    assert_eq!(store.next_seq(), 0, "the three old events were lost");
-    let publisher = Publisher::open(&store).unwrap();
-    let seen: Seen = Arc::default();
-    let sub = publisher
-        .subscribe("s", fast_retry(1), recorder(&seen))
-        .unwrap();
-    for i in 0..3 {
-        store
-            .append(
-                &format!("new-{i}"),
-                ExpectedVersion::Any,
-                &[NewEvent::json_text("New", "{}")],
-            )
-            .unwrap();
-    }
-    assert!(sub.wait_until_handled(2, WAIT));
-    assert_eq!(seqs(&seen), vec![0, 1, 2], "new-1 at seq 1 was delivered");
-    let stale = sub.dead_letters().unwrap();
-    assert_eq!(stale.len(), 1);
-    assert_eq!((stale[0].seq, stale[0].aggregate_id.as_str()), (1, "old-1"));
-    let report = sub.redrive(Redrive::All).unwrap();
-    assert_eq!(report.failed, vec![stale[0].id]);
-    assert_eq!(seqs(&seen), vec![0, 1, 2], "the handler got nothing more");
-    let kept = sub.dead_letters().unwrap();
-    assert!(
-        kept[0].last_error.contains("now holds another event")
-            && kept[0].last_error.contains("old-1"),
-        "{}",
-        kept[0].last_error
-    );
 }
 
 /// A handler bug parked seq 2; the bug is fixed and the projection rebuilt from 0: the

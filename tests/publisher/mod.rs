@@ -1,6 +1,7 @@
 //! The publisher: delivery, retry, dead letters, controls.
 
 mod dead_letters;
+mod lost_tail;
 
 use crate::common::open_store;
 use eventlog::publisher::{
@@ -41,6 +42,10 @@ fn fast_retry(attempts: u32) -> SubscriptionOptions {
 }
 
 type Seen = Arc<Mutex<Vec<(u64, u32)>>>;
+
+fn seqs(seen: &Seen) -> Vec<u64> {
+    seen.lock().unwrap().iter().map(|s| s.0).collect()
+}
 
 fn recorder(
     seen: &Seen,
