@@ -363,6 +363,33 @@ impl DeadLetters {
         Ok(())
     }
 
+    /// Removes the entries `ids` (unknown ones are skipped) in as few durable writes as
+    /// fit; returns how many were removed. A purge of many entries costs a few syncs, not
+    /// one each.
+    ///
+    /// # Errors
+    /// [`PublishError::DeadLetters`] if a write fails (the entries of the writes that
+    /// succeeded are removed).
+    pub fn resolve_all(&mut self, ids: &[u64]) -> Result<u64, PublishError> {
+        let live: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.entries.contains_key(id))
+            .collect();
+        for chunk in live.chunks(RECORDS_PER_APPEND_MAX) {
+            let records: Vec<DeadLetterRecord> = chunk
+                .iter()
+                .map(|&id| DeadLetterRecord::Resolved { id })
+                .collect();
+            self.append_all(&records)?;
+            for &id in chunk {
+                self.remove_entry(id);
+            }
+        }
+        self.enforce_bounds()?;
+        Ok(live.len() as u64)
+    }
+
     /// The live entries, oldest first.
     pub fn list(&self) -> Vec<DeadLetter> {
         self.entries.values().cloned().collect()

@@ -62,6 +62,8 @@ const CLOCK_EVERY_EVENTS: u64 = 64;
 /// (next to its own time, a clock read is noise), so a slow handler's checkpoint is not
 /// late by up to `CLOCK_EVERY_EVENTS` of its events.
 const SLOW_EVENT: Duration = Duration::from_micros(50);
+/// Longest wait before a worker reads the store again after a read failed.
+const READ_RETRY_WAIT_MAX: Duration = Duration::from_secs(5);
 /// `wait_until_handled` re-checks the position at least this often.
 const WAIT_SLICE: Duration = Duration::from_millis(5);
 
@@ -116,6 +118,16 @@ pub enum PublishError {
     Stopped {
         /// The name.
         name: String,
+    },
+    /// The subscription's thread could not be started (the process is out of threads or
+    /// memory).
+    #[error("subscription {name}: cannot start its thread: {source}")]
+    Thread {
+        /// The name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
     /// No dead letter with this id.
     #[error("subscription {name} has no dead letter {id}")]
@@ -543,7 +555,10 @@ impl Publisher {
             std::thread::Builder::new()
                 .name(format!("eventlog-sub-{name}"))
                 .spawn(move || shared.run(checkpoint))
-                .map_err(|e| PublishError::InvalidOptions(format!("cannot start a thread: {e}")))?
+                .map_err(|source| PublishError::Thread {
+                    name: name.to_string(),
+                    source,
+                })?
         };
         running.insert(name.to_string(), Arc::clone(&shared));
         tracing::info!(
@@ -912,10 +927,7 @@ impl Subscription {
     pub fn purge_dead_letters(&self) -> Result<u64, PublishError> {
         self.shared.with_dead_letters(|dl| {
             let ids: Vec<u64> = dl.list().iter().map(|d| d.id).collect();
-            for id in &ids {
-                dl.resolve(*id)?;
-            }
-            Ok(ids.len() as u64)
+            dl.resolve_all(&ids)
         })
     }
 }
@@ -1071,6 +1083,7 @@ impl Shared {
         let mut skip_parked_from = Some(from);
         // The first run measures the handler: one event.
         let mut clock_every = 1;
+        let mut read_failures = 0u32;
         let mut last_clock = Instant::now();
         loop {
             // Controls: stop, pause, reset. Flagged by an atomic so that the hot path does
@@ -1100,11 +1113,22 @@ impl Shared {
                 }
             }
             let next = match follower.next_or_interrupt(IDLE_WAIT, Some(&self.control_pending)) {
-                Ok(n) => n,
+                Ok(n) => {
+                    read_failures = 0;
+                    n
+                }
                 Err(e) => {
-                    tracing::error!(subscription = %self.name, error = %e, "reading the store failed; retrying");
+                    // Retried (the error may pass: an I/O error, a full disk), backing off
+                    // so that one that does not pass is not logged ten times a second.
+                    let wait = IDLE_WAIT
+                        .saturating_mul(1 << read_failures.min(6))
+                        .min(READ_RETRY_WAIT_MAX);
+                    read_failures += 1;
+                    tracing::error!(subscription = %self.name, error = %e, failures = read_failures, retry_in_ms = wait.as_millis() as u64, "reading the store failed; retrying");
                     let mut c = self.control.lock();
-                    self.control_cv.wait_for(&mut c, IDLE_WAIT);
+                    if !c.stop {
+                        self.control_cv.wait_for(&mut c, wait);
+                    }
                     continue;
                 }
             };

@@ -265,3 +265,27 @@ fn a_size_bound_below_two_segments_is_refused() {
         "{err}"
     );
 }
+
+/// A purge of many entries (batched writes) removes exactly those, durably; unknown ids
+/// are skipped.
+#[test]
+fn resolving_many_at_once_removes_exactly_those_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = DeadLetterOptions {
+        entries_max: 10_000,
+        size_bytes_max: 1 << 20,
+        segment_size_bytes: 64 << 10,
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options.clone(), 0).unwrap();
+    let ids: Vec<u64> = (0..600).map(|seq| dl.park(entry(seq)).unwrap().0).collect();
+    let mut purge: Vec<u64> = ids.iter().copied().step_by(2).collect();
+    purge.push(1_000_000);
+    assert_eq!(dl.resolve_all(&purge).unwrap(), 300);
+    let want: Vec<u64> = ids.iter().copied().skip(1).step_by(2).collect();
+    let listed = |dl: &DeadLetters| dl.list().iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(listed(&dl), want);
+    drop(dl);
+    let dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), options, 0).unwrap();
+    assert_eq!(listed(&dl), want);
+    assert_eq!(dl.evicted(), 0);
+}

@@ -648,10 +648,8 @@ pub fn deadletters(ctx: &Context, command: DeadlettersCommand) -> Result<(), Cli
         DeadlettersCommand::Purge { .. } => {
             let mut purged = 0u64;
             if let Some(d) = dl.as_mut() {
-                for entry in &entries {
-                    d.resolve(entry.id).map_err(publish_error)?;
-                    purged += 1;
-                }
+                let ids: Vec<u64> = entries.iter().map(|e| e.id).collect();
+                purged = d.resolve_all(&ids).map_err(publish_error)?;
             }
             if ctx.pretty {
                 out.line(&format!("purged {purged} dead letters of {name}"))?;
