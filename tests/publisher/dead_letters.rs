@@ -5,6 +5,7 @@ use super::{fast_retry, fill, recorder, seqs, Seen, WAIT};
 use crate::common::open_store;
 use eventlog::publisher::{
     DeadLetter, DeadLetterOptions, DeadLetters, HandlerError, PublishError, Publisher, Redrive,
+    Subscription,
 };
 use eventlog::storage::FsStorage;
 use eventlog::store::EventRef;
@@ -28,6 +29,38 @@ pub(super) fn failing_at(
     }
 }
 
+/// Five stored events and subscription "proj" (`attempts` per event), whose handler
+/// parks seq 2 until `fixed` is set; all five handled.
+struct SeqTwoParked {
+    /// Held, not read: the store's directory lives as long as the setup.
+    _dir: tempfile::TempDir,
+    publisher: Publisher,
+    sub: Subscription,
+    fixed: Arc<AtomicBool>,
+    seen: Seen,
+}
+
+fn seq_two_parked(attempts: u32) -> SeqTwoParked {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 5);
+    let publisher = Publisher::open(&store).unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::default();
+    let sub = publisher
+        .subscribe("proj", fast_retry(attempts), failing_at(2, &fixed, &seen))
+        .unwrap();
+    assert!(sub.wait_until_handled(4, WAIT));
+    assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
+    SeqTwoParked {
+        _dir: dir,
+        publisher,
+        sub,
+        fixed,
+        seen,
+    }
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done() {
@@ -40,17 +73,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 /// replay delivers seq 2 in order, and its dead letter goes.
 #[test]
 fn a_replay_after_reset_delivers_parked_events_in_order_and_clears_their_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
-    fill(&store, 5);
-    let publisher = Publisher::open(&store).unwrap();
-    let fixed = Arc::new(AtomicBool::new(false));
-    let seen: Seen = Arc::default();
-    let sub = publisher
-        .subscribe("proj", fast_retry(1), failing_at(2, &fixed, &seen))
-        .unwrap();
-    assert!(sub.wait_until_handled(4, WAIT));
-    assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
+    let parked = seq_two_parked(1);
+    let (sub, fixed, seen) = (&parked.sub, &parked.fixed, &parked.seen);
     assert_eq!(sub.dead_letters().unwrap().len(), 1);
     fixed.store(true, Ordering::SeqCst);
     seen.lock().unwrap().clear();
@@ -65,16 +89,8 @@ fn a_replay_after_reset_delivers_parked_events_in_order_and_clears_their_dead_le
 /// of the replay added.
 #[test]
 fn a_replayed_parked_event_that_fails_again_updates_its_one_dead_letter() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
-    fill(&store, 5);
-    let publisher = Publisher::open(&store).unwrap();
-    let never = Arc::new(AtomicBool::new(false));
-    let seen: Seen = Arc::default();
-    let sub = publisher
-        .subscribe("proj", fast_retry(2), failing_at(2, &never, &seen))
-        .unwrap();
-    assert!(sub.wait_until_handled(4, WAIT));
+    let parked = seq_two_parked(2);
+    let (sub, seen) = (&parked.sub, &parked.seen);
     let first = sub.dead_letters().unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempts, 1, "a permanent failure is not retried");
@@ -94,22 +110,13 @@ fn a_replayed_parked_event_that_fails_again_updates_its_one_dead_letter() {
 /// subscription meets the event again, and it stays one dead letter, not delivered.
 #[test]
 fn an_event_parked_after_the_last_checkpoint_stays_one_dead_letter_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
-    fill(&store, 5);
-    let publisher = Publisher::open(&store).unwrap();
-    let never = Arc::new(AtomicBool::new(false));
+    let parked = seq_two_parked(1);
+    parked.sub.stop(WAIT).unwrap();
+    parked.publisher.set_checkpoint("proj", 0).unwrap();
     let seen: Seen = Arc::default();
-    let sub = publisher
-        .subscribe("s", fast_retry(1), failing_at(2, &never, &seen))
-        .unwrap();
-    assert!(sub.wait_until_handled(4, WAIT));
-    sub.stop(WAIT).unwrap();
-    drop(sub);
-    publisher.set_checkpoint("s", 0).unwrap();
-    let seen: Seen = Arc::default();
-    let sub = publisher
-        .subscribe("s", fast_retry(1), recorder(&seen))
+    let sub = parked
+        .publisher
+        .subscribe("proj", fast_retry(1), recorder(&seen))
         .unwrap();
     assert!(sub.wait_until_handled(4, WAIT));
     assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
