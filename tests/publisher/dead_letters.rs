@@ -80,7 +80,7 @@ fn a_replay_after_reset_delivers_parked_events_in_order_and_clears_their_dead_le
     seen.lock().unwrap().clear();
     sub.reset_to(0);
     wait_for("the replay", || seen.lock().unwrap().len() >= 5);
-    assert_eq!(seqs(&seen), vec![0, 1, 2, 3, 4]);
+    assert_eq!(seqs(seen), vec![0, 1, 2, 3, 4]);
     assert!(sub.dead_letters().unwrap().is_empty());
     assert_eq!(sub.stats().dead_letters, 0);
 }
