@@ -9,6 +9,17 @@
 //! counted. Neither poisons a lock (the store's locks are parking_lot's, and no store lock
 //! is held while a plugin runs) nor stops later appends. Time spent in each plugin is
 //! measured.
+//!
+//! A plugin may change, add or remove the events of a request, never which aggregate a
+//! request appends to or the version it expects: the slice it gets can be reordered or
+//! overwritten, so the store checks after each plugin that every request still names its
+//! aggregate and expected version, and fails the append with `PluginFailed` (nothing
+//! stored) if one does not.
+//!
+//! Plugins run on the appending thread, without a timeout: a plugin that blocks holds up
+//! its own caller (no lock of the store is held meanwhile). `after_commit` runs once the
+//! append is durable, so an append whose `after_commit` blocks is stored but does not
+//! return until it finishes.
 
 use crate::metrics::{self, Counter, Histogram, LATENCY_US_BOUNDS};
 use crate::store::{EventRef, ExpectedVersion, NewEvent};
@@ -152,12 +163,34 @@ impl Plugins {
     }
 
     pub(crate) fn run_before(&self, batch: &mut [PendingAppend]) -> Result<(), HookError> {
+        // What a plugin must not change: the slice can be reordered or overwritten.
+        let targets: Vec<(String, ExpectedVersion)> = batch
+            .iter()
+            .map(|p| (p.aggregate_id.clone(), p.expected))
+            .collect();
         for slot in &self.slots {
             let started = Instant::now();
             let outcome = catch_unwind(AssertUnwindSafe(|| slot.plugin.before_append(batch)));
             slot.before_us.observe(started.elapsed().as_micros() as u64);
             match outcome {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    let moved = batch.iter().zip(&targets).position(|(p, (id, expected))| {
+                        p.aggregate_id != *id || p.expected != *expected
+                    });
+                    if let Some(i) = moved {
+                        slot.failures.add(1);
+                        let (id, expected) = &targets[i];
+                        let message = format!(
+                            "it changed request {i} from aggregate {id:?} expecting {expected:?} to aggregate {:?} expecting {:?}; a plugin may change only the events",
+                            batch[i].aggregate_id, batch[i].expected
+                        );
+                        tracing::error!(plugin = %slot.name, %message, "plugin changed an append's target; the append fails");
+                        return Err(HookError::Failed {
+                            plugin: slot.name.clone(),
+                            message,
+                        });
+                    }
+                }
                 Ok(Err(Rejection(reason))) => {
                     slot.rejections.add(1);
                     tracing::info!(plugin = %slot.name, %reason, "plugin rejected an append");

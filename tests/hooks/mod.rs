@@ -2,7 +2,9 @@
 
 use crate::common::store_options;
 use eventlog::hooks::{PendingAppend, Plugin, Rejection};
-use eventlog::store::{AppendError, Direction, EventRef, ExpectedVersion, NewEvent, Store};
+use eventlog::store::{
+    AppendError, AppendRequest, Direction, EventRef, ExpectedVersion, NewEvent, Store,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -253,4 +255,79 @@ fn metrics_text_is_well_formed_prometheus() {
     );
     assert!(text.contains("eventlog_appends_total 20\n"));
     assert!(text.contains("eventlog_group_commit_records_count 20\n"));
+}
+
+/// Reorders or overwrites the requests it is given (which the `&mut` slice allows).
+struct Retargeter;
+impl Plugin for Retargeter {
+    fn name(&self) -> &str {
+        "retargeter"
+    }
+    fn before_append(&self, batch: &mut [PendingAppend]) -> Result<(), Rejection> {
+        if batch.len() == 2 {
+            batch[0] = batch[1].clone();
+        } else {
+            batch.reverse();
+        }
+        Ok(())
+    }
+}
+
+/// A plugin may change events, not which aggregate a request appends to or what version
+/// it expects: a plugin that overwrote one request with another would have let a debit
+/// expecting version 5 of acct-A land as a second credit of acct-B, reported as success.
+#[test]
+fn a_plugin_that_changes_which_aggregate_a_request_appends_to_fails_the_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Store::open(dir.path(), store_options()).unwrap();
+    plain
+        .append(
+            "acct-A",
+            ExpectedVersion::NoStream,
+            &[NewEvent::json_text("Opened", "{}")],
+        )
+        .unwrap();
+    drop(plain);
+    let plugins: Vec<Arc<dyn Plugin>> = vec![Arc::new(Retargeter)];
+    let store = Store::open_with_plugins(dir.path(), store_options(), plugins).unwrap();
+    let debit = [NewEvent::json_text("Debit", "{}")];
+    let credit = [NewEvent::json_text("Credit", "{}")];
+    let outcome = store.append_batch(&[
+        AppendRequest {
+            aggregate_id: "acct-A",
+            expected: ExpectedVersion::Exact(5),
+            events: &debit,
+        },
+        AppendRequest {
+            aggregate_id: "acct-B",
+            expected: ExpectedVersion::Any,
+            events: &credit,
+        },
+    ]);
+    match outcome {
+        Err(AppendError::PluginFailed { plugin, message }) => {
+            assert_eq!(plugin, "retargeter");
+            assert!(
+                message.contains("acct-A") && message.contains("only the events"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.next_seq(), 1, "nothing stored");
+    assert_eq!(store.aggregate_version("acct-B").unwrap(), 0);
+    // A batch of three, reversed: the same.
+    let three: Vec<AppendRequest<'_>> = ["x", "y", "z"]
+        .iter()
+        .map(|id| AppendRequest {
+            aggregate_id: id,
+            expected: ExpectedVersion::Any,
+            events: &credit,
+        })
+        .collect();
+    assert!(matches!(
+        store.append_batch(&three),
+        Err(AppendError::PluginFailed { .. })
+    ));
+    assert_eq!(store.next_seq(), 1);
 }
