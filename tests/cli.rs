@@ -1429,3 +1429,114 @@ fn a_closed_stdout_ends_quietly() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(text(&out.stderr), "");
 }
+
+/// An import that stopped part way (a gzip cut short, a bad line) is finished by importing
+/// the same file again, fixed: the events it stored are recognized by their ids as already
+/// stored, even where its appends ended elsewhere than this run's batches, and the store
+/// ends up as the source, byte for byte.
+#[test]
+fn an_import_stopped_part_way_is_finished_by_importing_the_same_file_again() {
+    let (tmp, source) = imported();
+    let exported = ok(&run(&source, &["export"]));
+    let lines: Vec<&str> = exported.lines().collect();
+    assert_eq!(lines.len(), 3_411);
+
+    // Cut short: a gzip of the export, half of it.
+    let gz_path = tmp.path().join("all.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(exported.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    std::fs::write(&gz_path, &gz).unwrap();
+    let cut = tmp.path().join("cut.jsonl.gz");
+    std::fs::write(&cut, &gz[..gz.len() / 2]).unwrap();
+    let target = tmp.path().join("target");
+    fails(&run(&target, &["import", cut.to_str().unwrap()]), 2);
+    let stored_first = json(&ok(&run(&target, &["stats"])))["events"]
+        .as_u64()
+        .unwrap();
+    assert!(stored_first > 0 && stored_first < 3_411, "{stored_first}");
+    let out = run(&target, &["import", gz_path.to_str().unwrap()]);
+    ok(&out);
+    let err = text(&out.stderr);
+    // The summary counts with thousands separators.
+    let digits = stored_first.to_string();
+    let grouped: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    assert!(
+        err.contains(&format!(
+            "{} of them were already stored",
+            grouped.join(",")
+        )),
+        "{err}"
+    );
+    assert_eq!(ok(&run(&target, &["export"])), exported);
+
+    // A bad line: the error says how to go on; the fixed file imported again completes it.
+    let mut broken: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    broken[1_000] = "{not json".into();
+    let broken_path = tmp.path().join("broken.jsonl");
+    std::fs::write(&broken_path, broken.join("\n")).unwrap();
+    let target = tmp.path().join("target-2");
+    let line = fails(&run(&target, &["import", broken_path.to_str().unwrap()]), 1);
+    assert!(
+        line.contains("line 1001") && line.contains("tail -n +1002"),
+        "{line}"
+    );
+    broken[1_000] = lines[1_000].to_string();
+    std::fs::write(&broken_path, broken.join("\n")).unwrap();
+    ok(&run(&target, &["import", broken_path.to_str().unwrap()]));
+    assert_eq!(ok(&run(&target, &["export"])), exported);
+}
+
+/// Input as other tools write it: a byte order mark before line 1 (and before `--data`
+/// files), and gzip arriving through a pipe one byte first.
+#[test]
+fn imports_take_a_byte_order_mark_and_gzip_that_trickles_in() {
+    let (tmp, dir) = new_dir();
+    let bom = tmp.path().join("bom.jsonl");
+    std::fs::write(
+        &bom,
+        b"\xEF\xBB\xBF{\"aggregate\":\"a\",\"type\":\"T\",\"data\":{}}\n",
+    )
+    .unwrap();
+    ok(&run(&dir, &["import", bom.to_str().unwrap()]));
+    let data = tmp.path().join("data.json");
+    std::fs::write(&data, b"\xEF\xBB\xBF{\"n\":1}").unwrap();
+    let at_data = format!("@{}", data.display());
+    ok(&run(
+        &dir,
+        &[
+            "append",
+            "--aggregate",
+            "a",
+            "--type",
+            "T",
+            "--data",
+            &at_data,
+        ],
+    ));
+    assert_eq!(json(&ok(&run(&dir, &["stats"])))["events"], 2);
+
+    let gz = std::fs::read(FIXTURE).unwrap();
+    let (_t, piped) = new_dir();
+    let mut child = cmd(&piped)
+        .args(["import", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn eventlog");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(&gz[..1]).unwrap();
+    input.flush().unwrap();
+    // Long enough that the importer's first read gets the one byte alone.
+    std::thread::sleep(Duration::from_millis(300));
+    input.write_all(&gz[1..]).unwrap();
+    drop(input);
+    ok(&child.wait_with_output().expect("wait"));
+    assert_eq!(json(&ok(&run(&piped, &["stats"])))["events"], 3_411);
+}

@@ -1076,7 +1076,10 @@ impl Store {
             let Some(id) = asked.event_id else {
                 continue;
             };
-            if let Some(stored) = self.stored_with_id(r.aggregate_id, &id, current)? {
+            if let Some(stored) = self
+                .stored_with_id(r.aggregate_id, &id, current)
+                .map_err(|e| AppendError::Read(Box::new(e)))?
+            {
                 let e = stored.event().map_err(|e| AppendError::Read(Box::new(e)))?;
                 same_content &= e.event_type == asked.event_type
                     && e.payload == asked.payload.as_slice()
@@ -1125,26 +1128,20 @@ impl Store {
         aggregate: &str,
         id: &Uuid,
         current: u64,
-    ) -> Result<Option<StoredEvent>, AppendError> {
-        let read_err = |e: ReadError| AppendError::Read(Box::new(e));
-        if let Some(seq) = self
-            .inner
-            .index
-            .event_seq(aggregate, id)
-            .map_err(|e| read_err(e.into()))?
-        {
-            let stored = self.read_seq(seq).map_err(read_err)?;
+    ) -> Result<Option<StoredEvent>, ReadError> {
+        if let Some(seq) = self.inner.index.event_seq(aggregate, id)? {
+            let stored = self.read_seq(seq)?;
             // The head is enough to check the index's claim; the caller decodes the rest.
-            let head = stored.head().map_err(read_err)?;
+            let head = stored.head()?;
             if head.aggregate_id != aggregate || head.event_id != *id {
-                return Err(read_err(ReadError::IndexMismatch {
+                return Err(ReadError::IndexMismatch {
                     seq,
                     expected: format!("event {id} of aggregate {aggregate:?}"),
                     found: format!(
                         "event {} of aggregate {:?}",
                         head.event_id, head.aggregate_id
                     ),
-                }));
+                });
             }
             return Ok(Some(stored));
         }
@@ -1152,17 +1149,43 @@ impl Store {
             return Ok(None);
         };
         match self
-            .read_aggregate(aggregate, version, Direction::Forward, 1)
-            .map_err(read_err)?
+            .read_aggregate(aggregate, version, Direction::Forward, 1)?
             .next()
         {
             Some(item) => {
-                let stored = item.map_err(read_err)?;
-                let holds_it = stored.head().map_err(read_err)?.event_id == *id;
+                let stored = item?;
+                let holds_it = stored.head()?.event_id == *id;
                 Ok(holds_it.then_some(stored))
             }
             None => Ok(None),
         }
+    }
+
+    /// The stored event of `aggregate_id` whose event id is `event_id`, if any: one index
+    /// lookup and at most one read.
+    ///
+    /// # Errors
+    /// [`ReadError::Index`], [`ReadError::Log`] or [`ReadError::IndexMismatch`].
+    ///
+    /// # Examples
+    /// ```
+    /// use eventlog::store::{ExpectedVersion, NewEvent, Options, Store};
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path(), Options::default())?;
+    /// let id = uuid::Uuid::new_v4();
+    /// store.append("order-1", ExpectedVersion::Any, &[NewEvent::json_text("Placed", "{}").with_id(id)])?;
+    /// let found = store.read_event_id("order-1", &id)?.expect("stored");
+    /// assert_eq!(found.event()?.version, 1);
+    /// assert!(store.read_event_id("order-2", &id)?.is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn read_event_id(
+        &self,
+        aggregate_id: &str,
+        event_id: &Uuid,
+    ) -> Result<Option<StoredEvent>, ReadError> {
+        let current = self.aggregate_version(aggregate_id)?;
+        self.stored_with_id(aggregate_id, event_id, current)
     }
 
     /// Events of `aggregate_id` from `from_version` (1-based; for `Backward`, the newest

@@ -69,16 +69,30 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
+/// The UTF-8 byte order mark.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Wraps a reader, decompressing it if it starts with the gzip magic bytes.
 pub fn maybe_gunzip<'a, R: Read + 'a>(
     reader: R,
     source: &str,
 ) -> Result<Box<dyn BufRead + 'a>, CliError> {
-    let mut buffered = BufReader::with_capacity(256 << 10, reader);
-    let head = buffered
-        .fill_buf()
-        .map_err(|e| io_error(source, &e, "reading"))?;
-    if head.starts_with(&[0x1f, 0x8b]) {
+    // Two bytes, however the input hands them over (a pipe may give one at a time).
+    let mut reader = reader;
+    let mut magic = [0u8; 2];
+    let mut have = 0;
+    while have < magic.len() {
+        match reader.read(&mut magic[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(source, &e, "reading")),
+        }
+    }
+    let is_gzip = magic == [0x1f, 0x8b];
+    let head = std::io::Cursor::new(magic).take(have as u64);
+    let buffered = BufReader::with_capacity(256 << 10, head.chain(reader));
+    if is_gzip {
         Ok(Box::new(BufReader::with_capacity(
             256 << 10,
             flate2::bufread::MultiGzDecoder::new(buffered),
@@ -253,7 +267,13 @@ pub fn import_from(
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let parsed = std::str::from_utf8(&buf)
+        // A byte order mark (Windows tools write one) is not part of the first event.
+        let text = if line_no == 1 {
+            buf.strip_prefix(UTF8_BOM).unwrap_or(&buf)
+        } else {
+            &buf
+        };
+        let parsed = std::str::from_utf8(text)
             .map_err(|e| format!("not UTF-8 text: {e}"))
             .and_then(|text| {
                 eventlog::json::new_event_from_json_str(text).map_err(|e| e.to_string())
@@ -315,9 +335,10 @@ impl Importer<'_> {
         Err(CliError::new(
             Code::Usage,
             format!(
-                "{} line {line_no}: {reason}; the {} events before it are stored: fix the line and import the rest from it on, or rerun with --skip-invalid",
+                "{} line {line_no}: {reason}; the {} events before it are stored. {}",
                 self.options.source,
-                count(self.summary.events)
+                count(self.summary.events),
+                rerun_hint(line_no)
             ),
         ))
     }
@@ -382,6 +403,18 @@ impl Importer<'_> {
             let line_no = self.batch.lines[bad];
             self.commit(bad).map_err(append_error)?;
             // The culprit is now first in the batch.
+            if matches!(err, AppendError::DuplicateEventId { .. }) && self.stored_copy(0)? {
+                // Stored by an earlier import that stopped part way (its appends ended
+                // elsewhere than this run's batches): this event and the stored ones right
+                // after it are counted as already stored, and the rest goes on.
+                let mut n = 1;
+                while n < self.batch.len() && self.stored_copy(n)? {
+                    n += 1;
+                }
+                self.summary.events += n as u64;
+                self.batch.drain_front(n);
+                continue;
+            }
             let reason = err.to_string();
             self.batch.drain_front(1);
             if self.options.skip_invalid {
@@ -395,15 +428,47 @@ impl Importer<'_> {
                 return Err(CliError::new(
                     code,
                     format!(
-                        "{} line {line_no}: {reason}; the {} events before it are stored: fix the line and import the rest from it on, or rerun with --skip-invalid",
+                        "{} line {line_no}: {reason}; the {} events before it are stored. {}",
                         self.options.source,
-                        count(self.summary.events)
+                        count(self.summary.events),
+                        rerun_hint(line_no)
                     ),
                 ));
             }
         }
         Ok(())
     }
+}
+
+impl Importer<'_> {
+    /// Whether batch event `i` carries an id and is stored already under it, the same
+    /// event (type, content type, payload: what makes an append a retry).
+    fn stored_copy(&self, i: usize) -> Result<bool, CliError> {
+        let asked = &self.batch.events[i];
+        let Some(id) = asked.event_id else {
+            return Ok(false);
+        };
+        let Some(stored) = self
+            .store
+            .read_event_id(&self.batch.aggregates[i], &id)
+            .map_err(read_error)?
+        else {
+            return Ok(false);
+        };
+        let e = stored.event().map_err(read_error)?;
+        Ok(e.event_type == asked.event_type
+            && e.content_type == asked.content_type
+            && e.payload == asked.payload.as_slice())
+    }
+}
+
+/// What to do after a bad line: go on from the next one. (`--skip-invalid` from the start
+/// would store again the events before it that carry no ids.)
+fn rerun_hint(line_no: u64) -> String {
+    format!(
+        "Fix the line and import again from it on, or skip it and import the rest: `tail -n +{} FILE | eventlog import -` (`zcat FILE | tail ...` if it is gzipped). Lines with ids that are already stored are recognized; lines without ids would be stored twice",
+        line_no + 1
+    )
 }
 
 /// The index in `batch` of the event an append error is about, when it names one.

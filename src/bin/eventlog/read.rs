@@ -85,11 +85,16 @@ fn load_data(arg: &str) -> Result<String, CliError> {
             format!("cannot read --data file {path}: {e}; check the path"),
         )
     })?;
-    String::from_utf8(bytes).map_err(|_| {
+    let text = String::from_utf8(bytes).map_err(|_| {
         CliError::new(
             Code::Usage,
             format!("--data file {path} is not UTF-8 text; the payload must be JSON"),
         )
+    })?;
+    // A byte order mark (Windows tools write one) is not part of the JSON.
+    Ok(match text.strip_prefix('\u{FEFF}') {
+        Some(rest) => rest.to_string(),
+        None => text,
     })
 }
 
