@@ -1427,3 +1427,77 @@ async fn the_serve_command_stops_gracefully_on_sigterm_with_json_logs() {
     assert!(!acked.is_empty());
     check_acknowledged(&dir, &acked);
 }
+
+// ------------------------------------------------- regressions from the server review
+
+/// The number of live subscriptions on the server (their threads, stopping ones
+/// included).
+async fn subscriptions_live(server: &TestServer, admin: &str) -> f64 {
+    sample(
+        &server.metrics(admin).await,
+        "eventlog_server_subscriptions",
+    )
+}
+
+/// Unsubscribing stops a filtered subscription while it is still skipping stored events,
+/// and a connection's subscriptions count against its limit until their threads have
+/// ended. Before, a subscription whose filter matched nothing scanned the whole log
+/// before it noticed it was unsubscribed, and the limit counted only the handles, so a
+/// subscribe/unsubscribe loop on a connection limited to 2 left up to 20 threads
+/// scanning (server review, finding 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribed_filtered_subscriptions_stop_scanning_and_count_until_they_end() {
+    const LIMIT: usize = 2;
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.subscriptions_per_connection_max = LIMIT;
+    })
+    .await;
+    // Enough stored events that scanning them all takes much longer than a round trip.
+    const STORED: u64 = 300_000;
+    let batch: Vec<_> = (0..1_000)
+        .map(|i| eventlog::store::NewEvent::json_text("T", format!("{{\"i\":{i}}}")))
+        .collect();
+    for b in 0..STORED / 1_000 {
+        server
+            .store
+            .append(
+                &format!("s-{}", b % 50),
+                eventlog::store::ExpectedVersion::Any,
+                &batch,
+            )
+            .unwrap();
+    }
+    let mut c = connect(server.addr, Some(&admin)).await.unwrap();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let s = c
+            .request(json!({"op": "subscribe", "from": 0, "types": ["Nope"]}))
+            .await;
+        if s["ok"] == json!(true) {
+            assert_ok(
+                &c.request(json!({"op": "unsubscribe", "sub": s["sub"]}))
+                    .await,
+            );
+        } else {
+            // Only if a stopped thread took longer than the server's wait to end.
+            assert_error(&s, "too_many_subscriptions");
+            refused += 1;
+        }
+        let live = subscriptions_live(&server, &admin).await;
+        assert!(
+            live <= LIMIT as f64,
+            "{live} subscription threads on a connection limited to {LIMIT}"
+        );
+    }
+    // Every thread ends, though each was stopped in the middle of its scan.
+    let started = Instant::now();
+    while subscriptions_live(&server, &admin).await > 0.0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "unsubscribed threads still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{refused} of 20 subscribes refused while a stopped one was ending");
+    server.stop().await;
+}

@@ -13,7 +13,7 @@ use super::protocol::{
 };
 use super::subscription::{self, SubHandle};
 use super::tokens::Grant;
-use super::Shared;
+use super::{Shared, Tracker};
 use crate::store::{AppendError, Direction, Filter, ReadError, StoredEvent};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -161,13 +161,15 @@ impl Outbox {
         }
     }
 
-    /// [`Outbox::push`] from a thread outside the runtime (a subscription's).
-    pub(crate) fn push_blocking(&self, item: Outgoing) -> Result<(), Closed> {
+    /// [`Outbox::push`] from a thread outside the runtime (a subscription's). Gives up
+    /// (without disconnecting anyone) once `stop` is set and [`Outbox::wake_producers`]
+    /// was called: a stopped subscription's events would be dropped by the writer anyway.
+    pub(crate) fn push_blocking(&self, item: Outgoing, stop: &AtomicBool) -> Result<(), Closed> {
         let deadline = crate::deadline::deadline_after(std::time::Instant::now(), self.wait());
         let mut item = item;
         let mut room = self.ending.room.lock();
         loop {
-            if self.ending.is_aborted() {
+            if self.ending.is_aborted() || stop.load(Ordering::Acquire) {
                 return Err(Closed);
             }
             // Tried under the lock, so the writer's wake-up cannot fall between this
@@ -191,6 +193,12 @@ impl Outbox {
                 };
             }
         }
+    }
+
+    /// Wakes the threads waiting in [`Outbox::push_blocking`] so they look at their stop
+    /// flags.
+    pub(crate) fn wake_producers(&self) {
+        self.ending.room_changed();
     }
 
     /// Whether the connection is ending (the writer is gone or aborted).
@@ -299,6 +307,10 @@ struct Session {
     conn_id: u64,
     outbox: Outbox,
     subs: HashMap<u64, SubHandle>,
+    /// The threads of this connection's subscriptions, including unsubscribed ones still
+    /// stopping: they count against the connection's limit until they have ended, so
+    /// subscribing and unsubscribing in a loop cannot pile up threads reading the store.
+    sub_threads: Arc<Tracker>,
     next_sub: u64,
 }
 
@@ -324,6 +336,7 @@ where
         grant,
         conn_id,
         subs: HashMap::new(),
+        sub_threads: Arc::new(Tracker::default()),
         next_sub: 1,
     };
     let mut stream = stream;
@@ -609,14 +622,27 @@ impl Session {
             }
         };
         let config = &self.shared.config;
-        if self.subs.len() >= config.subscriptions_per_connection_max {
-            return Err(WireError::new(
-                ErrorCode::TooManySubscriptions,
+        let per_connection_max = config.subscriptions_per_connection_max;
+        if self.sub_threads.live() >= per_connection_max && self.subs.len() < per_connection_max {
+            // Some of them are unsubscribed and still stopping: they end within a follow
+            // slice, so a client that unsubscribes and subscribes again is not refused.
+            self.sub_threads
+                .wait_below(per_connection_max, subscription::SUBSCRIPTION_END_WAIT)
+                .await;
+        }
+        let live = self.sub_threads.live();
+        if live >= per_connection_max {
+            let stopping = live.saturating_sub(self.subs.len());
+            let message = if stopping == 0 {
                 format!(
-                    "this connection has {} subscriptions, its limit; unsubscribe one first",
-                    self.subs.len()
-                ),
-            ));
+                    "this connection has {live} subscriptions, its limit; unsubscribe one first"
+                )
+            } else {
+                format!(
+                    "this connection has {live} subscriptions, its limit, {stopping} of them unsubscribed but still stopping; retry shortly"
+                )
+            };
+            return Err(WireError::new(ErrorCode::TooManySubscriptions, message));
         }
         if self.shared.threads.live() >= config.subscriptions_max {
             return Err(WireError::new(
@@ -639,15 +665,14 @@ impl Session {
         if self.outbox.push(Outgoing::Text(answer)).await.is_err() {
             return Ok(());
         }
-        match subscription::spawn(
-            Arc::clone(&self.shared),
-            self.outbox.clone(),
-            self.conn_id,
+        let start = subscription::Start {
+            conn_id: self.conn_id,
+            connection_threads: Arc::clone(&self.sub_threads),
             sub,
             from,
             filter,
-            span,
-        ) {
+        };
+        match subscription::spawn(Arc::clone(&self.shared), self.outbox.clone(), start, span) {
             Ok(h) => {
                 self.subs.insert(sub, h);
             }

@@ -94,11 +94,13 @@ const WS_READ_BUFFER_BYTES: usize = 8 << 10;
 /// WebSocket write buffer target per connection.
 const WS_WRITE_BUFFER_BYTES: usize = 64 << 10;
 
-/// Counts live tasks or threads; lets shutdown wait for them all.
+/// Counts live tasks or threads; lets shutdown wait for them all, and a connection for
+/// one of its subscription threads to end.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     live: AtomicUsize,
-    idle: Notify,
+    /// Notified each time one ends.
+    ended: Notify,
 }
 
 /// Counts as live in a [`Tracker`] until dropped.
@@ -117,12 +119,18 @@ impl Tracker {
 
     /// Waits until nothing is live, or `timeout` passes; returns whether nothing is.
     async fn wait_idle(&self, timeout: Duration) -> bool {
+        self.wait_below(1, timeout).await
+    }
+
+    /// Waits until fewer than `limit` are live, or `timeout` passes; returns whether
+    /// fewer are.
+    pub(crate) async fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
         let wait = async {
             loop {
-                let notified = self.idle.notified();
+                let notified = self.ended.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.live() == 0 {
+                if self.live() < limit {
                     return;
                 }
                 notified.await;
@@ -134,9 +142,8 @@ impl Tracker {
 
 impl Drop for TrackerGuard {
     fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
     }
 }
 
