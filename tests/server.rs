@@ -1501,3 +1501,163 @@ async fn unsubscribed_filtered_subscriptions_stop_scanning_and_count_until_they_
     eprintln!("{refused} of 20 subscribes refused while a stopped one was ending");
     server.stop().await;
 }
+
+/// A WebSocket client whose socket takes little (16 KiB receive buffer) and that reads
+/// nothing until told to.
+async fn non_reading_client(
+    addr: SocketAddr,
+    token: &str,
+) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        ws_request(addr, Some(token), "ws"),
+        MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    ws
+}
+
+/// Stores two events of 700 KB in `big-1`, so that each `read` of it is answered with
+/// about 1.4 MB.
+fn store_big_aggregate(store: &Store) {
+    let big = format!("\"{}\"", "x".repeat(700_000));
+    for _ in 0..2 {
+        store
+            .append(
+                "big-1",
+                eventlog::store::ExpectedVersion::Any,
+                &[eventlog::store::NewEvent::json_text("T", big.clone())],
+            )
+            .unwrap();
+    }
+}
+
+/// Waits (up to `WAIT`) until the server has cut off one slow consumer; with
+/// `closed`, also until that connection is gone. Returns the metrics.
+async fn wait_for_slow_consumer_cut_off(server: &TestServer, admin: &str, closed: bool) -> String {
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(admin).await;
+        let cut_off = sample(&m, "eventlog_server_slow_consumer_disconnects_total");
+        let connections = sample(&m, "eventlog_server_connections");
+        if cut_off == 1.0 && (!closed || connections == 0.0) {
+            return m;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the client that reads nothing is still served: {cut_off} slow-consumer disconnects, {connections} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The send queue is bounded in bytes, not only in messages: a client that sends many
+/// `read`s of a large aggregate and never reads its socket fills the queue's bytes long
+/// before its message count, so the server stops reading its requests and cuts it off
+/// as a slow consumer. Before, 1,000 answers of 1.4 MB each fitted in a queue of 1,024
+/// messages: the server held them all (about 1.4 GB) for as long as the client stayed
+/// (server review, finding 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_queue_full_of_bytes_cuts_off_a_client_that_never_reads() {
+    const QUEUE_BYTES: usize = 2 << 20;
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.send_queue_bytes_max = QUEUE_BYTES;
+        c.send_queue_wait_ms = 2_000;
+    })
+    .await;
+    store_big_aggregate(&server.store);
+    let ws = non_reading_client(server.addr, &admin).await;
+    let (mut tx, _rx) = ws.split();
+    const READS: u64 = 200;
+    for i in 0..READS {
+        tx.send(Message::text(
+            json!({"id": i, "op": "read", "aggregate": "big-1"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    // Until the cut-off, the queue never holds more than its byte bound (the bound,
+    // not the message count, is what fills).
+    let mut queued_max = 0.0f64;
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(&admin).await;
+        let queued = sample(&m, "eventlog_server_send_queue_bytes");
+        queued_max = queued_max.max(queued);
+        assert!(
+            queued <= QUEUE_BYTES as f64,
+            "{queued} bytes queued, the bound is {QUEUE_BYTES}"
+        );
+        if sample(&m, "eventlog_server_slow_consumer_disconnects_total") == 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the client that reads nothing is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("at most {queued_max} bytes seen queued");
+    let m = wait_for_slow_consumer_cut_off(&server, &admin, true).await;
+    // The reader stopped taking requests once the answers' bytes filled the queue (and
+    // the socket's buffers): it waited for room instead of queueing 280 MB.
+    let requests = sample(&m, "eventlog_server_messages_in_total");
+    assert!(
+        requests < READS as f64 / 2.0,
+        "{requests} of {READS} reads were taken with a queue of {QUEUE_BYTES} bytes"
+    );
+    assert_eq!(
+        sample(&m, "eventlog_server_send_queue_bytes"),
+        0.0,
+        "the dropped queue's bytes are given back"
+    );
+    server.stop().await;
+}
+
+/// A client that stops reading while its queue still has room is cut off too: the
+/// writer gives up once the socket took nothing for `send_queue_wait_ms`, with close
+/// code 1008 as when the queue stays full. Before, the writer waited for the socket
+/// forever, holding what it had queued, and graceful shutdown waited out its whole
+/// timeout for it (server review, finding 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_takes_nothing_for_the_wait_limit_is_closed_as_a_slow_consumer() {
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        // A queue that never fills: only the writer's progress limit can act.
+        c.send_queue_bytes_max = 1 << 30;
+        c.send_queue_wait_ms = 500;
+    })
+    .await;
+    store_big_aggregate(&server.store);
+    let mut ws = non_reading_client(server.addr, &admin).await;
+    // 28 MB of answers: far more than the sockets' buffers (a few MiB) hold.
+    const READS: u64 = 20;
+    for i in 0..READS {
+        ws.send(Message::text(
+            json!({"id": i, "op": "read", "aggregate": "big-1"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    wait_for_slow_consumer_cut_off(&server, &admin, false).await;
+    // Reading now, the client finds the answers that were in the sockets' buffers, then
+    // the close frame (which the server tries to deliver for 5 s).
+    let frame = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("the stream ended without a close frame: {other:?}"),
+        }
+    };
+    let frame = frame.expect("a close code");
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "slow consumer");
+    let m = wait_for_slow_consumer_cut_off(&server, &admin, true).await;
+    assert_eq!(sample(&m, "eventlog_server_send_queue_bytes"), 0.0);
+    server.stop().await;
+}

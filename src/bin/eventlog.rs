@@ -239,8 +239,12 @@ struct ServeArgs {
     /// Messages waiting to be sent to one connection
     #[arg(long, value_name = "N", default_value_t = eventlog::server::SEND_QUEUE_LEN_MAX_DEFAULT)]
     send_queue: usize,
-    /// How long a full send queue may stay full before its client is disconnected as a
-    /// slow consumer, in milliseconds
+    /// Bytes of the messages waiting to be sent to one connection
+    #[arg(long, value_name = "BYTES", default_value_t = eventlog::server::SEND_QUEUE_BYTES_MAX_DEFAULT)]
+    send_queue_bytes: usize,
+    /// How long a full send queue may stay full, or the socket take nothing while there
+    /// is something to send, before its client is disconnected as a slow consumer, in
+    /// milliseconds
     #[arg(long, value_name = "MS", default_value_t = eventlog::server::SEND_QUEUE_WAIT_MS_DEFAULT)]
     send_queue_wait_ms: u64,
     /// Worker threads of the server's runtime

@@ -17,7 +17,10 @@ pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 16;
 pub const SUBSCRIPTIONS_MAX_DEFAULT: usize = 4_096;
 /// Default messages waiting to be written to one connection: 1,024.
 pub const SEND_QUEUE_LEN_MAX_DEFAULT: usize = 1_024;
-/// Default time a full send queue may stay full before its consumer is disconnected: 2 s.
+/// Default bytes of messages waiting to be written to one connection: 16 MiB.
+pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
+/// Default time a full send queue may stay full, or a socket take nothing while the
+/// server has something to write, before its consumer is disconnected: 2 s.
 pub const SEND_QUEUE_WAIT_MS_DEFAULT: u64 = 2_000;
 /// Default most events in one `read` answer: 1,000.
 pub const READ_EVENTS_MAX_DEFAULT: usize = 1_000;
@@ -67,8 +70,16 @@ pub struct ServerConfig {
     /// Messages (answers and subscription events) waiting to be written to one
     /// connection. Default 1,024. Larger absorbs bursts; smaller bounds memory.
     pub send_queue_len_max: usize,
-    /// How long a producer waits for room in a full send queue before the consumer is
-    /// disconnected as slow (close code 1008, reason "slow consumer"). Default 2 s.
+    /// Bytes of the messages waiting to be written to one connection: the queue is full
+    /// when either this or `send_queue_len_max` is reached (a single message larger
+    /// than this is let in when the queue is empty). One `read` answer or event can be
+    /// over 1 MiB, so this, not the message count, bounds a connection's memory.
+    /// Default 16 MiB.
+    pub send_queue_bytes_max: usize,
+    /// How long a producer waits for room in a full send queue, and how long the socket
+    /// may take no byte while the server has something to write to it, before the
+    /// consumer is disconnected as slow (close code 1008, reason "slow consumer").
+    /// Default 2 s.
     pub send_queue_wait_ms: u64,
     /// Most events in one `read` answer; larger `limit`s are lowered to it. Default 1,000.
     pub read_events_max: usize,
@@ -99,6 +110,7 @@ impl Default for ServerConfig {
             subscriptions_per_connection_max: SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT,
             subscriptions_max: SUBSCRIPTIONS_MAX_DEFAULT,
             send_queue_len_max: SEND_QUEUE_LEN_MAX_DEFAULT,
+            send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             send_queue_wait_ms: SEND_QUEUE_WAIT_MS_DEFAULT,
             read_events_max: READ_EVENTS_MAX_DEFAULT,
             read_response_bytes_max: READ_RESPONSE_BYTES_MAX_DEFAULT,
@@ -134,7 +146,7 @@ impl ServerConfig {
     /// # Errors
     /// [`ConfigError::OutOfRange`] naming the first setting out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64); 11] = [
+        let checks: [(&'static str, u64, u64, u64); 12] = [
             (
                 "message_size_bytes_max",
                 self.message_size_bytes_max as u64,
@@ -159,6 +171,12 @@ impl ServerConfig {
                 self.send_queue_len_max as u64,
                 1,
                 1 << 20,
+            ),
+            (
+                "send_queue_bytes_max",
+                self.send_queue_bytes_max as u64,
+                1 << 10,
+                1 << 32,
             ),
             ("send_queue_wait_ms", self.send_queue_wait_ms, 1, 600_000),
             ("read_events_max", self.read_events_max as u64, 1, 100_000),
@@ -213,5 +231,15 @@ mod tests {
         };
         let e = config.validate().unwrap_err();
         assert!(e.to_string().contains("send_queue_len_max"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_bound_below_a_kibibyte_is_rejected_with_its_name() {
+        let config = ServerConfig {
+            send_queue_bytes_max: 1_000,
+            ..ServerConfig::default()
+        };
+        let e = config.validate().unwrap_err();
+        assert!(e.to_string().contains("send_queue_bytes_max"), "{e}");
     }
 }

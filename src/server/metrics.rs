@@ -26,6 +26,8 @@ pub(crate) struct ServerMetrics {
     pub oversized_messages: Counter,
     pub subscriptions_open: AtomicU64,
     pub subscriptions_total: Counter,
+    /// Bytes of messages in every connection's send queue (and in its writer's hands).
+    pub send_queue_bytes: AtomicU64,
     /// Per op (index in [`OPS`]): request latency in microseconds.
     pub request_us: [Histogram; 4],
     /// Each live subscription's next seq, to compute lag.
@@ -48,6 +50,7 @@ impl Default for ServerMetrics {
             oversized_messages: Counter::default(),
             subscriptions_open: AtomicU64::new(0),
             subscriptions_total: Counter::default(),
+            send_queue_bytes: AtomicU64::new(0),
             request_us: std::array::from_fn(|_| Histogram::new(LATENCY_US_BOUNDS)),
             positions: Mutex::new(HashMap::new()),
         }
@@ -107,7 +110,7 @@ impl ServerMetrics {
             ),
             (
                 "eventlog_server_slow_consumer_disconnects_total",
-                "Connections closed because their send queue stayed full.",
+                "Connections closed as slow consumers: their send queue stayed full, or their socket took nothing, for send_queue_wait_ms.",
                 &self.slow_consumer_disconnects,
             ),
             (
@@ -130,6 +133,13 @@ impl ServerMetrics {
             "gauge",
             "Active subscriptions.",
             self.subscriptions_open.load(Ordering::Relaxed),
+        );
+        render_value(
+            out,
+            "eventlog_server_send_queue_bytes",
+            "gauge",
+            "Bytes of answers and events waiting in the connections' send queues.",
+            self.send_queue_bytes.load(Ordering::Relaxed),
         );
         let lag_max = self
             .positions

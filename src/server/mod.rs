@@ -17,12 +17,14 @@
 //! How the safety properties are kept:
 //!
 //! - *Every limit is bounded* ([`ServerConfig`](crate::server::ServerConfig)): message size, connections,
-//!   subscriptions per connection and in total, send queue per connection.
+//!   subscriptions per connection and in total, send queue per connection (in messages
+//!   and in bytes).
 //! - *A slow consumer slows nobody else.* Answers and subscription events go through a
 //!   bounded queue per connection, written by that connection's writer task. Each
 //!   subscription follows the store on its own thread ([`Store::follow`](crate::store::Store::follow)), so the
 //!   appending clients never wait for a reader; when a connection's queue stays full for
-//!   `send_queue_wait_ms`, the connection is closed with code 1008, reason "slow
+//!   `send_queue_wait_ms`, or its socket takes nothing for that long while there is
+//!   something to write, the connection is closed with code 1008, reason "slow
 //!   consumer". Idle connections cost two small tasks, no thread.
 //! - *Subscriptions have no gap and no duplicate* between stored and live events: one
 //!   follower reads the log from the requested seq and then waits for commits, so the
@@ -49,8 +51,8 @@ pub mod tokens;
 pub use config::{
     ConfigError, ServerConfig, TlsFiles, CONNECTIONS_MAX_DEFAULT, HANDSHAKE_TIMEOUT_MS_DEFAULT,
     LISTEN_DEFAULT, MESSAGE_SIZE_BYTES_MAX_DEFAULT, READ_EVENTS_DEFAULT, READ_EVENTS_MAX_DEFAULT,
-    READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_LEN_MAX_DEFAULT, SEND_QUEUE_WAIT_MS_DEFAULT,
-    SHUTDOWN_TIMEOUT_MS_DEFAULT, SUBSCRIPTIONS_MAX_DEFAULT,
+    READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_BYTES_MAX_DEFAULT, SEND_QUEUE_LEN_MAX_DEFAULT,
+    SEND_QUEUE_WAIT_MS_DEFAULT, SHUTDOWN_TIMEOUT_MS_DEFAULT, SUBSCRIPTIONS_MAX_DEFAULT,
     SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT, WORKER_THREADS_DEFAULT,
 };
 pub use error::ServerError;
@@ -75,8 +77,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 /// The WebSocket endpoint's path.
@@ -646,13 +647,7 @@ fn upgrade(
             let _slot = slot;
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(shared.ws_config()),
-                    )
-                    .await;
-                    connection::run(shared, ws, grant, conn_id).await;
+                    connection::run(shared, TokioIo::new(upgraded), grant, conn_id).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
