@@ -1661,3 +1661,85 @@ async fn a_socket_that_takes_nothing_for_the_wait_limit_is_closed_as_a_slow_cons
     assert_eq!(sample(&m, "eventlog_server_send_queue_bytes"), 0.0);
     server.stop().await;
 }
+
+/// Sockets that never upgrade cannot hold the server's socket budget: `/health` (and
+/// every other answer but an upgrade) closes its socket, so a second request on it gets
+/// no answer, and a token holder gets in while the client still holds those sockets.
+/// Before, HTTP keep-alive let 24 unauthenticated sockets, each sending a `/health` now
+/// and then (every request restarted the header timer), keep out every client of a
+/// server with `connections_max` 4 (server review, finding 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_upgrade_cannot_hold_the_socket_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.connections_max = 4; // socket budget: 4 * 2 + 16 = 24
+        c.handshake_timeout_ms = 5_000;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    for s in &mut held {
+        s.write_all(HEALTH).await.unwrap();
+        let mut answer = Vec::new();
+        // The whole answer, then the end of the stream: the server closed the socket.
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("the socket closed after its answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    // A second request on a held socket is not answered.
+    for s in &mut held {
+        let _ = s.write_all(HEALTH).await;
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("no wait on a closed socket");
+        assert!(matches!(n, Ok(0) | Err(_)), "answered again: {n:?}");
+    }
+    // The token holder gets in while the 24 sockets are still held by the client.
+    let mut c = connect(server.addr, Some(&admin))
+        .await
+        .expect("a token holder gets in");
+    assert_ok(
+        &c.request(json!({"op": "read", "all": true, "limit": 1}))
+            .await,
+    );
+    drop(held);
+    server.stop().await;
+}
+
+/// A socket that opens a request and never finishes it is closed by the handshake
+/// limit, however it trickles its bytes (a guard: hyper's own timers closed this one
+/// before the limit covered the whole time before the upgrade too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_completes_is_closed_at_the_handshake_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut server, _admin) = TestServer::start(Durability::None, |c| {
+        c.handshake_timeout_ms = 500;
+    })
+    .await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // A request with a body that never comes: the header timer is done with it.
+    s.write_all(b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(WAIT, trickle).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the socket is still open after {WAIT:?}");
+    server.stop().await;
+}

@@ -28,7 +28,7 @@ pub const READ_EVENTS_MAX_DEFAULT: usize = 1_000;
 pub const READ_EVENTS_DEFAULT: usize = 100;
 /// Default bytes of events after which a `read` answer stops early: 1 MiB.
 pub const READ_RESPONSE_BYTES_MAX_DEFAULT: usize = 1 << 20;
-/// Default time for the TLS handshake and the HTTP upgrade request: 10 s.
+/// Default time from a socket's accept to its upgrade (TLS handshake, HTTP request): 10 s.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Default time graceful shutdown waits for connections to finish: 10 s.
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
@@ -86,8 +86,9 @@ pub struct ServerConfig {
     /// A `read` answer stops adding events once it holds this many bytes of them (it
     /// always holds at least one). Default 1 MiB.
     pub read_response_bytes_max: usize,
-    /// Time allowed for the TLS handshake and the HTTP request before the upgrade.
-    /// Default 10 s.
+    /// Time a socket may stay open before its upgrade to a WebSocket: the TLS
+    /// handshake, the HTTP request and its answer. Sockets that do not upgrade are
+    /// closed after one answer. Default 10 s.
     pub handshake_timeout_ms: u64,
     /// How long graceful shutdown waits for connections to finish their in-flight
     /// requests and flush their queues before dropping them. Default 10 s.

@@ -425,16 +425,22 @@ fn accept(
     tokio::spawn(async move {
         let _guard = guard;
         let _slot = slot;
-        match tls {
-            None => serve_http(shared, tcp, peer).await,
-            Some(acceptor) => {
-                let handshake = Duration::from_millis(shared.config.handshake_timeout_ms);
-                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_http(shared, stream, peer).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
+        // The whole time before the upgrade (TLS handshake, the request, its answer) is
+        // bounded, so that sockets without a token cannot hold the socket budget
+        // (`tcp_max`) for long. Once upgraded, the WebSocket runs in a task of its own.
+        let handshake = Duration::from_millis(shared.config.handshake_timeout_ms);
+        let served = tokio::time::timeout(handshake, async {
+            match tls {
+                None => serve_http(shared, tcp, peer).await,
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => serve_http(shared, stream, peer).await,
+                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                },
             }
+        })
+        .await;
+        if served.is_err() {
+            tracing::debug!(%peer, timeout_ms = handshake.as_millis() as u64, "not upgraded in time: socket closed");
         }
     });
 }
@@ -447,7 +453,19 @@ where
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&service_shared);
-        async move { Ok::<_, Infallible>(route(shared, req, peer)) }
+        async move {
+            let mut r = route(shared, req, peer);
+            // One request per socket: `/health`, `/metrics` and refused requests close it
+            // after their answer, so a client cannot keep a socket (and its place in the
+            // socket budget) with a request now and then, each restarting the header
+            // timer. (Not `keep_alive(false)` on the builder: hyper would then put
+            // `Connection: close` on the upgrade's answer too.)
+            if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(r)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
