@@ -1743,3 +1743,85 @@ async fn a_request_that_never_completes_is_closed_at_the_handshake_limit() {
     assert!(ended.is_ok(), "the socket is still open after {WAIT:?}");
     server.stop().await;
 }
+
+/// A server without tokens (loopback only) refuses what a web page could send it: an
+/// upgrade with an `Origin` header (403) and one whose `Host` is not a loopback name
+/// (421, DNS rebinding); `/metrics` the same. Native clients, which send neither, still
+/// get in. Before, any page the user opened could append and read (server review,
+/// finding 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_server_refuses_web_pages_and_foreign_hosts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path(), options(Durability::None)).unwrap();
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.tokens_path = Some(tmp.path().join("tokens.json"));
+    let server = Server::bind(store.clone(), config).await.unwrap();
+    assert!(!server.requires_token());
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async move {
+        let _ = rx.await;
+    }));
+    let upgrade = |headers: &[(&'static str, String)]| {
+        let mut req = ws_request(addr, None, "ws");
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    let status = |r: Result<_, WsError>| match r {
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(WsError::Http(r)) => (
+            r.status().as_u16(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("unexpected error {e}"),
+    };
+    // A web page: the browser adds its Origin, whatever the Host.
+    let (code, body) = status(upgrade(&[("origin", "https://evil.example".into())]).await);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("token add"), "{body}");
+    // DNS rebinding: the page's own origin, resolved to 127.0.0.1.
+    let (code, body) = status(
+        upgrade(&[
+            ("origin", "http://attacker.example:7070".into()),
+            ("host", "attacker.example:7070".into()),
+        ])
+        .await,
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = status(upgrade(&[("host", "attacker.example:7070".into())]).await);
+    assert_eq!(code, 421, "{body}");
+    assert!(body.contains("token add"), "{body}");
+    // /metrics too.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(store.next_seq(), 0);
+    // Native clients: no Origin, a loopback Host (by address or by name).
+    let mut c = connect(addr, None).await.unwrap();
+    assert_ok(&c.request(append("local-1", json!(1))).await);
+    let (ws, _) = upgrade(&[("host", format!("localhost:{}", addr.port()))])
+        .await
+        .unwrap();
+    let mut c = Client::new(ws);
+    assert_ok(&c.request(json!({"op": "read", "all": true})).await);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}

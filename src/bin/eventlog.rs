@@ -187,7 +187,8 @@ The store goes to a new temporary folder (named in the output and kept afterward
 Prints {\"listening\":ADDR,\"url\":..} on stdout once it listens; logs go to stderr.
 Clients send the bearer token in the upgrade request's Authorization header; the tokens
 are in the token file (see `eventlog token`), reread when it changes. Without any token
-the server lets everyone in, which it allows only on a loopback address.
+the server lets everyone in, which it allows only on a loopback address, and then it
+refuses requests from web pages (an Origin header) and to a Host that is not loopback.
 docs/PROTOCOL.md describes the messages.
 
 SIGINT or SIGTERM stops it gracefully: no new connections, in-flight requests finish,

@@ -12,7 +12,10 @@
 //! Authentication: a bearer token in the upgrade request's `Authorization` header,
 //! checked against the token file ([`tokens`](crate::server::tokens)), which is reread when it changes. A
 //! missing or wrong token gets HTTP 401 and nothing else. Without any token configured
-//! the server accepts everyone, which it allows only on a loopback address.
+//! the server accepts everyone, which it allows only on a loopback address; and since a
+//! web page the user opens could then use it too, it refuses, while open, requests
+//! carrying an `Origin` header (browsers always send one) and requests whose `Host` is
+//! not a loopback name (DNS rebinding).
 //!
 //! How the safety properties are kept:
 //!
@@ -536,6 +539,68 @@ fn authenticate(
     outcome
 }
 
+/// Authenticates `req` ([`authenticate`]; 401 when refused) and, when no token is
+/// configured, refuses what a web page could send: an `Origin` header (403) or a `Host`
+/// that is not a loopback name (421).
+fn admit(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Grant, Box<Response<Full<Bytes>>>> {
+    let grant = authenticate(shared, req, peer).map_err(|_| Box::new(unauthorized()))?;
+    if grant.token_name.is_some() {
+        return Ok(grant);
+    }
+    let text = "text/plain; charset=utf-8";
+    let path = req.uri().path();
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        tracing::warn!(%peer, path, %origin, "refused: 403, a request from a web page while no token is configured (any page the user opens could read and append); to serve browsers, add a token with `eventlog token add NAME --read`");
+        return Err(Box::new(response(
+            StatusCode::FORBIDDEN,
+            text,
+            format!("refused: no token is configured, so requests from web pages (Origin: {origin}) are not served; add a token (`eventlog token add`) and send it as `Authorization: Bearer <token>`\n"),
+        )));
+    }
+    if let Some(host) = req.headers().get(header::HOST) {
+        let host = String::from_utf8_lossy(host.as_bytes());
+        if !is_loopback_host(&host) {
+            tracing::warn!(%peer, path, %host, "refused: 421, Host is not a loopback name while no token is configured (a web page could reach the server through DNS rebinding); connect to localhost or 127.0.0.1, or add a token with `eventlog token add NAME --read`");
+            return Err(Box::new(response(
+                StatusCode::MISDIRECTED_REQUEST,
+                text,
+                format!("refused: no token is configured, so only requests to localhost or a loopback address are served, not to Host {host}; connect to 127.0.0.1, or add a token (`eventlog token add`)\n"),
+            )));
+        }
+    }
+    Ok(grant)
+}
+
+/// Whether a `Host` header value names this machine, with or without a port:
+/// `localhost`, a name under `.localhost` (loopback by RFC 6761; browsers never resolve
+/// it through DNS), or a loopback IP address (`127.0.0.0/8`, `[::1]`).
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: "[::1]" or "[::1]:7070".
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
 fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
@@ -554,8 +619,8 @@ fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Respo
                 )
             }
         }
-        (&Method::GET, "/metrics") => match authenticate(&shared, &req, peer) {
-            Err(_) => unauthorized(),
+        (&Method::GET, "/metrics") => match admit(&shared, &req, peer) {
+            Err(refused) => *refused,
             Ok(grant) if !grant.permissions.admin => response(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -608,9 +673,9 @@ fn upgrade(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     // Authentication comes first: a client without a valid token learns nothing else.
-    let grant = match authenticate(&shared, &req, peer) {
+    let grant = match admit(&shared, &req, peer) {
         Ok(g) => g,
-        Err(_) => return unauthorized(),
+        Err(refused) => return *refused,
     };
     let text = "text/plain; charset=utf-8";
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -678,4 +743,42 @@ fn upgrade(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_told_from_others_with_or_without_a_port() {
+        for host in [
+            "localhost",
+            "LOCALHOST:7070",
+            "localhost.",
+            "app.localhost:80",
+            "127.0.0.1",
+            "127.0.0.1:7070",
+            "127.1.2.3:1",
+            "[::1]",
+            "[::1]:7070",
+            "[::ffff:127.0.0.1]:7070",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:7070",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io:7070",
+            "10.0.0.1:7070",
+            "0.0.0.0:7070",
+            "[::]:7070",
+            "::1",
+            "[::1]x",
+            "localhost:http",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }
