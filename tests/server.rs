@@ -1825,3 +1825,60 @@ async fn an_open_server_refuses_web_pages_and_foreign_hosts() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// The server pings every client each `ping_interval_ms`: a client that reads (and so
+/// answers the pings) but sends nothing stays connected, while one that answers nothing
+/// (a peer that vanished without closing) is closed after two intervals of silence.
+/// Before, there were no pings and no idle limit: a dead peer held its connection, its
+/// subscriptions and their threads for ever (server review, finding 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_pinged_and_a_silent_one_is_closed() {
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.ping_interval_ms = 500;
+    })
+    .await;
+    // A client that only reads: it sees pings, and its pongs keep it connected.
+    let mut quiet = connect(server.addr, Some(&admin)).await.unwrap();
+    assert_ok(&quiet.request(json!({"op": "subscribe"})).await);
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(m) = tokio::time::timeout_at(until, quiet.ws.next()).await {
+        match m {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 1, "no ping in 3 s with a ping interval of 0.5 s");
+    assert_ok(
+        &quiet
+            .request(json!({"op": "read", "all": true, "limit": 1}))
+            .await,
+    );
+    let m = server.metrics(&admin).await;
+    assert_eq!(
+        sample(&m, "eventlog_server_silent_peer_disconnects_total"),
+        0.0
+    );
+    drop(quiet);
+    // A client that answers nothing: it never polls its socket, so it sends no pong.
+    let (silent, _) = tokio_tungstenite::connect_async(ws_request(server.addr, Some(&admin), "ws"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(&admin).await;
+        if sample(&m, "eventlog_server_silent_peer_disconnects_total") == 1.0
+            && sample(&m, "eventlog_server_connections") == 0.0
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the silent client is still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(silent);
+    eprintln!("{pings} pings seen in 3 s");
+    server.stop().await;
+}

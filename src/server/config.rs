@@ -22,6 +22,9 @@ pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
 /// Default time a full send queue may stay full, or a socket take nothing while the
 /// server has something to write, before its consumer is disconnected: 2 s.
 pub const SEND_QUEUE_WAIT_MS_DEFAULT: u64 = 2_000;
+/// Default time between two WebSocket pings to a client: 30 s. A client from which
+/// nothing (not even a pong) arrives for two intervals is disconnected.
+pub const PING_INTERVAL_MS_DEFAULT: u64 = 30_000;
 /// Default most events in one `read` answer: 1,000.
 pub const READ_EVENTS_MAX_DEFAULT: usize = 1_000;
 /// Default `limit` of a `read` that gives none: 100.
@@ -81,6 +84,11 @@ pub struct ServerConfig {
     /// consumer is disconnected as slow (close code 1008, reason "slow consumer").
     /// Default 2 s.
     pub send_queue_wait_ms: u64,
+    /// Time between two WebSocket pings the server sends each client. A connection from
+    /// which nothing arrives (no pong, no message) for two intervals is closed (code
+    /// 1001, reason "no answer to pings"): that is how a peer that vanished without
+    /// closing (a machine gone, a network cut) is noticed. Default 30 s.
+    pub ping_interval_ms: u64,
     /// Most events in one `read` answer; larger `limit`s are lowered to it. Default 1,000.
     pub read_events_max: usize,
     /// A `read` answer stops adding events once it holds this many bytes of them (it
@@ -113,6 +121,7 @@ impl Default for ServerConfig {
             send_queue_len_max: SEND_QUEUE_LEN_MAX_DEFAULT,
             send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             send_queue_wait_ms: SEND_QUEUE_WAIT_MS_DEFAULT,
+            ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
             read_events_max: READ_EVENTS_MAX_DEFAULT,
             read_response_bytes_max: READ_RESPONSE_BYTES_MAX_DEFAULT,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
@@ -147,7 +156,7 @@ impl ServerConfig {
     /// # Errors
     /// [`ConfigError::OutOfRange`] naming the first setting out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64); 12] = [
+        let checks: [(&'static str, u64, u64, u64); 13] = [
             (
                 "message_size_bytes_max",
                 self.message_size_bytes_max as u64,
@@ -180,6 +189,7 @@ impl ServerConfig {
                 1 << 32,
             ),
             ("send_queue_wait_ms", self.send_queue_wait_ms, 1, 600_000),
+            ("ping_interval_ms", self.ping_interval_ms, 10, 3_600_000),
             ("read_events_max", self.read_events_max as u64, 1, 100_000),
             (
                 "read_response_bytes_max",

@@ -51,6 +51,12 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 const SCOPED_SCAN_FACTOR: usize = 16;
 /// The close reason of a connection aborted for not reading.
 pub(crate) const SLOW_CONSUMER_REASON: &str = "slow consumer";
+/// The close reason of a connection whose client stopped answering pings.
+pub(crate) const SILENT_PEER_REASON: &str = "no answer to pings";
+/// Ping intervals (`ping_interval_ms`) without any frame from the client (a pong, a
+/// ping, a message) after which it is taken for gone: the first ping goes out one
+/// interval after the last frame, so the client has a whole interval to answer it.
+const PEER_SILENT_PINGS_MAX: u32 = 2;
 /// How many times per `send_queue_wait_ms` the writer looks whether the socket took
 /// bytes, while it has something to write.
 const WRITE_PROGRESS_CHECKS_PER_WAIT: u32 = 4;
@@ -331,14 +337,35 @@ async fn write_loop<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = &shared.metrics;
-    let stall_limit = Duration::from_millis(shared.config.send_queue_wait_ms);
+    let guard = WriteGuard {
+        ending: &ending,
+        shared: &shared,
+        written: &written,
+    };
     let mut closed_subs: HashSet<u64> = HashSet::new();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH_MESSAGES);
+    // Pings go out between batches, so a busy connection is pinged too (after at most
+    // one batch, whose writing is bounded by the progress limit).
+    let ping_interval = Duration::from_millis(shared.config.ping_interval_ms);
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let n = tokio::select! {
             biased;
             () = ending.aborted() => break,
             n = rx.recv_many(&mut batch, WRITE_BATCH_MESSAGES) => n,
+            _ = ping.tick() => {
+                match guard.run(sink.send(Message::Ping(Default::default()))).await {
+                    None => break,
+                    Some(Ok(())) => continue,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "writing to the socket failed");
+                        ending.abort(CloseCode::Away, "");
+                        break;
+                    }
+                }
+            }
         };
         if n == 0 {
             break;
@@ -377,21 +404,7 @@ async fn write_loop<S>(
             }
             sink.flush().await
         };
-        let sent = tokio::select! {
-            biased;
-            () = ending.aborted() => None,
-            sent = send => Some(sent),
-            () = stalled(&written, stall_limit) => {
-                if ending.abort(CloseCode::Policy, SLOW_CONSUMER_REASON) {
-                    metrics.slow_consumer_disconnects.add(1);
-                    tracing::warn!(
-                        wait_ms = shared.config.send_queue_wait_ms,
-                        "slow consumer: the socket took nothing for the wait limit; disconnecting"
-                    );
-                }
-                None
-            }
-        };
+        let sent = guard.run(send).await;
         ending.release(batch_bytes - released, metrics);
         match sent {
             None => break,
@@ -425,6 +438,40 @@ async fn write_loop<S>(
     })
     .await;
     tracing::debug!(code = u16::from(code), %reason, delivered = matches!(closed, Ok(Ok(()))), "connection closed");
+}
+
+/// What bounds each write of the writer.
+struct WriteGuard<'a> {
+    ending: &'a Ending,
+    shared: &'a Shared,
+    written: &'a AtomicU64,
+}
+
+impl WriteGuard<'_> {
+    /// Runs `write` until it completes (`Some`), the connection is aborted (`None`), or
+    /// the socket takes no byte for `send_queue_wait_ms` (`None`: the connection is
+    /// aborted as a slow consumer).
+    async fn run<F>(&self, write: F) -> Option<Result<(), WsError>>
+    where
+        F: std::future::Future<Output = Result<(), WsError>>,
+    {
+        let limit = Duration::from_millis(self.shared.config.send_queue_wait_ms);
+        tokio::select! {
+            biased;
+            () = self.ending.aborted() => None,
+            done = write => Some(done),
+            () = stalled(self.written, limit) => {
+                if self.ending.abort(CloseCode::Policy, SLOW_CONSUMER_REASON) {
+                    self.shared.metrics.slow_consumer_disconnects.add(1);
+                    tracing::warn!(
+                        wait_ms = limit.as_millis() as u64,
+                        "slow consumer: the socket took nothing for the wait limit; disconnecting"
+                    );
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Completes once `written` has not moved for `limit`.
@@ -510,6 +557,8 @@ enum Stop {
     Aborted,
     /// A message too large to skip.
     Oversized,
+    /// Nothing arrived from the client for `PEER_SILENT_PINGS_MAX` ping intervals.
+    Silent,
 }
 
 /// The reader's state.
@@ -564,6 +613,7 @@ where
         Stop::Shutdown => (CloseCode::Away, "server shutting down"),
         Stop::Aborted => (CloseCode::Away, ""),
         Stop::Oversized => (CloseCode::Size, "message too large"),
+        Stop::Silent => (CloseCode::Away, SILENT_PEER_REASON),
     };
     ending.set_frame(code, reason);
     for (id, sub) in std::mem::take(&mut session.subs) {
@@ -602,6 +652,14 @@ impl Session {
     {
         let mut shutdown = self.shared.shutdown.subscribe();
         let ending = Arc::clone(&self.outbox.ending);
+        // A dead peer (a cable pulled, a machine gone) sends no FIN: only the silence
+        // after the writer's pings tells. Looked at once an interval, not per message.
+        let ping_interval = Duration::from_millis(self.shared.config.ping_interval_ms);
+        let silence_max = ping_interval.saturating_mul(PEER_SILENT_PINGS_MAX);
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
         loop {
             if *shutdown.borrow_and_update() {
                 return Stop::Shutdown;
@@ -611,7 +669,19 @@ impl Session {
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = ending.aborted() => return Stop::Aborted,
                 m = stream.next() => m,
+                _ = check.tick() => {
+                    if heard.elapsed() >= silence_max {
+                        self.shared.metrics.silent_peer_disconnects.add(1);
+                        tracing::info!(
+                            silent_ms = heard.elapsed().as_millis() as u64,
+                            "the client answered no ping: closing"
+                        );
+                        return Stop::Silent;
+                    }
+                    continue;
+                }
             };
+            heard = Instant::now();
             let message = match message {
                 None => return Stop::Client,
                 Some(Ok(m)) => m,

@@ -23,6 +23,7 @@ pub(crate) struct ServerMetrics {
     pub bytes_out: Counter,
     pub request_errors: Counter,
     pub slow_consumer_disconnects: Counter,
+    pub silent_peer_disconnects: Counter,
     pub oversized_messages: Counter,
     pub subscriptions_open: AtomicU64,
     pub subscriptions_total: Counter,
@@ -47,6 +48,7 @@ impl Default for ServerMetrics {
             bytes_out: Counter::default(),
             request_errors: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
+            silent_peer_disconnects: Counter::default(),
             oversized_messages: Counter::default(),
             subscriptions_open: AtomicU64::new(0),
             subscriptions_total: Counter::default(),
@@ -67,7 +69,7 @@ impl ServerMetrics {
             "Open WebSocket connections.",
             self.connections_open.load(Ordering::Relaxed),
         );
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 "eventlog_server_connections_total",
                 "WebSocket connections accepted.",
@@ -112,6 +114,11 @@ impl ServerMetrics {
                 "eventlog_server_slow_consumer_disconnects_total",
                 "Connections closed as slow consumers: their send queue stayed full, or their socket took nothing, for send_queue_wait_ms.",
                 &self.slow_consumer_disconnects,
+            ),
+            (
+                "eventlog_server_silent_peer_disconnects_total",
+                "Connections closed because nothing arrived from the client, not even a pong, for two ping intervals.",
+                &self.silent_peer_disconnects,
             ),
             (
                 "eventlog_server_oversized_messages_total",

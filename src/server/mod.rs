@@ -29,6 +29,9 @@
 //!   `send_queue_wait_ms`, or its socket takes nothing for that long while there is
 //!   something to write, the connection is closed with code 1008, reason "slow
 //!   consumer". Idle connections cost two small tasks, no thread.
+//! - *A vanished peer is noticed*: the writer pings every `ping_interval_ms` and the
+//!   reader closes a connection from which nothing arrived for two intervals (accepted
+//!   sockets also have TCP keepalive on, as a backstop).
 //! - *Subscriptions have no gap and no duplicate* between stored and live events: one
 //!   follower reads the log from the requested seq and then waits for commits, so the
 //!   switch is just the follower reaching the head.
@@ -53,10 +56,10 @@ pub mod tokens;
 
 pub use config::{
     ConfigError, ServerConfig, TlsFiles, CONNECTIONS_MAX_DEFAULT, HANDSHAKE_TIMEOUT_MS_DEFAULT,
-    LISTEN_DEFAULT, MESSAGE_SIZE_BYTES_MAX_DEFAULT, READ_EVENTS_DEFAULT, READ_EVENTS_MAX_DEFAULT,
-    READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_BYTES_MAX_DEFAULT, SEND_QUEUE_LEN_MAX_DEFAULT,
-    SEND_QUEUE_WAIT_MS_DEFAULT, SHUTDOWN_TIMEOUT_MS_DEFAULT, SUBSCRIPTIONS_MAX_DEFAULT,
-    SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT, WORKER_THREADS_DEFAULT,
+    LISTEN_DEFAULT, MESSAGE_SIZE_BYTES_MAX_DEFAULT, PING_INTERVAL_MS_DEFAULT, READ_EVENTS_DEFAULT,
+    READ_EVENTS_MAX_DEFAULT, READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_BYTES_MAX_DEFAULT,
+    SEND_QUEUE_LEN_MAX_DEFAULT, SEND_QUEUE_WAIT_MS_DEFAULT, SHUTDOWN_TIMEOUT_MS_DEFAULT,
+    SUBSCRIPTIONS_MAX_DEFAULT, SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT, WORKER_THREADS_DEFAULT,
 };
 pub use error::ServerError;
 pub use protocol::ErrorCode;
@@ -423,6 +426,9 @@ fn accept(
     }
     let slot = TcpSlot(Arc::clone(shared));
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_keepalive(&tcp) {
+        tracing::debug!(%peer, error = %e, "cannot turn on TCP keepalive");
+    }
     let guard = shared.tasks.enter();
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
@@ -446,6 +452,37 @@ fn accept(
             tracing::debug!(%peer, timeout_ms = handshake.as_millis() as u64, "not upgraded in time: socket closed");
         }
     });
+}
+
+/// Turns on TCP keepalive (`SO_KEEPALIVE`), so that the kernel too probes a connection
+/// that stays idle and drops it if the peer is gone. With the kernel's default timers
+/// (two hours on Linux) this is a backstop: the WebSocket pings (`ping_interval_ms`)
+/// are what notice a dead peer in time.
+#[cfg(unix)]
+fn set_keepalive(tcp: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is `tcp`'s open socket, borrowed for the call; the option
+    // value is a live `c_int` and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn set_keepalive(_tcp: &TcpStream) -> std::io::Result<()> {
+    Ok(())
 }
 
 async fn serve_http<I>(shared: Arc<Shared>, io: I, peer: SocketAddr)
@@ -748,6 +785,28 @@ fn upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `tcp` has `SO_KEEPALIVE`, read through a duplicate of its descriptor.
+    fn keepalive_of(tcp: TcpStream) -> (bool, TcpStream) {
+        let std = tcp.into_std().unwrap();
+        let probe = tokio::net::TcpSocket::from_std_stream(std.try_clone().unwrap());
+        let on = probe.keepalive().unwrap();
+        drop(probe);
+        (on, TcpStream::from_std(std).unwrap())
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (on, tcp) = keepalive_of(tcp);
+        assert!(!on, "off by default");
+        set_keepalive(&tcp).unwrap();
+        assert!(keepalive_of(tcp).0);
+    }
 
     #[test]
     fn loopback_hosts_are_told_from_others_with_or_without_a_port() {
