@@ -1427,3 +1427,458 @@ async fn the_serve_command_stops_gracefully_on_sigterm_with_json_logs() {
     assert!(!acked.is_empty());
     check_acknowledged(&dir, &acked);
 }
+
+// ------------------------------------------------- regressions from the server review
+
+/// The number of live subscriptions on the server (their threads, stopping ones
+/// included).
+async fn subscriptions_live(server: &TestServer, admin: &str) -> f64 {
+    sample(
+        &server.metrics(admin).await,
+        "eventlog_server_subscriptions",
+    )
+}
+
+/// Unsubscribing stops a filtered subscription while it is still skipping stored events,
+/// and a connection's subscriptions count against its limit until their threads have
+/// ended. Before, a subscription whose filter matched nothing scanned the whole log
+/// before it noticed it was unsubscribed, and the limit counted only the handles, so a
+/// subscribe/unsubscribe loop on a connection limited to 2 left up to 20 threads
+/// scanning (server review, finding 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribed_filtered_subscriptions_stop_scanning_and_count_until_they_end() {
+    const LIMIT: usize = 2;
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.subscriptions_per_connection_max = LIMIT;
+    })
+    .await;
+    // Enough stored events that scanning them all takes much longer than a round trip.
+    const STORED: u64 = 300_000;
+    let batch: Vec<_> = (0..1_000)
+        .map(|i| eventlog::store::NewEvent::json_text("T", format!("{{\"i\":{i}}}")))
+        .collect();
+    for b in 0..STORED / 1_000 {
+        server
+            .store
+            .append(
+                &format!("s-{}", b % 50),
+                eventlog::store::ExpectedVersion::Any,
+                &batch,
+            )
+            .unwrap();
+    }
+    let mut c = connect(server.addr, Some(&admin)).await.unwrap();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let s = c
+            .request(json!({"op": "subscribe", "from": 0, "types": ["Nope"]}))
+            .await;
+        if s["ok"] == json!(true) {
+            assert_ok(
+                &c.request(json!({"op": "unsubscribe", "sub": s["sub"]}))
+                    .await,
+            );
+        } else {
+            // Only if a stopped thread took longer than the server's wait to end.
+            assert_error(&s, "too_many_subscriptions");
+            refused += 1;
+        }
+        let live = subscriptions_live(&server, &admin).await;
+        assert!(
+            live <= LIMIT as f64,
+            "{live} subscription threads on a connection limited to {LIMIT}"
+        );
+    }
+    // Every thread ends, though each was stopped in the middle of its scan.
+    let started = Instant::now();
+    while subscriptions_live(&server, &admin).await > 0.0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "unsubscribed threads still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("{refused} of 20 subscribes refused while a stopped one was ending");
+    server.stop().await;
+}
+
+/// A WebSocket client whose socket takes little (16 KiB receive buffer) and that reads
+/// nothing until told to.
+async fn non_reading_client(
+    addr: SocketAddr,
+    token: &str,
+) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        ws_request(addr, Some(token), "ws"),
+        MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    ws
+}
+
+/// Stores two events of 700 KB in `big-1`, so that each `read` of it is answered with
+/// about 1.4 MB.
+fn store_big_aggregate(store: &Store) {
+    let big = format!("\"{}\"", "x".repeat(700_000));
+    for _ in 0..2 {
+        store
+            .append(
+                "big-1",
+                eventlog::store::ExpectedVersion::Any,
+                &[eventlog::store::NewEvent::json_text("T", big.clone())],
+            )
+            .unwrap();
+    }
+}
+
+/// Waits (up to `WAIT`) until the server has cut off one slow consumer; with
+/// `closed`, also until that connection is gone. Returns the metrics.
+async fn wait_for_slow_consumer_cut_off(server: &TestServer, admin: &str, closed: bool) -> String {
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(admin).await;
+        let cut_off = sample(&m, "eventlog_server_slow_consumer_disconnects_total");
+        let connections = sample(&m, "eventlog_server_connections");
+        if cut_off == 1.0 && (!closed || connections == 0.0) {
+            return m;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the client that reads nothing is still served: {cut_off} slow-consumer disconnects, {connections} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The send queue is bounded in bytes, not only in messages: a client that sends many
+/// `read`s of a large aggregate and never reads its socket fills the queue's bytes long
+/// before its message count, so the server stops reading its requests and cuts it off
+/// as a slow consumer. Before, 1,000 answers of 1.4 MB each fitted in a queue of 1,024
+/// messages: the server held them all (about 1.4 GB) for as long as the client stayed
+/// (server review, finding 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_queue_full_of_bytes_cuts_off_a_client_that_never_reads() {
+    const QUEUE_BYTES: usize = 2 << 20;
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.send_queue_bytes_max = QUEUE_BYTES;
+        c.send_queue_wait_ms = 2_000;
+    })
+    .await;
+    store_big_aggregate(&server.store);
+    let ws = non_reading_client(server.addr, &admin).await;
+    let (mut tx, _rx) = ws.split();
+    const READS: u64 = 200;
+    for i in 0..READS {
+        tx.send(Message::text(
+            json!({"id": i, "op": "read", "aggregate": "big-1"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    // Until the cut-off, the queue never holds more than its byte bound (the bound,
+    // not the message count, is what fills).
+    let mut queued_max = 0.0f64;
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(&admin).await;
+        let queued = sample(&m, "eventlog_server_send_queue_bytes");
+        queued_max = queued_max.max(queued);
+        assert!(
+            queued <= QUEUE_BYTES as f64,
+            "{queued} bytes queued, the bound is {QUEUE_BYTES}"
+        );
+        if sample(&m, "eventlog_server_slow_consumer_disconnects_total") == 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the client that reads nothing is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("at most {queued_max} bytes seen queued");
+    let m = wait_for_slow_consumer_cut_off(&server, &admin, true).await;
+    // The reader stopped taking requests once the answers' bytes filled the queue (and
+    // the socket's buffers): it waited for room instead of queueing 280 MB.
+    let requests = sample(&m, "eventlog_server_messages_in_total");
+    assert!(
+        requests < READS as f64 / 2.0,
+        "{requests} of {READS} reads were taken with a queue of {QUEUE_BYTES} bytes"
+    );
+    assert_eq!(
+        sample(&m, "eventlog_server_send_queue_bytes"),
+        0.0,
+        "the dropped queue's bytes are given back"
+    );
+    server.stop().await;
+}
+
+/// A client that stops reading while its queue still has room is cut off too: the
+/// writer gives up once the socket took nothing for `send_queue_wait_ms`, with close
+/// code 1008 as when the queue stays full. Before, the writer waited for the socket
+/// forever, holding what it had queued, and graceful shutdown waited out its whole
+/// timeout for it (server review, finding 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_takes_nothing_for_the_wait_limit_is_closed_as_a_slow_consumer() {
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        // A queue that never fills: only the writer's progress limit can act.
+        c.send_queue_bytes_max = 1 << 30;
+        c.send_queue_wait_ms = 500;
+    })
+    .await;
+    store_big_aggregate(&server.store);
+    let mut ws = non_reading_client(server.addr, &admin).await;
+    // 28 MB of answers: far more than the sockets' buffers (a few MiB) hold.
+    const READS: u64 = 20;
+    for i in 0..READS {
+        ws.send(Message::text(
+            json!({"id": i, "op": "read", "aggregate": "big-1"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    wait_for_slow_consumer_cut_off(&server, &admin, false).await;
+    // Reading now, the client finds the answers that were in the sockets' buffers, then
+    // the close frame (which the server tries to deliver for 5 s).
+    let frame = loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("the stream ended without a close frame: {other:?}"),
+        }
+    };
+    let frame = frame.expect("a close code");
+    assert_eq!(frame.code, CloseCode::Policy);
+    assert_eq!(frame.reason.as_str(), "slow consumer");
+    let m = wait_for_slow_consumer_cut_off(&server, &admin, true).await;
+    assert_eq!(sample(&m, "eventlog_server_send_queue_bytes"), 0.0);
+    server.stop().await;
+}
+
+/// Sockets that never upgrade cannot hold the server's socket budget: `/health` (and
+/// every other answer but an upgrade) closes its socket, so a second request on it gets
+/// no answer, and a token holder gets in while the client still holds those sockets.
+/// Before, HTTP keep-alive let 24 unauthenticated sockets, each sending a `/health` now
+/// and then (every request restarted the header timer), keep out every client of a
+/// server with `connections_max` 4 (server review, finding 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_upgrade_cannot_hold_the_socket_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.connections_max = 4; // socket budget: 4 * 2 + 16 = 24
+        c.handshake_timeout_ms = 5_000;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    for s in &mut held {
+        s.write_all(HEALTH).await.unwrap();
+        let mut answer = Vec::new();
+        // The whole answer, then the end of the stream: the server closed the socket.
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("the socket closed after its answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
+    // A second request on a held socket is not answered.
+    for s in &mut held {
+        let _ = s.write_all(HEALTH).await;
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("no wait on a closed socket");
+        assert!(matches!(n, Ok(0) | Err(_)), "answered again: {n:?}");
+    }
+    // The token holder gets in while the 24 sockets are still held by the client.
+    let mut c = connect(server.addr, Some(&admin))
+        .await
+        .expect("a token holder gets in");
+    assert_ok(
+        &c.request(json!({"op": "read", "all": true, "limit": 1}))
+            .await,
+    );
+    drop(held);
+    server.stop().await;
+}
+
+/// A socket that opens a request and never finishes it is closed by the handshake
+/// limit, however it trickles its bytes (a guard: hyper's own timers closed this one
+/// before the limit covered the whole time before the upgrade too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_completes_is_closed_at_the_handshake_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut server, _admin) = TestServer::start(Durability::None, |c| {
+        c.handshake_timeout_ms = 500;
+    })
+    .await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // A request with a body that never comes: the header timer is done with it.
+    s.write_all(b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(WAIT, trickle).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the socket is still open after {WAIT:?}");
+    server.stop().await;
+}
+
+/// A server without tokens (loopback only) refuses what a web page could send it: an
+/// upgrade with an `Origin` header (403) and one whose `Host` is not a loopback name
+/// (421, DNS rebinding); `/metrics` the same. Native clients, which send neither, still
+/// get in. Before, any page the user opened could append and read (server review,
+/// finding 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_server_refuses_web_pages_and_foreign_hosts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path(), options(Durability::None)).unwrap();
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.tokens_path = Some(tmp.path().join("tokens.json"));
+    let server = Server::bind(store.clone(), config).await.unwrap();
+    assert!(!server.requires_token());
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async move {
+        let _ = rx.await;
+    }));
+    let upgrade = |headers: &[(&'static str, String)]| {
+        let mut req = ws_request(addr, None, "ws");
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(req)
+    };
+    let status = |r: Result<_, WsError>| match r {
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(WsError::Http(r)) => (
+            r.status().as_u16(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        Err(e) => panic!("unexpected error {e}"),
+    };
+    // A web page: the browser adds its Origin, whatever the Host.
+    let (code, body) = status(upgrade(&[("origin", "https://evil.example".into())]).await);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("token add"), "{body}");
+    // DNS rebinding: the page's own origin, resolved to 127.0.0.1.
+    let (code, body) = status(
+        upgrade(&[
+            ("origin", "http://attacker.example:7070".into()),
+            ("host", "attacker.example:7070".into()),
+        ])
+        .await,
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = status(upgrade(&[("host", "attacker.example:7070".into())]).await);
+    assert_eq!(code, 421, "{body}");
+    assert!(body.contains("token add"), "{body}");
+    // /metrics too.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(store.next_seq(), 0);
+    // Native clients: no Origin, a loopback Host (by address or by name).
+    let mut c = connect(addr, None).await.unwrap();
+    assert_ok(&c.request(append("local-1", json!(1))).await);
+    let (ws, _) = upgrade(&[("host", format!("localhost:{}", addr.port()))])
+        .await
+        .unwrap();
+    let mut c = Client::new(ws);
+    assert_ok(&c.request(json!({"op": "read", "all": true})).await);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// The server pings every client each `ping_interval_ms`: a client that reads (and so
+/// answers the pings) but sends nothing stays connected, while one that answers nothing
+/// (a peer that vanished without closing) is closed after two intervals of silence.
+/// Before, there were no pings and no idle limit: a dead peer held its connection, its
+/// subscriptions and their threads for ever (server review, finding 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_pinged_and_a_silent_one_is_closed() {
+    let (mut server, admin) = TestServer::start(Durability::None, |c| {
+        c.ping_interval_ms = 500;
+    })
+    .await;
+    // A client that only reads: it sees pings, and its pongs keep it connected.
+    let mut quiet = connect(server.addr, Some(&admin)).await.unwrap();
+    assert_ok(&quiet.request(json!({"op": "subscribe"})).await);
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(m) = tokio::time::timeout_at(until, quiet.ws.next()).await {
+        match m {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 1, "no ping in 3 s with a ping interval of 0.5 s");
+    assert_ok(
+        &quiet
+            .request(json!({"op": "read", "all": true, "limit": 1}))
+            .await,
+    );
+    let m = server.metrics(&admin).await;
+    assert_eq!(
+        sample(&m, "eventlog_server_silent_peer_disconnects_total"),
+        0.0
+    );
+    drop(quiet);
+    // A client that answers nothing: it never polls its socket, so it sends no pong.
+    let (silent, _) = tokio_tungstenite::connect_async(ws_request(server.addr, Some(&admin), "ws"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let m = server.metrics(&admin).await;
+        if sample(&m, "eventlog_server_silent_peer_disconnects_total") == 1.0
+            && sample(&m, "eventlog_server_connections") == 0.0
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the silent client is still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(silent);
+    eprintln!("{pings} pings seen in 3 s");
+    server.stop().await;
+}

@@ -187,7 +187,8 @@ The store goes to a new temporary folder (named in the output and kept afterward
 Prints {\"listening\":ADDR,\"url\":..} on stdout once it listens; logs go to stderr.
 Clients send the bearer token in the upgrade request's Authorization header; the tokens
 are in the token file (see `eventlog token`), reread when it changes. Without any token
-the server lets everyone in, which it allows only on a loopback address.
+the server lets everyone in, which it allows only on a loopback address, and then it
+refuses requests from web pages (an Origin header) and to a Host that is not loopback.
 docs/PROTOCOL.md describes the messages.
 
 SIGINT or SIGTERM stops it gracefully: no new connections, in-flight requests finish,
@@ -239,8 +240,12 @@ struct ServeArgs {
     /// Messages waiting to be sent to one connection
     #[arg(long, value_name = "N", default_value_t = eventlog::server::SEND_QUEUE_LEN_MAX_DEFAULT)]
     send_queue: usize,
-    /// How long a full send queue may stay full before its client is disconnected as a
-    /// slow consumer, in milliseconds
+    /// Bytes of the messages waiting to be sent to one connection
+    #[arg(long, value_name = "BYTES", default_value_t = eventlog::server::SEND_QUEUE_BYTES_MAX_DEFAULT)]
+    send_queue_bytes: usize,
+    /// How long a full send queue may stay full, or the socket take nothing while there
+    /// is something to send, before its client is disconnected as a slow consumer, in
+    /// milliseconds
     #[arg(long, value_name = "MS", default_value_t = eventlog::server::SEND_QUEUE_WAIT_MS_DEFAULT)]
     send_queue_wait_ms: u64,
     /// Worker threads of the server's runtime

@@ -17,15 +17,21 @@ pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 16;
 pub const SUBSCRIPTIONS_MAX_DEFAULT: usize = 4_096;
 /// Default messages waiting to be written to one connection: 1,024.
 pub const SEND_QUEUE_LEN_MAX_DEFAULT: usize = 1_024;
-/// Default time a full send queue may stay full before its consumer is disconnected: 2 s.
+/// Default bytes of messages waiting to be written to one connection: 16 MiB.
+pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
+/// Default time a full send queue may stay full, or a socket take nothing while the
+/// server has something to write, before its consumer is disconnected: 2 s.
 pub const SEND_QUEUE_WAIT_MS_DEFAULT: u64 = 2_000;
+/// Default time between two WebSocket pings to a client: 30 s. A client from which
+/// nothing (not even a pong) arrives for two intervals is disconnected.
+pub const PING_INTERVAL_MS_DEFAULT: u64 = 30_000;
 /// Default most events in one `read` answer: 1,000.
 pub const READ_EVENTS_MAX_DEFAULT: usize = 1_000;
 /// Default `limit` of a `read` that gives none: 100.
 pub const READ_EVENTS_DEFAULT: usize = 100;
 /// Default bytes of events after which a `read` answer stops early: 1 MiB.
 pub const READ_RESPONSE_BYTES_MAX_DEFAULT: usize = 1 << 20;
-/// Default time for the TLS handshake and the HTTP upgrade request: 10 s.
+/// Default time from a socket's accept to its upgrade (TLS handshake, HTTP request): 10 s.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Default time graceful shutdown waits for connections to finish: 10 s.
 pub const SHUTDOWN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
@@ -67,16 +73,30 @@ pub struct ServerConfig {
     /// Messages (answers and subscription events) waiting to be written to one
     /// connection. Default 1,024. Larger absorbs bursts; smaller bounds memory.
     pub send_queue_len_max: usize,
-    /// How long a producer waits for room in a full send queue before the consumer is
-    /// disconnected as slow (close code 1008, reason "slow consumer"). Default 2 s.
+    /// Bytes of the messages waiting to be written to one connection: the queue is full
+    /// when either this or `send_queue_len_max` is reached (a single message larger
+    /// than this is let in when the queue is empty). One `read` answer or event can be
+    /// over 1 MiB, so this, not the message count, bounds a connection's memory.
+    /// Default 16 MiB.
+    pub send_queue_bytes_max: usize,
+    /// How long a producer waits for room in a full send queue, and how long the socket
+    /// may take no byte while the server has something to write to it, before the
+    /// consumer is disconnected as slow (close code 1008, reason "slow consumer").
+    /// Default 2 s.
     pub send_queue_wait_ms: u64,
+    /// Time between two WebSocket pings the server sends each client. A connection from
+    /// which nothing arrives (no pong, no message) for two intervals is closed (code
+    /// 1001, reason "no answer to pings"): that is how a peer that vanished without
+    /// closing (a machine gone, a network cut) is noticed. Default 30 s.
+    pub ping_interval_ms: u64,
     /// Most events in one `read` answer; larger `limit`s are lowered to it. Default 1,000.
     pub read_events_max: usize,
     /// A `read` answer stops adding events once it holds this many bytes of them (it
     /// always holds at least one). Default 1 MiB.
     pub read_response_bytes_max: usize,
-    /// Time allowed for the TLS handshake and the HTTP request before the upgrade.
-    /// Default 10 s.
+    /// Time a socket may stay open before its upgrade to a WebSocket: the TLS
+    /// handshake, the HTTP request and its answer. Sockets that do not upgrade are
+    /// closed after one answer. Default 10 s.
     pub handshake_timeout_ms: u64,
     /// How long graceful shutdown waits for connections to finish their in-flight
     /// requests and flush their queues before dropping them. Default 10 s.
@@ -99,7 +119,9 @@ impl Default for ServerConfig {
             subscriptions_per_connection_max: SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT,
             subscriptions_max: SUBSCRIPTIONS_MAX_DEFAULT,
             send_queue_len_max: SEND_QUEUE_LEN_MAX_DEFAULT,
+            send_queue_bytes_max: SEND_QUEUE_BYTES_MAX_DEFAULT,
             send_queue_wait_ms: SEND_QUEUE_WAIT_MS_DEFAULT,
+            ping_interval_ms: PING_INTERVAL_MS_DEFAULT,
             read_events_max: READ_EVENTS_MAX_DEFAULT,
             read_response_bytes_max: READ_RESPONSE_BYTES_MAX_DEFAULT,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
@@ -134,7 +156,7 @@ impl ServerConfig {
     /// # Errors
     /// [`ConfigError::OutOfRange`] naming the first setting out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&'static str, u64, u64, u64); 11] = [
+        let checks: [(&'static str, u64, u64, u64); 13] = [
             (
                 "message_size_bytes_max",
                 self.message_size_bytes_max as u64,
@@ -160,7 +182,14 @@ impl ServerConfig {
                 1,
                 1 << 20,
             ),
+            (
+                "send_queue_bytes_max",
+                self.send_queue_bytes_max as u64,
+                1 << 10,
+                1 << 32,
+            ),
             ("send_queue_wait_ms", self.send_queue_wait_ms, 1, 600_000),
+            ("ping_interval_ms", self.ping_interval_ms, 10, 3_600_000),
             ("read_events_max", self.read_events_max as u64, 1, 100_000),
             (
                 "read_response_bytes_max",
@@ -213,5 +242,15 @@ mod tests {
         };
         let e = config.validate().unwrap_err();
         assert!(e.to_string().contains("send_queue_len_max"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_bound_below_a_kibibyte_is_rejected_with_its_name() {
+        let config = ServerConfig {
+            send_queue_bytes_max: 1_000,
+            ..ServerConfig::default()
+        };
+        let e = config.validate().unwrap_err();
+        assert!(e.to_string().contains("send_queue_bytes_max"), "{e}");
     }
 }

@@ -2,31 +2,41 @@
 //! writer task that drains the connection's bounded send queue to the socket.
 //!
 //! Everything sent goes through the queue ([`Outbox`]): answers from the reader,
-//! events from the subscription threads. A producer that finds the queue full waits up
-//! to `send_queue_wait_ms`; if it is still full the connection is aborted as a slow
-//! consumer: the queue is dropped and the socket gets a close frame (1008, "slow
-//! consumer") if it takes one in time. Nothing else waits on this connection.
+//! events from the subscription threads. The queue is bounded twice: in messages
+//! (`send_queue_len_max`) and in bytes (`send_queue_bytes_max`; one message larger than
+//! that is let in alone), since one message can be over 1 MiB. A producer that finds
+//! the queue full waits up to `send_queue_wait_ms`; if it is still full the connection
+//! is aborted as a slow consumer: the queue is dropped and the socket gets a close
+//! frame (1008, "slow consumer") if it takes one in time. The writer is held to the same
+//! limit: if the socket takes no byte for `send_queue_wait_ms` while the writer has
+//! something to write, the connection is aborted the same way, so a client that stopped
+//! reading holds at most the queue's bytes and the socket's buffers, and only for that
+//! long. Nothing else waits on this connection.
 
+use super::metrics::ServerMetrics;
 use super::protocol::{
     self, error_answer, ok_answer, AppendOp, ErrorCode, Op, ReadOp, ReadSource, SubscribeOp,
     WireError,
 };
 use super::subscription::{self, SubHandle};
 use super::tokens::Grant;
-use super::Shared;
+use super::{Shared, Tracker};
 use crate::store::{AppendError, Direction, Filter, ReadError, StoredEvent};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
@@ -41,6 +51,17 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 const SCOPED_SCAN_FACTOR: usize = 16;
 /// The close reason of a connection aborted for not reading.
 pub(crate) const SLOW_CONSUMER_REASON: &str = "slow consumer";
+/// The close reason of a connection whose client stopped answering pings.
+pub(crate) const SILENT_PEER_REASON: &str = "no answer to pings";
+/// Ping intervals (`ping_interval_ms`) without any frame from the client (a pong, a
+/// ping, a message) after which it is taken for gone: the first ping goes out one
+/// interval after the last frame, so the client has a whole interval to answer it.
+const PEER_SILENT_PINGS_MAX: u32 = 2;
+/// How many times per `send_queue_wait_ms` the writer looks whether the socket took
+/// bytes, while it has something to write.
+const WRITE_PROGRESS_CHECKS_PER_WAIT: u32 = 4;
+/// The shortest interval between two of those looks.
+const WRITE_PROGRESS_CHECK_MIN: Duration = Duration::from_millis(10);
 
 /// An item of a connection's send queue.
 #[derive(Debug)]
@@ -52,6 +73,16 @@ pub(crate) enum Outgoing {
     /// The subscription is over: nothing more of it is sent; `text` (its `end` message),
     /// if any, is sent first.
     SubClosed { sub: u64, text: Option<String> },
+}
+
+impl Outgoing {
+    /// What it counts against the queue's byte budget: the text it carries.
+    fn len_bytes(&self) -> usize {
+        match self {
+            Outgoing::Text(t) | Outgoing::SubEvent { text: t, .. } => t.len(),
+            Outgoing::SubClosed { text, .. } => text.as_ref().map_or(0, String::len),
+        }
+    }
 }
 
 /// How the connection ends, shared by the reader, the writer and the producers.
@@ -67,25 +98,77 @@ pub(crate) struct Ending {
     /// are gone once the runtime shuts down).
     room: Mutex<()>,
     room_made: Condvar,
+    /// The reader, when it waits for room, waits here.
+    room_async: Notify,
+    /// Bytes of the items in the queue and in the writer's hands not yet given to the
+    /// socket writer; bounded by `send_queue_bytes_max` (see [`Ending::reserve`]).
+    queued_bytes: AtomicUsize,
 }
 
 impl Ending {
-    /// Stops the connection now with this close frame (the first reason wins).
-    pub(crate) fn abort(&self, code: CloseCode, reason: &str) {
+    /// Stops the connection now with this close frame (the first reason wins). Returns
+    /// whether this call stopped it (false: it was already stopped).
+    pub(crate) fn abort(&self, code: CloseCode, reason: &str) -> bool {
         self.set_frame(code, reason);
-        if !self.aborted.swap(true, Ordering::AcqRel) {
-            self.wake.notify_waiters();
-            // A permit for a writer that is not waiting right now.
-            self.wake.notify_one();
-            self.room_changed();
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.wake.notify_waiters();
+        // A permit for a writer that is not waiting right now.
+        self.wake.notify_one();
+        self.room_changed();
+        true
+    }
+
+    /// Wakes the producers waiting for room: the writer took messages or wrote bytes,
+    /// or the queue closed.
+    fn room_changed(&self) {
+        {
+            // Taking the lock orders this after a waiter's failed attempt (made under it).
+            let _room = self.room.lock();
+            self.room_made.notify_all();
+        }
+        self.room_async.notify_waiters();
+    }
+
+    /// Takes `len` bytes of the byte budget `max`; false if they do not fit. An item
+    /// larger than the whole budget is let in when nothing else is queued, so that no
+    /// message is unsendable.
+    fn reserve(&self, len: usize, max: usize, metrics: &ServerMetrics) -> bool {
+        let mut queued = self.queued_bytes.load(Ordering::Acquire);
+        loop {
+            if queued != 0 && queued.saturating_add(len) > max {
+                return false;
+            }
+            match self.queued_bytes.compare_exchange_weak(
+                queued,
+                queued.saturating_add(len),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    metrics
+                        .send_queue_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    return true;
+                }
+                Err(now) => queued = now,
+            }
         }
     }
 
-    /// Wakes the threads waiting for room: the writer took messages, or the queue closed.
-    fn room_changed(&self) {
-        // Taking the lock orders this after a waiter's failed attempt (made under it).
-        let _room = self.room.lock();
-        self.room_made.notify_all();
+    /// Gives back `len` bytes taken by [`Ending::reserve`] (the item was written,
+    /// dropped, or not queued after all) and wakes the producers waiting for room.
+    fn release(&self, len: usize, metrics: &ServerMetrics) {
+        if len == 0 {
+            return;
+        }
+        let before = self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        debug_assert!(before >= len, "released {len} bytes of {before} queued");
+        metrics
+            .send_queue_bytes
+            .fetch_sub(len as u64, Ordering::Relaxed);
+        self.room_changed();
     }
 
     fn set_frame(&self, code: CloseCode, reason: &str) {
@@ -126,15 +209,15 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     fn slow(&self) -> Closed {
-        if !self.ending.is_aborted() {
+        if self.ending.abort(CloseCode::Policy, SLOW_CONSUMER_REASON) {
             self.shared.metrics.slow_consumer_disconnects.add(1);
             tracing::warn!(
                 queue = self.shared.config.send_queue_len_max,
+                queue_bytes = self.shared.config.send_queue_bytes_max,
                 wait_ms = self.shared.config.send_queue_wait_ms,
                 "slow consumer: its send queue stayed full; disconnecting"
             );
         }
-        self.ending.abort(CloseCode::Policy, SLOW_CONSUMER_REASON);
         Closed
     }
 
@@ -142,40 +225,73 @@ impl Outbox {
         Duration::from_millis(self.shared.config.send_queue_wait_ms)
     }
 
+    /// Queues `item` if the queue has a free slot and its bytes fit the byte budget;
+    /// gives it back otherwise. Takes no lock (a blocking producer holds the room lock).
+    fn try_push(&self, item: Outgoing) -> Result<Result<(), Outgoing>, Closed> {
+        // The slot first: once the bytes are taken the item cannot fail to go in, so
+        // they never need giving back here.
+        let slot = match self.tx.try_reserve() {
+            Ok(slot) => slot,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(Closed),
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(Err(item)),
+        };
+        let fits = self.ending.reserve(
+            item.len_bytes(),
+            self.shared.config.send_queue_bytes_max,
+            &self.shared.metrics,
+        );
+        if !fits {
+            return Ok(Err(item));
+        }
+        slot.send(item);
+        Ok(Ok(()))
+    }
+
     /// Queues `item`, waiting for room at most `send_queue_wait_ms` (then the consumer
     /// is disconnected as slow).
     pub(crate) async fn push(&self, item: Outgoing) -> Result<(), Closed> {
-        if self.ending.is_aborted() {
-            return Err(Closed);
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                match tokio::time::timeout(self.wait(), self.tx.send(item)).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(Closed),
-                    Err(_) => Err(self.slow()),
-                }
-            }
-        }
-    }
-
-    /// [`Outbox::push`] from a thread outside the runtime (a subscription's).
-    pub(crate) fn push_blocking(&self, item: Outgoing) -> Result<(), Closed> {
-        let deadline = crate::deadline::deadline_after(std::time::Instant::now(), self.wait());
+        let deadline = tokio::time::Instant::from_std(crate::deadline::deadline_after(
+            std::time::Instant::now(),
+            self.wait(),
+        ));
         let mut item = item;
-        let mut room = self.ending.room.lock();
         loop {
             if self.ending.is_aborted() {
                 return Err(Closed);
             }
+            // Registered before the attempt, so room made after it wakes this wait.
+            let room = self.ending.room_async.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_push(item)? {
+                Ok(()) => return Ok(()),
+                Err(back) => item = back,
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return match self.try_push(item)? {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(self.slow()),
+                };
+            }
+        }
+    }
+
+    /// [`Outbox::push`] from a thread outside the runtime (a subscription's). Gives up
+    /// (without disconnecting anyone) once `stop` is set and [`Outbox::wake_producers`]
+    /// was called: a stopped subscription's events would be dropped by the writer anyway.
+    pub(crate) fn push_blocking(&self, item: Outgoing, stop: &AtomicBool) -> Result<(), Closed> {
+        let deadline = crate::deadline::deadline_after(std::time::Instant::now(), self.wait());
+        let mut item = item;
+        let mut room = self.ending.room.lock();
+        loop {
+            if self.ending.is_aborted() || stop.load(Ordering::Acquire) {
+                return Err(Closed);
+            }
             // Tried under the lock, so the writer's wake-up cannot fall between this
             // attempt and the wait.
-            match self.tx.try_send(item) {
+            match self.try_push(item)? {
                 Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Closed),
-                Err(mpsc::error::TrySendError::Full(back)) => item = back,
+                Err(back) => item = back,
             }
             if self
                 .ending
@@ -184,13 +300,18 @@ impl Outbox {
                 .timed_out()
             {
                 drop(room);
-                return match self.tx.try_send(item) {
+                return match self.try_push(item)? {
                     Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
-                    Err(mpsc::error::TrySendError::Full(_)) => Err(self.slow()),
+                    Err(_) => Err(self.slow()),
                 };
             }
         }
+    }
+
+    /// Wakes the threads waiting in [`Outbox::push_blocking`] so they look at their stop
+    /// flags.
+    pub(crate) fn wake_producers(&self) {
+        self.ending.room_changed();
     }
 
     /// Whether the connection is ending (the writer is gone or aborted).
@@ -203,63 +324,103 @@ type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 type Stream<S> = SplitStream<WebSocketStream<S>>;
 
 /// Writes queued messages until every producer is gone or the connection is aborted,
-/// then sends the close frame.
+/// then sends the close frame. `written` counts the bytes the socket took: while the
+/// writer has something to write and it stays still for `send_queue_wait_ms`, the
+/// client is not reading, and the connection is aborted as a slow consumer.
 async fn write_loop<S>(
     mut sink: Sink<S>,
     mut rx: mpsc::Receiver<Outgoing>,
     ending: Arc<Ending>,
     shared: Arc<Shared>,
+    written: Arc<AtomicU64>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let metrics = &shared.metrics;
+    let guard = WriteGuard {
+        ending: &ending,
+        shared: &shared,
+        written: &written,
+    };
     let mut closed_subs: HashSet<u64> = HashSet::new();
     let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH_MESSAGES);
+    // Pings go out between batches, so a busy connection is pinged too (after at most
+    // one batch, whose writing is bounded by the progress limit).
+    let ping_interval = Duration::from_millis(shared.config.ping_interval_ms);
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let n = tokio::select! {
             biased;
             () = ending.aborted() => break,
             n = rx.recv_many(&mut batch, WRITE_BATCH_MESSAGES) => n,
+            _ = ping.tick() => {
+                match guard.run(sink.send(Message::Ping(Default::default()))).await {
+                    None => break,
+                    Some(Ok(())) => continue,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "writing to the socket failed");
+                        ending.abort(CloseCode::Away, "");
+                        break;
+                    }
+                }
+            }
         };
         if n == 0 {
             break;
         }
         ending.room_changed();
+        let batch_bytes: usize = batch.iter().map(Outgoing::len_bytes).sum();
+        // Bytes of this batch given back so far; the rest is given back below when the
+        // batch is cut short.
+        let mut released = 0;
         let send = async {
             for item in batch.drain(..) {
+                let len = item.len_bytes();
                 let text = match item {
-                    Outgoing::Text(t) => t,
+                    Outgoing::Text(t) => Some(t),
                     Outgoing::SubEvent { sub, text } => {
-                        if closed_subs.contains(&sub) {
-                            continue;
-                        }
-                        text
+                        (!closed_subs.contains(&sub)).then_some(text)
                     }
                     Outgoing::SubClosed { sub, text } => {
                         closed_subs.insert(sub);
-                        match text {
-                            Some(t) => t,
-                            None => continue,
-                        }
+                        text
                     }
                 };
-                shared.metrics.messages_out.add(1);
-                shared.metrics.bytes_out.add(text.len() as u64);
-                sink.feed(Message::text(text)).await?;
+                let fed = match text {
+                    Some(text) => {
+                        metrics.messages_out.add(1);
+                        metrics.bytes_out.add(text.len() as u64);
+                        // The socket writer holds the text now: it takes the next one
+                        // only once its buffer is down to `WS_WRITE_BUFFER_BYTES`.
+                        sink.feed(Message::text(text)).await
+                    }
+                    None => Ok(()),
+                };
+                ending.release(len, metrics);
+                released += len;
+                fed?;
             }
             sink.flush().await
         };
-        let sent = tokio::select! {
-            biased;
-            () = ending.aborted() => break,
-            sent = send => sent,
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "writing to the socket failed");
-            ending.abort(CloseCode::Away, "");
-            break;
+        let sent = guard.run(send).await;
+        ending.release(batch_bytes - released, metrics);
+        match sent {
+            None => break,
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "writing to the socket failed");
+                ending.abort(CloseCode::Away, "");
+                break;
+            }
         }
     }
     rx.close();
+    // What is still queued is dropped; producers that try now find the queue closed.
+    while let Ok(item) = rx.try_recv() {
+        ending.release(item.len_bytes(), metrics);
+    }
     drop(rx);
     ending.room_changed();
     let (code, reason) = ending
@@ -279,6 +440,112 @@ async fn write_loop<S>(
     tracing::debug!(code = u16::from(code), %reason, delivered = matches!(closed, Ok(Ok(()))), "connection closed");
 }
 
+/// What bounds each write of the writer.
+struct WriteGuard<'a> {
+    ending: &'a Ending,
+    shared: &'a Shared,
+    written: &'a AtomicU64,
+}
+
+impl WriteGuard<'_> {
+    /// Runs `write` until it completes (`Some`), the connection is aborted (`None`), or
+    /// the socket takes no byte for `send_queue_wait_ms` (`None`: the connection is
+    /// aborted as a slow consumer).
+    async fn run<F>(&self, write: F) -> Option<Result<(), WsError>>
+    where
+        F: std::future::Future<Output = Result<(), WsError>>,
+    {
+        let limit = Duration::from_millis(self.shared.config.send_queue_wait_ms);
+        tokio::select! {
+            biased;
+            () = self.ending.aborted() => None,
+            done = write => Some(done),
+            () = stalled(self.written, limit) => {
+                if self.ending.abort(CloseCode::Policy, SLOW_CONSUMER_REASON) {
+                    self.shared.metrics.slow_consumer_disconnects.add(1);
+                    tracing::warn!(
+                        wait_ms = limit.as_millis() as u64,
+                        "slow consumer: the socket took nothing for the wait limit; disconnecting"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Completes once `written` has not moved for `limit`.
+async fn stalled(written: &AtomicU64, limit: Duration) {
+    let check = (limit / WRITE_PROGRESS_CHECKS_PER_WAIT).max(WRITE_PROGRESS_CHECK_MIN);
+    let mut seen = written.load(Ordering::Relaxed);
+    let mut moved_at = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(check).await;
+        let now = written.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            moved_at = tokio::time::Instant::now();
+        } else if moved_at.elapsed() >= limit {
+            return;
+        }
+    }
+}
+
+/// The upgraded socket, counting the bytes it takes for writing, so that the writer
+/// can tell a client that reads slowly from one that stopped reading.
+pub(crate) struct CountingIo<S> {
+    inner: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountingIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountingIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Why the reader stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -290,6 +557,8 @@ enum Stop {
     Aborted,
     /// A message too large to skip.
     Oversized,
+    /// Nothing arrived from the client for `PEER_SILENT_PINGS_MAX` ping intervals.
+    Silent,
 }
 
 /// The reader's state.
@@ -299,20 +568,30 @@ struct Session {
     conn_id: u64,
     outbox: Outbox,
     subs: HashMap<u64, SubHandle>,
+    /// The threads of this connection's subscriptions, including unsubscribed ones still
+    /// stopping: they count against the connection's limit until they have ended, so
+    /// subscribing and unsubscribing in a loop cannot pile up threads reading the store.
+    sub_threads: Arc<Tracker>,
     next_sub: u64,
 }
 
 /// Serves one upgraded connection until it closes.
-pub(crate) async fn run<S>(shared: Arc<Shared>, ws: WebSocketStream<S>, grant: Grant, conn_id: u64)
+pub(crate) async fn run<S>(shared: Arc<Shared>, io: S, grant: Grant, conn_id: u64)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!("connection open");
+    let written = Arc::new(AtomicU64::new(0));
+    let io = CountingIo {
+        inner: io,
+        written: Arc::clone(&written),
+    };
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(shared.ws_config())).await;
     let (sink, stream) = ws.split();
     let (tx, rx) = mpsc::channel(shared.config.send_queue_len_max);
     let ending = Arc::new(Ending::default());
     let writer = tokio::spawn(
-        write_loop(sink, rx, Arc::clone(&ending), Arc::clone(&shared)).in_current_span(),
+        write_loop(sink, rx, Arc::clone(&ending), Arc::clone(&shared), written).in_current_span(),
     );
     let mut session = Session {
         outbox: Outbox {
@@ -324,6 +603,7 @@ where
         grant,
         conn_id,
         subs: HashMap::new(),
+        sub_threads: Arc::new(Tracker::default()),
         next_sub: 1,
     };
     let mut stream = stream;
@@ -333,6 +613,7 @@ where
         Stop::Shutdown => (CloseCode::Away, "server shutting down"),
         Stop::Aborted => (CloseCode::Away, ""),
         Stop::Oversized => (CloseCode::Size, "message too large"),
+        Stop::Silent => (CloseCode::Away, SILENT_PEER_REASON),
     };
     ending.set_frame(code, reason);
     for (id, sub) in std::mem::take(&mut session.subs) {
@@ -371,6 +652,14 @@ impl Session {
     {
         let mut shutdown = self.shared.shutdown.subscribe();
         let ending = Arc::clone(&self.outbox.ending);
+        // A dead peer (a cable pulled, a machine gone) sends no FIN: only the silence
+        // after the writer's pings tells. Looked at once an interval, not per message.
+        let ping_interval = Duration::from_millis(self.shared.config.ping_interval_ms);
+        let silence_max = ping_interval.saturating_mul(PEER_SILENT_PINGS_MAX);
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
         loop {
             if *shutdown.borrow_and_update() {
                 return Stop::Shutdown;
@@ -380,7 +669,19 @@ impl Session {
                 _ = shutdown.changed() => return Stop::Shutdown,
                 () = ending.aborted() => return Stop::Aborted,
                 m = stream.next() => m,
+                _ = check.tick() => {
+                    if heard.elapsed() >= silence_max {
+                        self.shared.metrics.silent_peer_disconnects.add(1);
+                        tracing::info!(
+                            silent_ms = heard.elapsed().as_millis() as u64,
+                            "the client answered no ping: closing"
+                        );
+                        return Stop::Silent;
+                    }
+                    continue;
+                }
             };
+            heard = Instant::now();
             let message = match message {
                 None => return Stop::Client,
                 Some(Ok(m)) => m,
@@ -609,14 +910,27 @@ impl Session {
             }
         };
         let config = &self.shared.config;
-        if self.subs.len() >= config.subscriptions_per_connection_max {
-            return Err(WireError::new(
-                ErrorCode::TooManySubscriptions,
+        let per_connection_max = config.subscriptions_per_connection_max;
+        if self.sub_threads.live() >= per_connection_max && self.subs.len() < per_connection_max {
+            // Some of them are unsubscribed and still stopping: they end within a follow
+            // slice, so a client that unsubscribes and subscribes again is not refused.
+            self.sub_threads
+                .wait_below(per_connection_max, subscription::SUBSCRIPTION_END_WAIT)
+                .await;
+        }
+        let live = self.sub_threads.live();
+        if live >= per_connection_max {
+            let stopping = live.saturating_sub(self.subs.len());
+            let message = if stopping == 0 {
                 format!(
-                    "this connection has {} subscriptions, its limit; unsubscribe one first",
-                    self.subs.len()
-                ),
-            ));
+                    "this connection has {live} subscriptions, its limit; unsubscribe one first"
+                )
+            } else {
+                format!(
+                    "this connection has {live} subscriptions, its limit, {stopping} of them unsubscribed but still stopping; retry shortly"
+                )
+            };
+            return Err(WireError::new(ErrorCode::TooManySubscriptions, message));
         }
         if self.shared.threads.live() >= config.subscriptions_max {
             return Err(WireError::new(
@@ -639,15 +953,14 @@ impl Session {
         if self.outbox.push(Outgoing::Text(answer)).await.is_err() {
             return Ok(());
         }
-        match subscription::spawn(
-            Arc::clone(&self.shared),
-            self.outbox.clone(),
-            self.conn_id,
+        let start = subscription::Start {
+            conn_id: self.conn_id,
+            connection_threads: Arc::clone(&self.sub_threads),
             sub,
             from,
             filter,
-            span,
-        ) {
+        };
+        match subscription::spawn(Arc::clone(&self.shared), self.outbox.clone(), start, span) {
             Ok(h) => {
                 self.subs.insert(sub, h);
             }

@@ -23,9 +23,12 @@ pub(crate) struct ServerMetrics {
     pub bytes_out: Counter,
     pub request_errors: Counter,
     pub slow_consumer_disconnects: Counter,
+    pub silent_peer_disconnects: Counter,
     pub oversized_messages: Counter,
     pub subscriptions_open: AtomicU64,
     pub subscriptions_total: Counter,
+    /// Bytes of messages in every connection's send queue (and in its writer's hands).
+    pub send_queue_bytes: AtomicU64,
     /// Per op (index in [`OPS`]): request latency in microseconds.
     pub request_us: [Histogram; 4],
     /// Each live subscription's next seq, to compute lag.
@@ -45,9 +48,11 @@ impl Default for ServerMetrics {
             bytes_out: Counter::default(),
             request_errors: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
+            silent_peer_disconnects: Counter::default(),
             oversized_messages: Counter::default(),
             subscriptions_open: AtomicU64::new(0),
             subscriptions_total: Counter::default(),
+            send_queue_bytes: AtomicU64::new(0),
             request_us: std::array::from_fn(|_| Histogram::new(LATENCY_US_BOUNDS)),
             positions: Mutex::new(HashMap::new()),
         }
@@ -64,7 +69,7 @@ impl ServerMetrics {
             "Open WebSocket connections.",
             self.connections_open.load(Ordering::Relaxed),
         );
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             (
                 "eventlog_server_connections_total",
                 "WebSocket connections accepted.",
@@ -107,8 +112,13 @@ impl ServerMetrics {
             ),
             (
                 "eventlog_server_slow_consumer_disconnects_total",
-                "Connections closed because their send queue stayed full.",
+                "Connections closed as slow consumers: their send queue stayed full, or their socket took nothing, for send_queue_wait_ms.",
                 &self.slow_consumer_disconnects,
+            ),
+            (
+                "eventlog_server_silent_peer_disconnects_total",
+                "Connections closed because nothing arrived from the client, not even a pong, for two ping intervals.",
+                &self.silent_peer_disconnects,
             ),
             (
                 "eventlog_server_oversized_messages_total",
@@ -130,6 +140,13 @@ impl ServerMetrics {
             "gauge",
             "Active subscriptions.",
             self.subscriptions_open.load(Ordering::Relaxed),
+        );
+        render_value(
+            out,
+            "eventlog_server_send_queue_bytes",
+            "gauge",
+            "Bytes of answers and events waiting in the connections' send queues.",
+            self.send_queue_bytes.load(Ordering::Relaxed),
         );
         let lag_max = self
             .positions

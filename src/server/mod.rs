@@ -12,18 +12,26 @@
 //! Authentication: a bearer token in the upgrade request's `Authorization` header,
 //! checked against the token file ([`tokens`](crate::server::tokens)), which is reread when it changes. A
 //! missing or wrong token gets HTTP 401 and nothing else. Without any token configured
-//! the server accepts everyone, which it allows only on a loopback address.
+//! the server accepts everyone, which it allows only on a loopback address; and since a
+//! web page the user opens could then use it too, it refuses, while open, requests
+//! carrying an `Origin` header (browsers always send one) and requests whose `Host` is
+//! not a loopback name (DNS rebinding).
 //!
 //! How the safety properties are kept:
 //!
 //! - *Every limit is bounded* ([`ServerConfig`](crate::server::ServerConfig)): message size, connections,
-//!   subscriptions per connection and in total, send queue per connection.
+//!   subscriptions per connection and in total, send queue per connection (in messages
+//!   and in bytes).
 //! - *A slow consumer slows nobody else.* Answers and subscription events go through a
 //!   bounded queue per connection, written by that connection's writer task. Each
 //!   subscription follows the store on its own thread ([`Store::follow`](crate::store::Store::follow)), so the
 //!   appending clients never wait for a reader; when a connection's queue stays full for
-//!   `send_queue_wait_ms`, the connection is closed with code 1008, reason "slow
+//!   `send_queue_wait_ms`, or its socket takes nothing for that long while there is
+//!   something to write, the connection is closed with code 1008, reason "slow
 //!   consumer". Idle connections cost two small tasks, no thread.
+//! - *A vanished peer is noticed*: the writer pings every `ping_interval_ms` and the
+//!   reader closes a connection from which nothing arrived for two intervals (accepted
+//!   sockets also have TCP keepalive on, as a backstop).
 //! - *Subscriptions have no gap and no duplicate* between stored and live events: one
 //!   follower reads the log from the requested seq and then waits for commits, so the
 //!   switch is just the follower reaching the head.
@@ -48,10 +56,10 @@ pub mod tokens;
 
 pub use config::{
     ConfigError, ServerConfig, TlsFiles, CONNECTIONS_MAX_DEFAULT, HANDSHAKE_TIMEOUT_MS_DEFAULT,
-    LISTEN_DEFAULT, MESSAGE_SIZE_BYTES_MAX_DEFAULT, READ_EVENTS_DEFAULT, READ_EVENTS_MAX_DEFAULT,
-    READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_LEN_MAX_DEFAULT, SEND_QUEUE_WAIT_MS_DEFAULT,
-    SHUTDOWN_TIMEOUT_MS_DEFAULT, SUBSCRIPTIONS_MAX_DEFAULT,
-    SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT, WORKER_THREADS_DEFAULT,
+    LISTEN_DEFAULT, MESSAGE_SIZE_BYTES_MAX_DEFAULT, PING_INTERVAL_MS_DEFAULT, READ_EVENTS_DEFAULT,
+    READ_EVENTS_MAX_DEFAULT, READ_RESPONSE_BYTES_MAX_DEFAULT, SEND_QUEUE_BYTES_MAX_DEFAULT,
+    SEND_QUEUE_LEN_MAX_DEFAULT, SEND_QUEUE_WAIT_MS_DEFAULT, SHUTDOWN_TIMEOUT_MS_DEFAULT,
+    SUBSCRIPTIONS_MAX_DEFAULT, SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT, WORKER_THREADS_DEFAULT,
 };
 pub use error::ServerError;
 pub use protocol::ErrorCode;
@@ -75,8 +83,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 /// The WebSocket endpoint's path.
@@ -94,11 +101,13 @@ const WS_READ_BUFFER_BYTES: usize = 8 << 10;
 /// WebSocket write buffer target per connection.
 const WS_WRITE_BUFFER_BYTES: usize = 64 << 10;
 
-/// Counts live tasks or threads; lets shutdown wait for them all.
+/// Counts live tasks or threads; lets shutdown wait for them all, and a connection for
+/// one of its subscription threads to end.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     live: AtomicUsize,
-    idle: Notify,
+    /// Notified each time one ends.
+    ended: Notify,
 }
 
 /// Counts as live in a [`Tracker`] until dropped.
@@ -117,12 +126,18 @@ impl Tracker {
 
     /// Waits until nothing is live, or `timeout` passes; returns whether nothing is.
     async fn wait_idle(&self, timeout: Duration) -> bool {
+        self.wait_below(1, timeout).await
+    }
+
+    /// Waits until fewer than `limit` are live, or `timeout` passes; returns whether
+    /// fewer are.
+    pub(crate) async fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
         let wait = async {
             loop {
-                let notified = self.idle.notified();
+                let notified = self.ended.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.live() == 0 {
+                if self.live() < limit {
                     return;
                 }
                 notified.await;
@@ -134,9 +149,8 @@ impl Tracker {
 
 impl Drop for TrackerGuard {
     fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -412,23 +426,63 @@ fn accept(
     }
     let slot = TcpSlot(Arc::clone(shared));
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_keepalive(&tcp) {
+        tracing::debug!(%peer, error = %e, "cannot turn on TCP keepalive");
+    }
     let guard = shared.tasks.enter();
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let _guard = guard;
         let _slot = slot;
-        match tls {
-            None => serve_http(shared, tcp, peer).await,
-            Some(acceptor) => {
-                let handshake = Duration::from_millis(shared.config.handshake_timeout_ms);
-                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => serve_http(shared, stream, peer).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
+        // The whole time before the upgrade (TLS handshake, the request, its answer) is
+        // bounded, so that sockets without a token cannot hold the socket budget
+        // (`tcp_max`) for long. Once upgraded, the WebSocket runs in a task of its own.
+        let handshake = Duration::from_millis(shared.config.handshake_timeout_ms);
+        let served = tokio::time::timeout(handshake, async {
+            match tls {
+                None => serve_http(shared, tcp, peer).await,
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(stream) => serve_http(shared, stream, peer).await,
+                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                },
             }
+        })
+        .await;
+        if served.is_err() {
+            tracing::debug!(%peer, timeout_ms = handshake.as_millis() as u64, "not upgraded in time: socket closed");
         }
     });
+}
+
+/// Turns on TCP keepalive (`SO_KEEPALIVE`), so that the kernel too probes a connection
+/// that stays idle and drops it if the peer is gone. With the kernel's default timers
+/// (two hours on Linux) this is a backstop: the WebSocket pings (`ping_interval_ms`)
+/// are what notice a dead peer in time.
+#[cfg(unix)]
+fn set_keepalive(tcp: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is `tcp`'s open socket, borrowed for the call; the option
+    // value is a live `c_int` and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn set_keepalive(_tcp: &TcpStream) -> std::io::Result<()> {
+    Ok(())
 }
 
 async fn serve_http<I>(shared: Arc<Shared>, io: I, peer: SocketAddr)
@@ -439,7 +493,19 @@ where
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |req| {
         let shared = Arc::clone(&service_shared);
-        async move { Ok::<_, Infallible>(route(shared, req, peer)) }
+        async move {
+            let mut r = route(shared, req, peer);
+            // One request per socket: `/health`, `/metrics` and refused requests close it
+            // after their answer, so a client cannot keep a socket (and its place in the
+            // socket budget) with a request now and then, each restarting the header
+            // timer. (Not `keep_alive(false)` on the builder: hyper would then put
+            // `Connection: close` on the upgrade's answer too.)
+            if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(r)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -510,6 +576,68 @@ fn authenticate(
     outcome
 }
 
+/// Authenticates `req` ([`authenticate`]; 401 when refused) and, when no token is
+/// configured, refuses what a web page could send: an `Origin` header (403) or a `Host`
+/// that is not a loopback name (421).
+fn admit(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Grant, Box<Response<Full<Bytes>>>> {
+    let grant = authenticate(shared, req, peer).map_err(|_| Box::new(unauthorized()))?;
+    if grant.token_name.is_some() {
+        return Ok(grant);
+    }
+    let text = "text/plain; charset=utf-8";
+    let path = req.uri().path();
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        tracing::warn!(%peer, path, %origin, "refused: 403, a request from a web page while no token is configured (any page the user opens could read and append); to serve browsers, add a token with `eventlog token add NAME --read`");
+        return Err(Box::new(response(
+            StatusCode::FORBIDDEN,
+            text,
+            format!("refused: no token is configured, so requests from web pages (Origin: {origin}) are not served; add a token (`eventlog token add`) and send it as `Authorization: Bearer <token>`\n"),
+        )));
+    }
+    if let Some(host) = req.headers().get(header::HOST) {
+        let host = String::from_utf8_lossy(host.as_bytes());
+        if !is_loopback_host(&host) {
+            tracing::warn!(%peer, path, %host, "refused: 421, Host is not a loopback name while no token is configured (a web page could reach the server through DNS rebinding); connect to localhost or 127.0.0.1, or add a token with `eventlog token add NAME --read`");
+            return Err(Box::new(response(
+                StatusCode::MISDIRECTED_REQUEST,
+                text,
+                format!("refused: no token is configured, so only requests to localhost or a loopback address are served, not to Host {host}; connect to 127.0.0.1, or add a token (`eventlog token add`)\n"),
+            )));
+        }
+    }
+    Ok(grant)
+}
+
+/// Whether a `Host` header value names this machine, with or without a port:
+/// `localhost`, a name under `.localhost` (loopback by RFC 6761; browsers never resolve
+/// it through DNS), or a loopback IP address (`127.0.0.0/8`, `[::1]`).
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: "[::1]" or "[::1]:7070".
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.to_canonical().is_loopback();
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
 fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     match (req.method(), path) {
@@ -528,8 +656,8 @@ fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Respo
                 )
             }
         }
-        (&Method::GET, "/metrics") => match authenticate(&shared, &req, peer) {
-            Err(_) => unauthorized(),
+        (&Method::GET, "/metrics") => match admit(&shared, &req, peer) {
+            Err(refused) => *refused,
             Ok(grant) if !grant.permissions.admin => response(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -582,9 +710,9 @@ fn upgrade(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     // Authentication comes first: a client without a valid token learns nothing else.
-    let grant = match authenticate(&shared, &req, peer) {
+    let grant = match admit(&shared, &req, peer) {
         Ok(g) => g,
-        Err(_) => return unauthorized(),
+        Err(refused) => return *refused,
     };
     let text = "text/plain; charset=utf-8";
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -639,13 +767,7 @@ fn upgrade(
             let _slot = slot;
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(shared.ws_config()),
-                    )
-                    .await;
-                    connection::run(shared, ws, grant, conn_id).await;
+                    connection::run(shared, TokioIo::new(upgraded), grant, conn_id).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -658,4 +780,64 @@ fn upgrade(
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `tcp` has `SO_KEEPALIVE`, read through a duplicate of its descriptor.
+    fn keepalive_of(tcp: TcpStream) -> (bool, TcpStream) {
+        let std = tcp.into_std().unwrap();
+        let probe = tokio::net::TcpSocket::from_std_stream(std.try_clone().unwrap());
+        let on = probe.keepalive().unwrap();
+        drop(probe);
+        (on, TcpStream::from_std(std).unwrap())
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (on, tcp) = keepalive_of(tcp);
+        assert!(!on, "off by default");
+        set_keepalive(&tcp).unwrap();
+        assert!(keepalive_of(tcp).0);
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_others_with_or_without_a_port() {
+        for host in [
+            "localhost",
+            "LOCALHOST:7070",
+            "localhost.",
+            "app.localhost:80",
+            "127.0.0.1",
+            "127.0.0.1:7070",
+            "127.1.2.3:1",
+            "[::1]",
+            "[::1]:7070",
+            "[::ffff:127.0.0.1]:7070",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:7070",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io:7070",
+            "10.0.0.1:7070",
+            "0.0.0.0:7070",
+            "[::]:7070",
+            "::1",
+            "[::1]x",
+            "localhost:http",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

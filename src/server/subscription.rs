@@ -10,28 +10,37 @@
 
 use super::connection::{Outbox, Outgoing};
 use super::protocol;
-use super::{Shared, TrackerGuard};
+use super::{Shared, Tracker, TrackerGuard};
 use crate::store::Filter;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long the follower waits for a commit before checking whether to stop.
+/// How long the follower waits for a commit before checking whether to stop. A stopped
+/// subscription's thread ends within about this long: its follower also looks at the
+/// stop flag every 1,024 stored events its filter skips, and a wait for room in the send
+/// queue is woken by the stop.
 pub(crate) const FOLLOW_SLICE: Duration = Duration::from_millis(200);
+/// How long a `subscribe` at the connection's limit waits for an unsubscribed
+/// subscription's thread to end (it counts against the limit until it has, since it
+/// still reads the store).
+pub(crate) const SUBSCRIPTION_END_WAIT: Duration = Duration::from_millis(500);
+const _: () = assert!(SUBSCRIPTION_END_WAIT.as_millis() > FOLLOW_SLICE.as_millis());
 /// Stack of a subscription thread: it only decodes and serializes events.
 const THREAD_STACK_BYTES: usize = 256 << 10;
 
 /// The connection's handle on a running subscription.
-#[derive(Debug)]
 pub(crate) struct SubHandle {
     stop: Arc<AtomicBool>,
+    outbox: Outbox,
 }
 
 impl SubHandle {
-    /// Asks the thread to stop; it does within one [`FOLLOW_SLICE`] (or one bounded wait
-    /// for queue room).
+    /// Asks the thread to stop; it does within about one [`FOLLOW_SLICE`].
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        // A thread waiting for room in the queue looks at its flag now.
+        self.outbox.wake_producers();
     }
 }
 
@@ -41,11 +50,14 @@ impl Drop for SubHandle {
     }
 }
 
-/// Removes the subscription from the gauges when its thread ends.
+/// Removes the subscription from the gauges when its thread ends. The gauges change
+/// before the guards are dropped, so the gauge never shows more subscriptions than the
+/// limits (checked against the trackers) let in.
 struct Registration {
     shared: Arc<Shared>,
     key: (u64, u64),
     _thread: TrackerGuard,
+    _connection_thread: TrackerGuard,
 }
 
 impl Drop for Registration {
@@ -58,22 +70,37 @@ impl Drop for Registration {
     }
 }
 
-/// Starts subscription `sub` of connection `conn_id`, from seq `from`.
+/// A new subscription: which, from where, and whose.
+pub(crate) struct Start {
+    pub conn_id: u64,
+    /// The connection's subscription threads, running or stopping.
+    pub connection_threads: Arc<Tracker>,
+    pub sub: u64,
+    pub from: u64,
+    pub filter: Filter,
+}
+
+/// Starts subscription `start.sub` of connection `start.conn_id`, from seq `start.from`.
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     outbox: Outbox,
-    conn_id: u64,
-    sub: u64,
-    from: u64,
-    filter: Filter,
+    start: Start,
     request_span: tracing::Span,
 ) -> std::io::Result<SubHandle> {
+    let Start {
+        conn_id,
+        connection_threads,
+        sub,
+        from,
+        filter,
+    } = start;
     let stop = Arc::new(AtomicBool::new(false));
     let position = Arc::new(AtomicU64::new(from));
     let registration = Registration {
         shared: Arc::clone(&shared),
         key: (conn_id, sub),
         _thread: shared.threads.enter(),
+        _connection_thread: connection_threads.enter(),
     };
     shared
         .metrics
@@ -86,6 +113,10 @@ pub(crate) fn spawn(
         .lock()
         .insert((conn_id, sub), Arc::clone(&position));
     let thread_stop = Arc::clone(&stop);
+    let handle = SubHandle {
+        stop,
+        outbox: outbox.clone(),
+    };
     std::thread::Builder::new()
         .name(format!("eventlog-sub-{conn_id}.{sub}"))
         .stack_size(THREAD_STACK_BYTES)
@@ -95,7 +126,7 @@ pub(crate) fn spawn(
             let _registration = registration;
             follow(&shared, &outbox, sub, from, filter, &thread_stop, &position);
         })?;
-    Ok(SubHandle { stop })
+    Ok(handle)
 }
 
 fn follow(
@@ -115,13 +146,14 @@ fn follow(
         if stop.load(Ordering::Acquire) || outbox.is_closed() {
             break;
         }
-        match follower.next_timeout(FOLLOW_SLICE) {
+        // The stop flag also ends a long skip over stored events the filter refuses.
+        match follower.next_or_interrupt(FOLLOW_SLICE, Some(stop)) {
             Ok(Some(stored)) => {
                 position.store(follower.position(), Ordering::Relaxed);
                 let event = match stored.event() {
                     Ok(e) => e,
                     Err(e) => {
-                        end(outbox, sub, &e.to_string());
+                        end(outbox, sub, &e.to_string(), stop);
                         break;
                     }
                 };
@@ -132,12 +164,13 @@ fn follow(
                         outbox,
                         sub,
                         &format!("cannot write event {}: {e}", stored.seq()),
+                        stop,
                     );
                     break;
                 }
                 text.push(b'}');
                 let Ok(text) = String::from_utf8(text) else {
-                    end(outbox, sub, "an event is not UTF-8 JSON");
+                    end(outbox, sub, "an event is not UTF-8 JSON", stop);
                     break;
                 };
                 tracing::trace!(
@@ -146,7 +179,7 @@ fn follow(
                     "event queued"
                 );
                 if outbox
-                    .push_blocking(Outgoing::SubEvent { sub, text })
+                    .push_blocking(Outgoing::SubEvent { sub, text }, stop)
                     .is_err()
                 {
                     break;
@@ -156,7 +189,7 @@ fn follow(
             Ok(None) => position.store(follower.position(), Ordering::Relaxed),
             Err(e) => {
                 tracing::error!(error = %e, seq = follower.position(), "subscription cannot read the store");
-                end(outbox, sub, &e.to_string());
+                end(outbox, sub, &e.to_string(), stop);
                 break;
             }
         }
@@ -165,10 +198,13 @@ fn follow(
 }
 
 /// Ends the subscription with a `read_failed` message.
-fn end(outbox: &Outbox, sub: u64, message: &str) {
+fn end(outbox: &Outbox, sub: u64, message: &str, stop: &AtomicBool) {
     let text = protocol::sub_end(sub, "read_failed", message);
-    let _ = outbox.push_blocking(Outgoing::SubClosed {
-        sub,
-        text: Some(text),
-    });
+    let _ = outbox.push_blocking(
+        Outgoing::SubClosed {
+            sub,
+            text: Some(text),
+        },
+        stop,
+    );
 }

@@ -1755,6 +1755,12 @@ impl Iterator for AllEvents {
     }
 }
 
+/// Records a filtered follower skips between two looks at its deadline and interrupt
+/// flag: a filter that matches nothing in a long log would otherwise scan all of it
+/// before a caller's timeout or stop request is noticed. A look is one clock read and
+/// one atomic load, small beside decoding the heads of 1,024 records.
+const FOLLOW_SKIPPED_RECORDS_PER_CHECK: u32 = 1_024;
+
 /// A live follower; see [`Store::follow`].
 #[derive(Debug)]
 pub struct Follower {
@@ -1768,7 +1774,9 @@ pub struct Follower {
 
 impl Follower {
     /// The next matching event, waiting up to `timeout` for one to be committed.
-    /// `Ok(None)` when the timeout passed first.
+    /// `Ok(None)` when the timeout passed first, which can also happen while stored
+    /// events the filter refuses are being skipped (the follower has moved past those
+    /// it looked at; call again to go on).
     ///
     /// # Errors
     /// [`ReadError`] if a record cannot be read; the follower stays at that seq.
@@ -1778,7 +1786,8 @@ impl Follower {
 
     /// Like [`Follower::next_timeout`], but also returns `Ok(None)` early once
     /// `interrupted` is true and [`Log::wake_waiters`] was called (how a subscription's
-    /// worker notices a stop request at once).
+    /// worker notices a stop request at once), or while skipping stored events the
+    /// filter refuses (looked at every 1,024 of them).
     ///
     /// # Errors
     /// As [`Follower::next_timeout`].
@@ -1787,8 +1796,11 @@ impl Follower {
         timeout: Duration,
         interrupted: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Option<StoredEvent>, ReadError> {
-        // The clock is read only when there is nothing to return at once.
+        // The clock is read only when there is nothing to return at once, or after
+        // `FOLLOW_SKIPPED_RECORDS_PER_CHECK` refused records (so a long scan's timeout
+        // counts from that first look).
         let mut deadline: Option<Instant> = None;
+        let mut skipped: u32 = 0;
         loop {
             let cursor = self
                 .cursor
@@ -1815,6 +1827,18 @@ impl Follower {
                 };
                 if self.filter.matches(head.aggregate_id, head.event_type) {
                     return Ok(Some(stored));
+                }
+                skipped += 1;
+                if skipped == FOLLOW_SKIPPED_RECORDS_PER_CHECK {
+                    skipped = 0;
+                    let now = Instant::now();
+                    let deadline = *deadline
+                        .get_or_insert_with(|| crate::deadline::deadline_after(now, timeout));
+                    if now >= deadline
+                        || interrupted.is_some_and(|i| i.load(std::sync::atomic::Ordering::Acquire))
+                    {
+                        return Ok(None);
+                    }
                 }
             }
             let now = Instant::now();

@@ -722,6 +722,65 @@ fn follower_yields_stored_then_live_events_filtered_and_times_out() {
     assert!(!store.wait_for(4, Duration::from_millis(10)));
 }
 
+/// A filtered follower that skips a long run of stored events the filter refuses looks
+/// at its deadline and its interrupt flag on the way (every 1,024 skipped), instead of
+/// scanning to the head first: an unsubscribed server subscription with a filter that
+/// matches nothing used to read the whole log before it noticed its stop flag. The
+/// position, not a clock, shows where it stopped.
+#[test]
+fn a_filtered_follower_skipping_stored_events_honours_its_deadline_and_interrupt_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    const STORED: u64 = 5_000;
+    let batch: Vec<_> = (0..1_000).map(|_| ev("Noise", "0")).collect();
+    for b in 0..STORED / 1_000 {
+        store
+            .append(&format!("a-{b}"), ExpectedVersion::Any, &batch)
+            .unwrap();
+    }
+    store
+        .append("a-last", ExpectedVersion::Any, &[ev("Wanted", "1")])
+        .unwrap();
+
+    // A zero timeout: it returns after the first 1,024 refused events, not at the head.
+    let mut f = store.follow(0, Filter::types(["Wanted"]));
+    assert!(f.next_timeout(Duration::ZERO).unwrap().is_none());
+    let first_stop = f.position();
+    assert!(
+        (1..STORED).contains(&first_stop),
+        "scanned to {first_stop} of {STORED} refused events before looking at the clock"
+    );
+    // Called again, it goes on from there and finds the match.
+    let found = loop {
+        if let Some(e) = f.next_timeout(Duration::ZERO).unwrap() {
+            break e;
+        }
+        assert!(f.position() > first_stop);
+    };
+    assert_eq!(found.seq(), STORED);
+
+    // A raised interrupt flag ends a scan with a long timeout the same way, with no
+    // `wake_waiters` needed.
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    let mut f = store.follow(0, Filter::types(["Wanted"]));
+    assert!(f
+        .next_or_interrupt(Duration::from_secs(600), Some(&stop))
+        .unwrap()
+        .is_none());
+    assert!(
+        f.position() < STORED,
+        "interrupted only at {} of {STORED}",
+        f.position()
+    );
+    // Without the flag it runs to the match.
+    let mut f = store.follow(0, Filter::types(["Wanted"]));
+    let got = f
+        .next_or_interrupt(Duration::from_secs(600), None)
+        .unwrap()
+        .map(|e| e.seq());
+    assert_eq!(got, Some(STORED));
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())

@@ -72,6 +72,7 @@ pub fn serve(ctx: &Context, a: ServeArgs) -> Result<(), CliError> {
     config.connections_max = a.max_connections;
     config.subscriptions_per_connection_max = a.max_subscriptions;
     config.send_queue_len_max = a.send_queue;
+    config.send_queue_bytes_max = a.send_queue_bytes;
     config.send_queue_wait_ms = a.send_queue_wait_ms;
     config.worker_threads = a.workers;
     config
