@@ -399,10 +399,26 @@ struct MemState {
     /// The group the log has written and not yet acknowledged (it is being synced), if
     /// any: its events are at the end of the active memtable, hidden from readers.
     unpublished: Option<Unpublished>,
-    /// For each aggregate of the unpublished group, its latest-map entry from before the
-    /// group (`None`: it had none): what readers see meanwhile, and what an abandoned
-    /// group restores. Kept here, not in [`Unpublished`], to reuse its allocation.
-    before_unpublished: Vec<(NameKey, Option<Latest>)>,
+    /// For each aggregate of the unpublished group, what a lookup answered before the
+    /// group: what readers see meanwhile, and what an abandoned group restores. Kept here,
+    /// not in [`Unpublished`], to reuse its allocation.
+    before_unpublished: Vec<(NameKey, BeforeGroup)>,
+}
+
+/// What the latest map knew of an aggregate of the unpublished group before the group's
+/// first event of it went in.
+#[derive(Debug, Clone, Copy)]
+enum BeforeGroup {
+    /// Its entry.
+    Entry(Latest),
+    /// It had no events: no entry, and its bucket was known complete.
+    NoEvents,
+    /// No entry, and its bucket not known complete: only sled knows. An entry may have
+    /// been pruned (dropped as clean) just before the insert, after the appender looked
+    /// it up, so a missing entry does not mean "no events". Sled never holds an
+    /// unpublished group's events (a flush waits for the group to settle), so its answer
+    /// is the one from before the group.
+    InSled,
 }
 
 /// Where the active memtable stood before the unpublished group: what it is cut back to
@@ -464,7 +480,13 @@ impl MemState {
                     before.is_some(),
                     "an unpublished entry of {aggregate} without its value from before"
                 );
-                Some(before.and_then(|(_, l)| l.map(|l| (l.version, l.seq))))
+                match before.map(|(_, b)| *b) {
+                    Some(BeforeGroup::Entry(l)) => Some(Some((l.version, l.seq))),
+                    Some(BeforeGroup::NoEvents) => Some(None),
+                    // Without a value from before (a bug the assertion above catches in
+                    // tests), sled is asked too: it never holds the group.
+                    Some(BeforeGroup::InSled) | None => None,
+                }
             }
             found => found,
         }
@@ -501,12 +523,17 @@ impl MemState {
         };
         for (name, before) in self.before_unpublished.drain(..) {
             match before {
-                Some(l) => {
+                BeforeGroup::Entry(l) => {
                     self.latest.map.insert(name, l);
                 }
-                None => {
-                    // It may have been in sled (an entry pruned between the append's
-                    // lookup and the insert): its bucket is not known whole any more.
+                BeforeGroup::NoEvents => {
+                    // Its bucket stays complete: a miss there still means no events.
+                    self.latest.map.remove(name.as_str());
+                }
+                BeforeGroup::InSled => {
+                    // It may be in sled: if its bucket was read whole meanwhile, the
+                    // group's entry was kept instead of sled's, so the bucket is not
+                    // known whole any more.
                     self.latest.map.remove(name.as_str());
                     self.latest.forget_complete(agg_bucket(name.as_str()));
                 }
@@ -559,14 +586,23 @@ impl MemState {
             }
         });
         if inserted {
+            let key = key.clone();
             if unpublished_from.is_some() {
-                self.before_unpublished.push((key.clone(), None));
+                // What a lookup answers now, before the insert: a pruning (above) clears
+                // every bucket's mark, so an entry it just dropped reads as in sled.
+                let before = if self.latest.is_complete(agg_bucket(key.as_str())) {
+                    BeforeGroup::NoEvents
+                } else {
+                    BeforeGroup::InSled
+                };
+                self.before_unpublished.push((key.clone(), before));
             }
-            active.touched.push(key.clone());
+            active.touched.push(key);
         } else {
             if unpublished_from.is_some_and(|from| l.seq < from) {
                 // First event of this aggregate in the unpublished group.
-                self.before_unpublished.push((key.clone(), Some(*l)));
+                self.before_unpublished
+                    .push((key.clone(), BeforeGroup::Entry(*l)));
             }
             if l.seq < active.first_seq {
                 // First event of this aggregate in the active memtable.
@@ -2048,7 +2084,9 @@ mod tests {
         assert_eq!(mem.latest.lookup("a"), Some(Some((3, 4))));
         assert_eq!(mem.latest_published("a"), Some(Some((1, 0))));
         assert_eq!(mem.latest_published("b"), Some(Some((1, 1))));
-        assert_eq!(mem.latest_published("c"), Some(None), "c has no events yet");
+        // c had no entry and its bucket is not known complete: whether c had events
+        // before the group only sled knows (it never holds the group's events).
+        assert_eq!(mem.latest_published("c"), None, "c is looked up in sled");
         assert_eq!(mem.published_end(), 2);
         mem.abandon();
         assert_eq!(snapshot(&mem), before, "an abandoned group leaves no trace");
@@ -2061,6 +2099,62 @@ mod tests {
         assert_eq!(mem.latest_published("c"), Some(Some((1, 3))));
         assert_eq!(mem.published_end(), 5);
         assert!(mem.before_unpublished.is_empty());
+    }
+
+    /// Regression: the insert of a group's event prunes the map first; it dropped the
+    /// entry of the event's aggregate (clean: in sled), the aggregate went in as new, and
+    /// while the group was synced readers were told it had no events.
+    #[test]
+    fn an_aggregate_pruned_by_its_groups_insert_is_read_from_sled_while_the_group_syncs() {
+        // clean_max 1: the map prunes as soon as it holds one clean entry.
+        let mut mem = MemState::new(0, 1);
+        mem.insert(0, &event_payload("x", 1));
+        // The indexer wrote seq 0 to sled: x = (1, 0) there, clean here.
+        mem.active = Memtable::empty_at(1);
+        assert_eq!(mem.latest_published("x"), Some(Some((1, 0))));
+        // The next append to x found (1, 0); the log writes its group and feeds it, and
+        // the insert prunes before it looks x up.
+        mem.begin_unpublished(1);
+        mem.insert(1, &event_payload("x", 2));
+        assert_eq!(mem.latest.prunes, 1, "the insert pruned");
+        assert_eq!(
+            mem.latest.lookup("x"),
+            Some(Some((2, 1))),
+            "appends see the group"
+        );
+        assert_eq!(
+            mem.latest_published("x"),
+            None,
+            "while the group is synced, readers must ask sled (x = (1, 0) there), not be \
+             told x has no events"
+        );
+        mem.abandon();
+        assert_eq!(mem.latest_published("x"), None, "after an abandon too");
+        assert_eq!(mem.latest.get("x"), None);
+    }
+
+    #[test]
+    fn a_new_aggregate_of_a_complete_bucket_reads_as_empty_while_its_group_syncs() {
+        let mut mem = MemState::new(0, 100);
+        // Its bucket was read from sled whole (empty): a miss there means no events.
+        mem.latest.remember_bucket(agg_bucket("n"), &[]);
+        mem.begin_unpublished(0);
+        mem.insert(0, &event_payload("n", 1));
+        assert_eq!(
+            mem.latest_published("n"),
+            Some(None),
+            "no events before the group"
+        );
+        mem.abandon();
+        assert_eq!(
+            mem.latest.lookup("n"),
+            Some(None),
+            "abandoned: still no events, and the bucket is still known complete"
+        );
+        mem.begin_unpublished(0);
+        mem.insert(0, &event_payload("n", 1));
+        mem.publish();
+        assert_eq!(mem.latest_published("n"), Some(Some((1, 0))));
     }
 
     #[test]
