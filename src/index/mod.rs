@@ -871,22 +871,28 @@ impl Index {
             .meta
             .get(META_FORMAT_KEY)
             .map_err(sled_err(&index_dir))?;
-        let mut indexed_next = match trees
+        let stored_indexed_next = trees
             .meta
             .get(META_INDEXED_NEXT_KEY)
-            .map_err(sled_err(&index_dir))?
-        {
-            Some(v) => decode_u64(&v).ok_or_else(|| IndexError::Malformed {
-                tree: "meta",
-                dir: index_dir.clone(),
-            })?,
-            None => 0,
+            .map_err(sled_err(&index_dir))?;
+        // A mark that does not decode is damage like any other: the index is rebuilt (as
+        // for another format), not refused, since the log has everything it holds.
+        let (mut indexed_next, malformed_mark_bytes) = match &stored_indexed_next {
+            Some(v) => match decode_u64(v) {
+                Some(n) => (n, None),
+                None => (0, Some(v.len())),
+            },
+            None => (0, None),
         };
         let format_ok = stored_format.as_deref() == Some(&INDEX_FORMAT_VERSION.to_be_bytes()[..]);
         let log_next = log.next_seq();
         let empty = trees.aggregates.is_empty() && trees.types.is_empty() && indexed_next == 0;
         let reason = if !format_ok && !empty {
             Some("index format differs".to_string())
+        } else if let Some(len_bytes) = malformed_mark_bytes {
+            Some(format!(
+                "its indexed_next mark is malformed ({len_bytes} bytes, not 8)"
+            ))
         } else if indexed_next > log_next {
             Some(format!(
                 "index covers seqs up to {indexed_next}, the log only {log_next}"

@@ -203,6 +203,53 @@ fn damaged_index_directory_is_rebuilt_from_the_log() {
     assert_eq!(history(&store, "agg-3"), h);
 }
 
+/// Sets `key` of the index's `meta` tree (in `index_dir`) to `value`, as damage or a
+/// crash could leave it. The store that used the index must be dropped: its sled
+/// releases the lock when its threads end, just after, so the open is retried for up to
+/// 3 s.
+fn set_index_meta(index_dir: &std::path::Path, key: &str, value: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let db = loop {
+        match sled::open(index_dir) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening the index's sled: {e}"),
+        }
+    };
+    db.open_tree("meta").unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+/// Regression: an `indexed_next` mark that is not 8 bytes made the open fail with
+/// `IndexError::Malformed` instead of rebuilding the index, as other damage and another
+/// format do.
+#[test]
+fn a_malformed_indexed_next_mark_makes_the_open_rebuild_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 0, 500);
+    let h = history(&store, "agg-3");
+    let incremental = store.index_dump().unwrap();
+    drop(store);
+    set_index_meta(&dir.path().join("index"), "indexed_next", &[1, 2, 3]);
+    let store = open_store(dir.path());
+    let report = store.open_report().index.clone();
+    assert!(report.rebuilt, "{report:?}");
+    assert!(
+        report
+            .rebuild_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("indexed_next mark is malformed (3 bytes")),
+        "{report:?}"
+    );
+    assert_eq!(report.caught_up_events, 500, "{report:?}");
+    assert_eq!(history(&store, "agg-3"), h);
+    assert_eq!(store.index_dump().unwrap(), incremental);
+}
+
 #[test]
 fn verify_is_clean_on_a_good_store_and_names_index_disagreement() {
     let dir = tempfile::tempdir().unwrap();
