@@ -32,16 +32,25 @@
 //! entry is missed while it moves between them.
 //!
 //! # Crash safety
-//! sled recovers to a prefix of its writes. Each flush writes the entries and last the
-//! `indexed_next` mark; re-applying any suffix is idempotent (latest values, checkpoints
-//! and event ids are overwritten with the same or newer values, type buckets are unions),
-//! and keys hold names, not ids handed out in some order, so a rebuilt index is byte for
-//! byte the index built incrementally.
+//! sled recovers to a prefix of its writes, and makes them durable on its own schedule
+//! too (`flush_every_ms`), not only at the indexer's flush. Each flush writes the entries
+//! and last the `indexed_next` mark; re-applying any suffix is idempotent (latest values,
+//! checkpoints and event ids are overwritten with the same or newer values, type buckets
+//! are unions), and keys hold names, not ids handed out in some order, so a rebuilt index
+//! is byte for byte the index built incrementally.
+//!
+//! So sled may keep a batch's entries without its mark, and the open cannot tell: sled
+//! must never hold an event a crash can take from the log. The memtable holds only
+//! acknowledged events, and a flush first makes the log durable up to the batch's end
+//! (`LogSyncer::sync_up_to`): a no-op under `Durability::Sync`, one `fdatasync` a batch
+//! at most under `Interval` and `None`, where events are acknowledged once written. If
+//! that sync fails, the batch is not written and the flush fails like a failed sled write
+//! (the indexer retries it).
 
 pub mod keys;
 mod table;
 
-use crate::log::{CommitObserver, Log};
+use crate::log::{CommitObserver, Log, LogSyncer};
 use crate::store::event;
 use keys::{
     agg_bucket, decode_u64, is_checkpoint_version, name_key, AGG_BUCKETS, TYPE_BUCKET_BITS,
@@ -79,6 +88,9 @@ const BUCKET_REMEMBERED_WHOLE_MAX: usize = 64;
 /// Longest a flush waits for the log to acknowledge or abandon the group it is syncing
 /// (whose events must not reach sled before): one `fdatasync`, normally milliseconds.
 const GROUP_SETTLE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Longest a flush waits for another thread's write or sync of the log's active segment
+/// before it syncs the log up to its batch (see "Crash safety"): normally milliseconds.
+const LOG_SYNC_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +117,19 @@ pub enum IndexError {
     /// The log could not be read while catching up, or holds something not an event.
     #[error("index cannot follow the log: {0}")]
     Log(String),
+    /// A flush could not make the log durable up to its batch (under
+    /// `Durability::Interval` or `None`), so it wrote nothing to sled: sled must never
+    /// hold an event a power loss could take from the log. The events stay in memory
+    /// and the indexer retries; a log whose sync failed refuses writes until reopened,
+    /// and the reopen catches the index up from the log.
+    #[error("index flush cannot make the log durable up to seq {next_seq}: {source}")]
+    LogSync {
+        /// The end of the batch (exclusive).
+        next_seq: u64,
+        /// Why the log's sync failed.
+        #[source]
+        source: crate::log::SyncError,
+    },
 }
 
 /// Tuning of the index; part of the store's options.
@@ -695,6 +720,8 @@ struct Trees {
 struct Shared {
     dir: PathBuf,
     trees: Trees,
+    /// Makes the log durable up to a batch before the batch goes to sled.
+    log: LogSyncer,
     mem: RwLock<MemState>,
     indexed_next: AtomicU64,
     signal: Mutex<Signal>,
@@ -929,6 +956,7 @@ impl Index {
         let shared = Arc::new(Shared {
             dir: index_dir,
             trees,
+            log: log.syncer(),
             mem: RwLock::new(MemState::new(
                 indexed_next,
                 options.latest_cache_aggregates.max(1),
@@ -1409,10 +1437,11 @@ impl Index {
         Ok(out)
     }
 
-    /// Writes the memtable to sled now (the indexer does this on its own).
+    /// Writes the memtable to sled now (the indexer does this on its own), after making
+    /// the log durable up to its end (see "Crash safety").
     ///
     /// # Errors
-    /// [`IndexError`] if sled fails.
+    /// [`IndexError`] if sled fails; [`IndexError::LogSync`] if the log cannot be synced.
     pub fn flush(&self) -> Result<(), IndexError> {
         self.shared.flush_once()
     }
@@ -1615,6 +1644,15 @@ impl Shared {
                 "sled write failed (injected by a test)".into(),
             ));
         }
+        // Before anything of the batch reaches sled (see "Crash safety" above). No lock
+        // of the memtable is held here: the log's committing thread holds the lock this
+        // sync takes while it feeds the memtable.
+        self.log
+            .sync_up_to(batch.next_seq, LOG_SYNC_WAIT_MAX)
+            .map_err(|source| IndexError::LogSync {
+                next_seq: batch.next_seq,
+                source,
+            })?;
         let latest = self.batch_latest(batch)?;
         self.apply(batch, &latest)?;
         // Durable now, not at sled's next timed flush: otherwise a crash loses up to a
