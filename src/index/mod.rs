@@ -754,8 +754,8 @@ pub struct Index {
 /// How opening the index went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexOpenReport {
-    /// The index was missing, damaged, from another format, or ahead of the log, and was
-    /// rebuilt from seq 0.
+    /// The index was missing, damaged, from another format, or ahead of the log, or the
+    /// log's repair cut it, and the index was rebuilt from seq 0.
     pub rebuilt: bool,
     /// Why it was rebuilt.
     pub rebuild_reason: Option<String>,
@@ -923,6 +923,13 @@ impl Index {
         } else if indexed_next > log_next {
             Some(format!(
                 "index covers seqs up to {indexed_next}, the log only {log_next}"
+            ))
+        } else if let (false, Some(cut)) = (empty, log.recovery_report().quarantined.first()) {
+            // The index may hold entries of lost seqs even below its mark's reach: a batch
+            // whose mark a crash lost keeps its entries (see "Crash safety").
+            Some(format!(
+                "the log's repair cut it at seq {}, and the index may point past that",
+                cut.first_lost_seq
             ))
         } else {
             None

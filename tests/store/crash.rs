@@ -464,6 +464,78 @@ fn index_flushes_sync_the_log_beside_appends_and_the_logs_own_syncs() {
     assert_eq!(events, store.next_seq());
 }
 
+/// A repair cuts the log at the damage it finds. The index may hold entries past the cut
+/// even with its `indexed_next` mark below it (a batch whose mark a crash lost keeps its
+/// entries), which catching up from the mark would not replace: an open whose repair
+/// quarantined records rebuilds the index.
+#[test]
+fn an_open_whose_repair_cut_the_log_rebuilds_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    for _ in 0..200 {
+        store
+            .append("x", ExpectedVersion::Any, &t_events(1))
+            .unwrap();
+    }
+    store.flush_index().unwrap();
+    drop(store);
+    // The last batch's mark lost, its entries kept: x = (200, seq 199) in sled.
+    set_index_meta(
+        &dir.path().join("index"),
+        "indexed_next",
+        &100u64.to_be_bytes(),
+    );
+    // Damage the header of seq 120, with valid records after it: damage, not a torn tail.
+    let segment = crate::common::segment_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut offset = 32;
+    for _ in 0..120 {
+        let len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
+        offset += 20 + len as usize;
+    }
+    bytes[offset + 8] ^= 0x40; // the seq field
+    std::fs::write(&segment, &bytes).unwrap();
+    let mut options = crate::common::store_options();
+    options.log.repair = true;
+    let store = Store::open(dir.path(), options).unwrap();
+    let report = store.open_report().clone();
+    assert_eq!(
+        report
+            .log
+            .quarantined
+            .iter()
+            .map(|q| q.first_lost_seq)
+            .collect::<Vec<_>>(),
+        [120],
+        "{report:?}"
+    );
+    assert!(report.index.rebuilt, "{report:?}");
+    assert!(
+        report
+            .index
+            .rebuild_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("repair cut it at seq 120")),
+        "{report:?}"
+    );
+    assert_eq!(
+        assert_index_agrees_with_log(&store, "after the repair"),
+        120
+    );
+    // What sled holds, not only what the in-memory latest map answers while it keeps x.
+    let dump = store.index_dump().unwrap();
+    let in_sled: Vec<(String, u64, u64)> = dump["aggregates"]
+        .iter()
+        .flat_map(|(_, bucket)| {
+            eventlog::index::keys::decode_latest_bucket(bucket)
+                .unwrap()
+                .into_iter()
+                .map(|(name, version, seq)| (name.to_string(), version, seq))
+        })
+        .collect();
+    assert_eq!(in_sled, [("x".to_string(), 120, 119)]);
+}
+
 #[test]
 fn verify_is_clean_on_a_good_store_and_names_index_disagreement() {
     let dir = tempfile::tempdir().unwrap();
