@@ -32,16 +32,25 @@
 //! entry is missed while it moves between them.
 //!
 //! # Crash safety
-//! sled recovers to a prefix of its writes. Each flush writes the entries and last the
-//! `indexed_next` mark; re-applying any suffix is idempotent (latest values, checkpoints
-//! and event ids are overwritten with the same or newer values, type buckets are unions),
-//! and keys hold names, not ids handed out in some order, so a rebuilt index is byte for
-//! byte the index built incrementally.
+//! sled recovers to a prefix of its writes, and makes them durable on its own schedule
+//! too (`flush_every_ms`), not only at the indexer's flush. Each flush writes the entries
+//! and last the `indexed_next` mark; re-applying any suffix is idempotent (latest values,
+//! checkpoints and event ids are overwritten with the same or newer values, type buckets
+//! are unions), and keys hold names, not ids handed out in some order, so a rebuilt index
+//! is byte for byte the index built incrementally.
+//!
+//! So sled may keep a batch's entries without its mark, and the open cannot tell: sled
+//! must never hold an event a crash can take from the log. The memtable holds only
+//! acknowledged events, and a flush first makes the log durable up to the batch's end
+//! (`LogSyncer::sync_up_to`): a no-op under `Durability::Sync`, one `fdatasync` a batch
+//! at most under `Interval` and `None`, where events are acknowledged once written. If
+//! that sync fails, the batch is not written and the flush fails like a failed sled write
+//! (the indexer retries it).
 
 pub mod keys;
 mod table;
 
-use crate::log::{CommitObserver, Log};
+use crate::log::{CommitObserver, Log, LogSyncer};
 use crate::store::event;
 use keys::{
     agg_bucket, decode_u64, is_checkpoint_version, name_key, AGG_BUCKETS, TYPE_BUCKET_BITS,
@@ -79,6 +88,9 @@ const BUCKET_REMEMBERED_WHOLE_MAX: usize = 64;
 /// Longest a flush waits for the log to acknowledge or abandon the group it is syncing
 /// (whose events must not reach sled before): one `fdatasync`, normally milliseconds.
 const GROUP_SETTLE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// Longest a flush waits for another thread's write or sync of the log's active segment
+/// before it syncs the log up to its batch (see "Crash safety"): normally milliseconds.
+const LOG_SYNC_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +117,19 @@ pub enum IndexError {
     /// The log could not be read while catching up, or holds something not an event.
     #[error("index cannot follow the log: {0}")]
     Log(String),
+    /// A flush could not make the log durable up to its batch (under
+    /// `Durability::Interval` or `None`), so it wrote nothing to sled: sled must never
+    /// hold an event a power loss could take from the log. The events stay in memory
+    /// and the indexer retries; a log whose sync failed refuses writes until reopened,
+    /// and the reopen catches the index up from the log.
+    #[error("index flush cannot make the log durable up to seq {next_seq}: {source}")]
+    LogSync {
+        /// The end of the batch (exclusive).
+        next_seq: u64,
+        /// Why the log's sync failed.
+        #[source]
+        source: crate::log::SyncError,
+    },
 }
 
 /// Tuning of the index; part of the store's options.
@@ -399,10 +424,26 @@ struct MemState {
     /// The group the log has written and not yet acknowledged (it is being synced), if
     /// any: its events are at the end of the active memtable, hidden from readers.
     unpublished: Option<Unpublished>,
-    /// For each aggregate of the unpublished group, its latest-map entry from before the
-    /// group (`None`: it had none): what readers see meanwhile, and what an abandoned
-    /// group restores. Kept here, not in [`Unpublished`], to reuse its allocation.
-    before_unpublished: Vec<(NameKey, Option<Latest>)>,
+    /// For each aggregate of the unpublished group, what a lookup answered before the
+    /// group: what readers see meanwhile, and what an abandoned group restores. Kept here,
+    /// not in [`Unpublished`], to reuse its allocation.
+    before_unpublished: Vec<(NameKey, BeforeGroup)>,
+}
+
+/// What the latest map knew of an aggregate of the unpublished group before the group's
+/// first event of it went in.
+#[derive(Debug, Clone, Copy)]
+enum BeforeGroup {
+    /// Its entry.
+    Entry(Latest),
+    /// It had no events: no entry, and its bucket was known complete.
+    NoEvents,
+    /// No entry, and its bucket not known complete: only sled knows. An entry may have
+    /// been pruned (dropped as clean) just before the insert, after the appender looked
+    /// it up, so a missing entry does not mean "no events". Sled never holds an
+    /// unpublished group's events (a flush waits for the group to settle), so its answer
+    /// is the one from before the group.
+    InSled,
 }
 
 /// Where the active memtable stood before the unpublished group: what it is cut back to
@@ -464,7 +505,13 @@ impl MemState {
                     before.is_some(),
                     "an unpublished entry of {aggregate} without its value from before"
                 );
-                Some(before.and_then(|(_, l)| l.map(|l| (l.version, l.seq))))
+                match before.map(|(_, b)| *b) {
+                    Some(BeforeGroup::Entry(l)) => Some(Some((l.version, l.seq))),
+                    Some(BeforeGroup::NoEvents) => Some(None),
+                    // Without a value from before (a bug the assertion above catches in
+                    // tests), sled is asked too: it never holds the group.
+                    Some(BeforeGroup::InSled) | None => None,
+                }
             }
             found => found,
         }
@@ -501,12 +548,17 @@ impl MemState {
         };
         for (name, before) in self.before_unpublished.drain(..) {
             match before {
-                Some(l) => {
+                BeforeGroup::Entry(l) => {
                     self.latest.map.insert(name, l);
                 }
-                None => {
-                    // It may have been in sled (an entry pruned between the append's
-                    // lookup and the insert): its bucket is not known whole any more.
+                BeforeGroup::NoEvents => {
+                    // Its bucket stays complete: a miss there still means no events.
+                    self.latest.map.remove(name.as_str());
+                }
+                BeforeGroup::InSled => {
+                    // It may be in sled: if its bucket was read whole meanwhile, the
+                    // group's entry was kept instead of sled's, so the bucket is not
+                    // known whole any more.
                     self.latest.map.remove(name.as_str());
                     self.latest.forget_complete(agg_bucket(name.as_str()));
                 }
@@ -559,14 +611,23 @@ impl MemState {
             }
         });
         if inserted {
+            let key = key.clone();
             if unpublished_from.is_some() {
-                self.before_unpublished.push((key.clone(), None));
+                // What a lookup answers now, before the insert: a pruning (above) clears
+                // every bucket's mark, so an entry it just dropped reads as in sled.
+                let before = if self.latest.is_complete(agg_bucket(key.as_str())) {
+                    BeforeGroup::NoEvents
+                } else {
+                    BeforeGroup::InSled
+                };
+                self.before_unpublished.push((key.clone(), before));
             }
-            active.touched.push(key.clone());
+            active.touched.push(key);
         } else {
             if unpublished_from.is_some_and(|from| l.seq < from) {
                 // First event of this aggregate in the unpublished group.
-                self.before_unpublished.push((key.clone(), Some(*l)));
+                self.before_unpublished
+                    .push((key.clone(), BeforeGroup::Entry(*l)));
             }
             if l.seq < active.first_seq {
                 // First event of this aggregate in the active memtable.
@@ -659,6 +720,8 @@ struct Trees {
 struct Shared {
     dir: PathBuf,
     trees: Trees,
+    /// Makes the log durable up to a batch before the batch goes to sled.
+    log: LogSyncer,
     mem: RwLock<MemState>,
     indexed_next: AtomicU64,
     signal: Mutex<Signal>,
@@ -691,8 +754,8 @@ pub struct Index {
 /// How opening the index went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IndexOpenReport {
-    /// The index was missing, damaged, from another format, or ahead of the log, and was
-    /// rebuilt from seq 0.
+    /// The index was missing, damaged, from another format, or ahead of the log, or the
+    /// log's repair cut it, and the index was rebuilt from seq 0.
     pub rebuilt: bool,
     /// Why it was rebuilt.
     pub rebuild_reason: Option<String>,
@@ -835,25 +898,38 @@ impl Index {
             .meta
             .get(META_FORMAT_KEY)
             .map_err(sled_err(&index_dir))?;
-        let mut indexed_next = match trees
+        let stored_indexed_next = trees
             .meta
             .get(META_INDEXED_NEXT_KEY)
-            .map_err(sled_err(&index_dir))?
-        {
-            Some(v) => decode_u64(&v).ok_or_else(|| IndexError::Malformed {
-                tree: "meta",
-                dir: index_dir.clone(),
-            })?,
-            None => 0,
+            .map_err(sled_err(&index_dir))?;
+        // A mark that does not decode is damage like any other: the index is rebuilt (as
+        // for another format), not refused, since the log has everything it holds.
+        let (mut indexed_next, malformed_mark_bytes) = match &stored_indexed_next {
+            Some(v) => match decode_u64(v) {
+                Some(n) => (n, None),
+                None => (0, Some(v.len())),
+            },
+            None => (0, None),
         };
         let format_ok = stored_format.as_deref() == Some(&INDEX_FORMAT_VERSION.to_be_bytes()[..]);
         let log_next = log.next_seq();
         let empty = trees.aggregates.is_empty() && trees.types.is_empty() && indexed_next == 0;
         let reason = if !format_ok && !empty {
             Some("index format differs".to_string())
+        } else if let Some(len_bytes) = malformed_mark_bytes {
+            Some(format!(
+                "its indexed_next mark is malformed ({len_bytes} bytes, not 8)"
+            ))
         } else if indexed_next > log_next {
             Some(format!(
                 "index covers seqs up to {indexed_next}, the log only {log_next}"
+            ))
+        } else if let (false, Some(cut)) = (empty, log.recovery_report().quarantined.first()) {
+            // The index may hold entries of lost seqs even below its mark's reach: a batch
+            // whose mark a crash lost keeps its entries (see "Crash safety").
+            Some(format!(
+                "the log's repair cut it at seq {}, and the index may point past that",
+                cut.first_lost_seq
             ))
         } else {
             None
@@ -887,6 +963,7 @@ impl Index {
         let shared = Arc::new(Shared {
             dir: index_dir,
             trees,
+            log: log.syncer(),
             mem: RwLock::new(MemState::new(
                 indexed_next,
                 options.latest_cache_aggregates.max(1),
@@ -1367,10 +1444,11 @@ impl Index {
         Ok(out)
     }
 
-    /// Writes the memtable to sled now (the indexer does this on its own).
+    /// Writes the memtable to sled now (the indexer does this on its own), after making
+    /// the log durable up to its end (see "Crash safety").
     ///
     /// # Errors
-    /// [`IndexError`] if sled fails.
+    /// [`IndexError`] if sled fails; [`IndexError::LogSync`] if the log cannot be synced.
     pub fn flush(&self) -> Result<(), IndexError> {
         self.shared.flush_once()
     }
@@ -1573,6 +1651,15 @@ impl Shared {
                 "sled write failed (injected by a test)".into(),
             ));
         }
+        // Before anything of the batch reaches sled (see "Crash safety" above). No lock
+        // of the memtable is held here: the log's committing thread holds the lock this
+        // sync takes while it feeds the memtable.
+        self.log
+            .sync_up_to(batch.next_seq, LOG_SYNC_WAIT_MAX)
+            .map_err(|source| IndexError::LogSync {
+                next_seq: batch.next_seq,
+                source,
+            })?;
         let latest = self.batch_latest(batch)?;
         self.apply(batch, &latest)?;
         // Durable now, not at sled's next timed flush: otherwise a crash loses up to a
@@ -2048,7 +2135,9 @@ mod tests {
         assert_eq!(mem.latest.lookup("a"), Some(Some((3, 4))));
         assert_eq!(mem.latest_published("a"), Some(Some((1, 0))));
         assert_eq!(mem.latest_published("b"), Some(Some((1, 1))));
-        assert_eq!(mem.latest_published("c"), Some(None), "c has no events yet");
+        // c had no entry and its bucket is not known complete: whether c had events
+        // before the group only sled knows (it never holds the group's events).
+        assert_eq!(mem.latest_published("c"), None, "c is looked up in sled");
         assert_eq!(mem.published_end(), 2);
         mem.abandon();
         assert_eq!(snapshot(&mem), before, "an abandoned group leaves no trace");
@@ -2061,6 +2150,62 @@ mod tests {
         assert_eq!(mem.latest_published("c"), Some(Some((1, 3))));
         assert_eq!(mem.published_end(), 5);
         assert!(mem.before_unpublished.is_empty());
+    }
+
+    /// Regression: the insert of a group's event prunes the map first; it dropped the
+    /// entry of the event's aggregate (clean: in sled), the aggregate went in as new, and
+    /// while the group was synced readers were told it had no events.
+    #[test]
+    fn an_aggregate_pruned_by_its_groups_insert_is_read_from_sled_while_the_group_syncs() {
+        // clean_max 1: the map prunes as soon as it holds one clean entry.
+        let mut mem = MemState::new(0, 1);
+        mem.insert(0, &event_payload("x", 1));
+        // The indexer wrote seq 0 to sled: x = (1, 0) there, clean here.
+        mem.active = Memtable::empty_at(1);
+        assert_eq!(mem.latest_published("x"), Some(Some((1, 0))));
+        // The next append to x found (1, 0); the log writes its group and feeds it, and
+        // the insert prunes before it looks x up.
+        mem.begin_unpublished(1);
+        mem.insert(1, &event_payload("x", 2));
+        assert_eq!(mem.latest.prunes, 1, "the insert pruned");
+        assert_eq!(
+            mem.latest.lookup("x"),
+            Some(Some((2, 1))),
+            "appends see the group"
+        );
+        assert_eq!(
+            mem.latest_published("x"),
+            None,
+            "while the group is synced, readers must ask sled (x = (1, 0) there), not be \
+             told x has no events"
+        );
+        mem.abandon();
+        assert_eq!(mem.latest_published("x"), None, "after an abandon too");
+        assert_eq!(mem.latest.get("x"), None);
+    }
+
+    #[test]
+    fn a_new_aggregate_of_a_complete_bucket_reads_as_empty_while_its_group_syncs() {
+        let mut mem = MemState::new(0, 100);
+        // Its bucket was read from sled whole (empty): a miss there means no events.
+        mem.latest.remember_bucket(agg_bucket("n"), &[]);
+        mem.begin_unpublished(0);
+        mem.insert(0, &event_payload("n", 1));
+        assert_eq!(
+            mem.latest_published("n"),
+            Some(None),
+            "no events before the group"
+        );
+        mem.abandon();
+        assert_eq!(
+            mem.latest.lookup("n"),
+            Some(None),
+            "abandoned: still no events, and the bucket is still known complete"
+        );
+        mem.begin_unpublished(0);
+        mem.insert(0, &event_payload("n", 1));
+        mem.publish();
+        assert_eq!(mem.latest_published("n"), Some(Some((1, 0))));
     }
 
     #[test]

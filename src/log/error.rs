@@ -174,6 +174,17 @@ pub enum SyncError {
         /// The original failure.
         cause: String,
     },
+    /// A sync through a handle that outlived its log (the index's, say): nothing was
+    /// synced. Reopening the log recovers what it holds.
+    #[error("the log was closed before the sync")]
+    Closed,
+    /// A sync through a handle waited this long for another thread's write or sync of the
+    /// active segment (a stalled disk) and did nothing. Retry later.
+    #[error("another write or sync held the log's active segment for more than {waited_ms} ms")]
+    Busy {
+        /// How long it waited.
+        waited_ms: u64,
+    },
 }
 
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {

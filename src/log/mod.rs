@@ -227,7 +227,9 @@ impl Record {
 /// durable yet, or not even on disk: the observer must not show them to readers.
 ///
 /// It runs on the committing thread while the log's writer is busy, so it must be quick
-/// and must not call back into the log's append path.
+/// and must not call back into the log's append path. That thread holds the active
+/// segment's lock meanwhile, which [`Log::sync`] and `LogSyncer::sync_up_to` take too:
+/// a thread holding a lock the observer takes must not call them.
 pub trait CommitObserver: Send + Sync + std::fmt::Debug {
     /// Records `first_seq ..` with these payloads are being (or were) written; not
     /// acknowledged yet.
@@ -761,6 +763,14 @@ impl Log {
         self.inner.sync_active()
     }
 
+    /// A handle that makes records durable up to a seq from another thread (see
+    /// [`LogSyncer`]), without keeping the log open.
+    pub(crate) fn syncer(&self) -> LogSyncer {
+        LogSyncer {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// What opening the log found and did (tail truncation, rebuilt indexes, quarantine).
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.inner.report
@@ -905,6 +915,54 @@ impl Log {
 impl Drop for Log {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+/// Makes a log's records durable up to a seq, for a thread that derives data from the
+/// records and must not make that durable before them (the index under
+/// [`Durability::Interval`] and [`Durability::None`], where records are acknowledged once
+/// written). Holds the log weakly: it never keeps the log (or its directory lock) alive.
+#[derive(Debug, Clone)]
+pub(crate) struct LogSyncer {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl LogSyncer {
+    /// Makes every record below `next_seq` (a seq the log has written) durable: at once if
+    /// they are (always under [`Durability::Sync`], which acknowledges only synced
+    /// records), otherwise by syncing the active segment as [`Log::sync`] does (sealed
+    /// segments are synced when rolled). Waits at most `timeout` for another thread's
+    /// write or sync of the active segment, not for its own `fdatasync`.
+    ///
+    /// Never call it while holding a lock the log's [`CommitObserver`] takes (see there).
+    ///
+    /// # Errors
+    /// [`SyncError::Poisoned`] if the sync fails, or an earlier one did;
+    /// [`SyncError::Closed`] if the log was dropped; [`SyncError::Busy`] after `timeout`.
+    pub(crate) fn sync_up_to(&self, next_seq: u64, timeout: Duration) -> Result<(), SyncError> {
+        let inner = self.inner.upgrade().ok_or(SyncError::Closed)?;
+        if inner.durable_next.load(Ordering::Acquire) >= next_seq {
+            return Ok(());
+        }
+        inner.check_not_poisoned()?;
+        let active = inner.active.try_lock_for(timeout).ok_or(SyncError::Busy {
+            waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })?;
+        inner.sync_active_locked(active)?;
+        let durable_next = inner.durable_next.load(Ordering::Acquire);
+        debug_assert!(
+            durable_next >= next_seq,
+            "synced the log to {durable_next}, asked for {next_seq}: a seq not written yet"
+        );
+        if durable_next < next_seq {
+            return Err(SyncError::Poisoned {
+                cause: format!(
+                    "asked to make seqs below {next_seq} durable, but the log has written \
+                     only up to {durable_next}"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -1519,12 +1577,26 @@ impl Inner {
     }
 
     fn sync_active(&self) -> Result<(), SyncError> {
-        if let Some(cause) = &self.writer.lock().poisoned {
-            return Err(SyncError::Poisoned {
+        self.check_not_poisoned()?;
+        self.sync_active_locked(self.active.lock())
+    }
+
+    /// [`SyncError::Poisoned`] if a write or sync failed since open. Takes the writer lock
+    /// briefly: call it before taking the active segment's lock.
+    fn check_not_poisoned(&self) -> Result<(), SyncError> {
+        match &self.writer.lock().poisoned {
+            Some(cause) => Err(SyncError::Poisoned {
                 cause: cause.clone(),
-            });
+            }),
+            None => Ok(()),
         }
-        let mut active = self.active.lock();
+    }
+
+    /// [`Inner::sync_active`] once the active segment's lock is taken.
+    fn sync_active_locked(
+        &self,
+        mut active: parking_lot::MutexGuard<'_, ActiveSegment>,
+    ) -> Result<(), SyncError> {
         if self.durable_next.load(Ordering::Acquire) == active.written_next {
             return Ok(());
         }
@@ -2144,5 +2216,86 @@ mod read_tests {
             );
             assert_eq!(reader.next().unwrap().unwrap().seq(), bad + 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod syncer_tests {
+    use super::*;
+    use crate::testing::{CrashFault, SimDisk};
+
+    fn options(durability: Durability) -> LogOptions {
+        LogOptions {
+            segment_size_bytes: 64 << 10,
+            record_size_bytes_max: 1 << 10,
+            preallocate_chunk_bytes: 4 << 10,
+            durability,
+            ..LogOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_syncer_makes_records_durable_up_to_a_seq_once_and_fails_once_the_log_is_gone() {
+        let dir = Path::new("/sim/log");
+        let disk = SimDisk::new(3);
+        let log =
+            Log::open_with_storage(disk.clone(), dir, options(Durability::None)).expect("open");
+        disk.sync_all_dirs();
+        let syncer = log.syncer();
+        log.append(&[b"a", b"b", b"c"]).expect("append");
+        let wait = Duration::from_secs(10);
+        let syncs = log.stats().fsync_count;
+        syncer.sync_up_to(2, wait).expect("sync");
+        assert_eq!(log.stats().fsync_count, syncs + 1, "one fdatasync");
+        syncer.sync_up_to(3, wait).expect("already durable");
+        assert_eq!(log.stats().fsync_count, syncs + 1, "nothing more to sync");
+        log.append(&[b"d"]).expect("append");
+        let disk = disk.crash(CrashFault::DropUnsynced);
+        drop(log);
+        assert!(
+            matches!(syncer.sync_up_to(4, wait), Err(SyncError::Closed)),
+            "the log was dropped"
+        );
+        let log = Log::open_with_storage(disk, dir, options(Durability::None)).expect("reopen");
+        assert_eq!(
+            log.next_seq(),
+            3,
+            "what the syncer synced survived the power loss"
+        );
+    }
+
+    #[test]
+    fn a_syncer_needs_no_sync_under_sync_durability_and_reports_a_failed_one() {
+        let dir = Path::new("/sim/log");
+        let disk = SimDisk::new(4);
+        let log =
+            Log::open_with_storage(disk.clone(), dir, options(Durability::Sync)).expect("open");
+        log.append(&[b"a"]).expect("append");
+        let syncs = log.stats().fsync_count;
+        let wait = Duration::from_secs(10);
+        log.syncer()
+            .sync_up_to(1, wait)
+            .expect("acknowledged: durable");
+        assert_eq!(log.stats().fsync_count, syncs);
+        drop(log);
+
+        let log =
+            Log::open_with_storage(disk.clone(), dir, options(Durability::None)).expect("reopen");
+        log.append(&[b"b"]).expect("append");
+        disk.fail_next_fsync();
+        let failed = log.syncer().sync_up_to(2, wait);
+        assert!(
+            matches!(failed, Err(SyncError::Poisoned { .. })),
+            "{failed:?}"
+        );
+        let again = log.syncer().sync_up_to(2, wait);
+        assert!(
+            matches!(again, Err(SyncError::Poisoned { .. })),
+            "never retried: {again:?}"
+        );
+        assert!(
+            log.syncer().sync_up_to(1, wait).is_ok(),
+            "seq 0 was durable before"
+        );
     }
 }

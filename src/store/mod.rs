@@ -399,8 +399,10 @@ struct Inner {
     /// Where sled's databases live (the store dir unless `Options::sled_dir` says).
     sled_dir: PathBuf,
     storage: Arc<dyn Storage>,
-    log: Log,
+    /// Before `log`, so dropped (its memtable flushed to sled) first: a flush makes the
+    /// log durable up to its batch first, which needs the log open.
     index: Index,
+    log: Log,
     options: Options,
     stripes: Box<[Mutex<Stripe>]>,
     /// Appends past their checks and not yet returned: with more than one, an append lets
@@ -1437,10 +1439,14 @@ impl Store {
         self.inner.index.counters()
     }
 
-    /// Writes the index memtable to sled now (normally done in the background).
+    /// Writes the index memtable to sled now (normally done in the background). Under
+    /// `Durability::Interval` and `None` this first makes the log durable up to the
+    /// events it writes (one `fdatasync` at most): the index never holds an event a power
+    /// loss can take from the log.
     ///
     /// # Errors
-    /// [`ReadError::Index`] if sled fails.
+    /// [`ReadError::Index`] if sled fails, or the log's sync fails (then nothing is
+    /// written to sled; see [`crate::index::IndexError::LogSync`]).
     pub fn flush_index(&self) -> Result<(), ReadError> {
         Ok(self.inner.index.flush()?)
     }

@@ -203,6 +203,339 @@ fn damaged_index_directory_is_rebuilt_from_the_log() {
     assert_eq!(history(&store, "agg-3"), h);
 }
 
+/// Sets `key` of the index's `meta` tree (in `index_dir`) to `value`, as damage or a
+/// crash could leave it. The store that used the index must be dropped: its sled
+/// releases the lock when its threads end, just after, so the open is retried for up to
+/// 3 s.
+fn set_index_meta(index_dir: &std::path::Path, key: &str, value: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let db = loop {
+        match sled::open(index_dir) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening the index's sled: {e}"),
+        }
+    };
+    db.open_tree("meta").unwrap().insert(key, value).unwrap();
+    db.flush().unwrap();
+}
+
+/// Regression: an `indexed_next` mark that is not 8 bytes made the open fail with
+/// `IndexError::Malformed` instead of rebuilding the index, as other damage and another
+/// format do.
+#[test]
+fn a_malformed_indexed_next_mark_makes_the_open_rebuild_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    fill(&store, 0, 500);
+    let h = history(&store, "agg-3");
+    let incremental = store.index_dump().unwrap();
+    drop(store);
+    set_index_meta(&dir.path().join("index"), "indexed_next", &[1, 2, 3]);
+    let store = open_store(dir.path());
+    let report = store.open_report().index.clone();
+    assert!(report.rebuilt, "{report:?}");
+    assert!(
+        report
+            .rebuild_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("indexed_next mark is malformed (3 bytes")),
+        "{report:?}"
+    );
+    assert_eq!(report.caught_up_events, 500, "{report:?}");
+    assert_eq!(history(&store, "agg-3"), h);
+    assert_eq!(store.index_dump().unwrap(), incremental);
+}
+
+/// Store options on a [`SimDisk`] (sled in `sled_dir`) with the given durability; the
+/// index writes to sled only when the test flushes it.
+fn sim_options(
+    sled_dir: &std::path::Path,
+    durability: eventlog::log::Durability,
+) -> eventlog::store::Options {
+    let mut options = crate::common::store_options();
+    options.sled_dir = Some(sled_dir.to_path_buf());
+    options.log.segment_size_bytes = 1 << 20;
+    options.payload_size_bytes_max = 4 << 10;
+    options.log.durability = durability;
+    options.index.flush_events = usize::MAX;
+    options.index.flush_interval_ms = 3_600_000;
+    options
+}
+
+fn t_events(n: usize) -> Vec<NewEvent> {
+    (0..n).map(|_| NewEvent::binary("T", vec![1])).collect()
+}
+
+/// Asserts that the index and the log agree on aggregate `x` (all of whose events are of
+/// type `T`, the only type): its version is the length of the history the log holds, and
+/// type `T` lists every event of the log. Returns x's version.
+fn assert_index_agrees_with_log(store: &Store, context: &str) -> u64 {
+    use eventlog::store::Direction;
+    let version = store.aggregate_version("x").unwrap();
+    let versions: Vec<Result<u64, String>> = store
+        .read_aggregate("x", 1, Direction::Forward, usize::MAX)
+        .unwrap()
+        .map(|e| {
+            e.map(|e| e.to_recorded().unwrap().version)
+                .map_err(|e| e.to_string())
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=version).map(Ok).collect::<Vec<_>>(),
+        "{context}: the index says x has {version} events; the log's history of x differs"
+    );
+    let typed: Vec<Result<u64, String>> = store
+        .read_type("T", 0, usize::MAX)
+        .unwrap()
+        .map(|e| e.map(|e| e.seq()).map_err(|e| e.to_string()))
+        .collect();
+    assert_eq!(
+        typed,
+        (0..store.next_seq()).map(Ok).collect::<Vec<_>>(),
+        "{context}: type T"
+    );
+    version
+}
+
+/// Regression: under `Durability::None` and `Interval` the indexer wrote to sled (and
+/// sled's timed flush made durable) events the log had only written to the OS. A power
+/// loss could then leave sled with a batch's entries but not its `indexed_next` mark
+/// (written last; sled recovers to a prefix of its writes), which the open cannot see:
+/// the index claimed versions the log lost, reads failed, and the next append wrote a
+/// back pointer to a seq that then held another event. The test makes that sled state by
+/// putting the mark back by hand. A flush now makes the log durable up to its batch
+/// first.
+#[test]
+fn a_power_loss_after_an_index_flush_under_interval_or_none_leaves_index_and_log_agreeing() {
+    use eventlog::log::Durability;
+    use eventlog::testing::{CrashFault, SimDisk};
+    use std::path::Path;
+    for durability in [
+        Durability::None,
+        Durability::Interval {
+            sync_interval_ms: 3_600_000,
+        },
+    ] {
+        let context = format!("{durability:?}");
+        let sled_dir = tempfile::tempdir().unwrap();
+        let options = sim_options(sled_dir.path(), durability);
+        let disk = SimDisk::new(7);
+        let dir = Path::new("/sim/s");
+        let store = Store::open_with_storage(disk.clone(), dir, options.clone()).unwrap();
+        disk.sync_all_dirs();
+        store
+            .append("x", ExpectedVersion::NoStream, &t_events(3))
+            .unwrap(); // seqs 0..3
+        store.log().sync().unwrap();
+        store.flush_index().unwrap(); // indexed_next 3
+        store
+            .append("x", ExpectedVersion::Exact(3), &t_events(2))
+            .unwrap(); // seqs 3..5, written to the OS only
+        store.flush_index().unwrap(); // x = (5, seq 4) in sled, indexed_next 5
+        let disk = disk.crash(CrashFault::DropUnsynced);
+        store.crash();
+        // What a sled prefix without the batch's last write (the mark) leaves.
+        set_index_meta(
+            &sled_dir.path().join("index"),
+            "indexed_next",
+            &3u64.to_be_bytes(),
+        );
+        let store = Store::open_with_storage(disk, dir, options).unwrap();
+        let version = assert_index_agrees_with_log(&store, &context);
+        assert_eq!(
+            store.next_seq(),
+            5,
+            "{context}: the flush made the log durable up to its batch before writing it \
+             to sled"
+        );
+        store
+            .append("x", ExpectedVersion::Exact(version), &t_events(1))
+            .unwrap();
+        assert_eq!(assert_index_agrees_with_log(&store, &context), version + 1);
+    }
+}
+
+/// When the flush's sync of the log fails, the batch is not written to sled: the flush
+/// fails (the indexer would retry), the events are served from memory meanwhile, and
+/// after a power loss the reopened index agrees with what the log kept.
+#[test]
+fn a_failed_log_sync_keeps_the_index_batch_out_of_sled() {
+    use eventlog::index::IndexError;
+    use eventlog::log::Durability;
+    use eventlog::store::ReadError;
+    use eventlog::testing::{CrashFault, SimDisk};
+    use std::path::Path;
+    let sled_dir = tempfile::tempdir().unwrap();
+    let options = sim_options(sled_dir.path(), Durability::None);
+    let disk = SimDisk::new(11);
+    let dir = Path::new("/sim/s");
+    let store = Store::open_with_storage(disk.clone(), dir, options.clone()).unwrap();
+    disk.sync_all_dirs();
+    store
+        .append("x", ExpectedVersion::NoStream, &t_events(3))
+        .unwrap(); // written to the OS only
+    disk.fail_next_fsync();
+    match store.flush_index() {
+        Err(ReadError::Index(IndexError::LogSync { next_seq: 3, .. })) => {}
+        other => panic!("a flush whose log sync failed: {other:?}"),
+    }
+    let counters = store.index_counters();
+    assert_eq!(
+        (
+            counters.indexed_next,
+            counters.lag_events,
+            counters.flushed_batches
+        ),
+        (0, 3, 0),
+        "nothing of the batch reached sled: {counters:?}"
+    );
+    assert_eq!(
+        store.aggregate_version("x").unwrap(),
+        3,
+        "served from memory"
+    );
+    // The log is poisoned now: a retry fails the same way, and still writes nothing.
+    assert!(store.flush_index().is_err());
+    assert_eq!(store.index_counters().indexed_next, 0);
+    let disk = disk.crash(CrashFault::DropUnsynced);
+    store.crash();
+    let store = Store::open_with_storage(disk, dir, options).unwrap();
+    assert_index_agrees_with_log(&store, "after the power loss");
+}
+
+/// Under `Interval`, flushes sync the log (from the indexer's thread and from callers of
+/// `flush_index`) while appenders lead group commits that feed the memtable and the log's
+/// own thread syncs every millisecond: none of them waits for another for good, and every
+/// append ends up in sled.
+#[test]
+fn index_flushes_sync_the_log_beside_appends_and_the_logs_own_syncs() {
+    use eventlog::log::Durability;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = crate::common::store_options();
+    options.log.durability = Durability::Interval {
+        sync_interval_ms: 1,
+    };
+    options.index.flush_events = 50;
+    options.index.flush_interval_ms = 1;
+    let store = Store::open(dir.path(), options).unwrap();
+    const THREADS: u64 = 4;
+    const APPENDS: u64 = 300;
+    let appenders: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..APPENDS {
+                    let aggregate = format!("agg-{}", (t * APPENDS + i) % 13);
+                    store
+                        .append(
+                            &aggregate,
+                            ExpectedVersion::Any,
+                            &t_events(1 + i as usize % 3),
+                        )
+                        .unwrap();
+                    if i % 50 == 0 {
+                        store.flush_index().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for a in appenders {
+        a.join().unwrap();
+    }
+    store.flush_index().unwrap();
+    let counters = store.index_counters();
+    assert_eq!(counters.indexed_next, store.next_seq(), "{counters:?}");
+    assert_eq!(counters.lag_events, 0, "{counters:?}");
+    let mut events = 0;
+    for a in 0..13 {
+        let h = history(&store, &format!("agg-{a}"));
+        assert!(
+            h.iter().enumerate().all(|(i, e)| e.0 == i as u64 + 1),
+            "agg-{a}: versions not contiguous"
+        );
+        events += h.len() as u64;
+    }
+    assert_eq!(events, store.next_seq());
+}
+
+/// A repair cuts the log at the damage it finds. The index may hold entries past the cut
+/// even with its `indexed_next` mark below it (a batch whose mark a crash lost keeps its
+/// entries), which catching up from the mark would not replace: an open whose repair
+/// quarantined records rebuilds the index.
+#[test]
+fn an_open_whose_repair_cut_the_log_rebuilds_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    for _ in 0..200 {
+        store
+            .append("x", ExpectedVersion::Any, &t_events(1))
+            .unwrap();
+    }
+    store.flush_index().unwrap();
+    drop(store);
+    // The last batch's mark lost, its entries kept: x = (200, seq 199) in sled.
+    set_index_meta(
+        &dir.path().join("index"),
+        "indexed_next",
+        &100u64.to_be_bytes(),
+    );
+    // Damage the header of seq 120, with valid records after it: damage, not a torn tail.
+    let segment = crate::common::segment_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut offset = 32;
+    for _ in 0..120 {
+        let len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap());
+        offset += 20 + len as usize;
+    }
+    bytes[offset + 8] ^= 0x40; // the seq field
+    std::fs::write(&segment, &bytes).unwrap();
+    let mut options = crate::common::store_options();
+    options.log.repair = true;
+    let store = Store::open(dir.path(), options).unwrap();
+    let report = store.open_report().clone();
+    assert_eq!(
+        report
+            .log
+            .quarantined
+            .iter()
+            .map(|q| q.first_lost_seq)
+            .collect::<Vec<_>>(),
+        [120],
+        "{report:?}"
+    );
+    assert!(report.index.rebuilt, "{report:?}");
+    assert!(
+        report
+            .index
+            .rebuild_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("repair cut it at seq 120")),
+        "{report:?}"
+    );
+    assert_eq!(
+        assert_index_agrees_with_log(&store, "after the repair"),
+        120
+    );
+    // What sled holds, not only what the in-memory latest map answers while it keeps x.
+    let dump = store.index_dump().unwrap();
+    let in_sled: Vec<(String, u64, u64)> = dump["aggregates"]
+        .iter()
+        .flat_map(|(_, bucket)| {
+            eventlog::index::keys::decode_latest_bucket(bucket)
+                .unwrap()
+                .into_iter()
+                .map(|(name, version, seq)| (name.to_string(), version, seq))
+        })
+        .collect();
+    assert_eq!(in_sled, [("x".to_string(), 120, 119)]);
+}
+
 #[test]
 fn verify_is_clean_on_a_good_store_and_names_index_disagreement() {
     let dir = tempfile::tempdir().unwrap();

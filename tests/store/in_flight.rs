@@ -1,5 +1,6 @@
 //! Appends behind an undecided append to the same aggregate: framed while it is synced,
-//! failed with it, and retries of it recognized only once it is decided.
+//! failed with it, and retries of it recognized only once it is decided; and what readers
+//! see of an aggregate meanwhile.
 //!
 //! A [`SyncGate`] holds the group commit of an append to another aggregate ("z") in its
 //! `fdatasync`, so that the store runs more than one append and lets go of an aggregate's
@@ -524,4 +525,44 @@ fn clients_retrying_conflicts_on_one_aggregate_each_see_the_version_they_conflic
         "the clients never raced: the test tested nothing"
     );
     assert!(store.verify(|_, _| {}).unwrap().is_clean());
+}
+
+/// Regression: the index's insert of a group's event pruned its latest-version map (here
+/// at its smallest) before looking the event's aggregate up; an aggregate whose entry it
+/// dropped went in as new, and while the group was synced readers were told the aggregate
+/// had no events.
+#[test]
+fn a_reader_sees_the_stored_events_of_an_aggregate_while_an_append_to_it_is_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = store_options();
+    // One clean entry: the group's insert prunes the entry of x.
+    options.index.latest_cache_aggregates = 1;
+    // x's first event reaches sled (and its entry becomes clean) when the test says.
+    options.index.flush_events = usize::MAX;
+    options.index.flush_interval_ms = 3_600_000;
+    let (store, storage) = open_gated(dir.path(), options);
+    let gate = &storage.sync_gate;
+    store
+        .append("x", ExpectedVersion::NoStream, &[ev("a")])
+        .unwrap();
+    store.flush_index().unwrap();
+    gate.close();
+    let second = spawn_append(&store, "x", ExpectedVersion::Exact(1), vec![ev("b")]);
+    let held = gate.wait_held(1);
+    // Observed while the group is held, asserted after it is let go (a failed assertion
+    // would otherwise hold it until the gate gives up).
+    let version = store.aggregate_version("x").unwrap();
+    let seen = payloads(&store, "x");
+    gate.open();
+    assert!(held, "the second append to x never reached its fdatasync");
+    assert_eq!(
+        version, 1,
+        "x has one stored event while the second is synced"
+    );
+    assert_eq!(seen, [(1, b"a".to_vec())]);
+    assert_eq!(second.join().unwrap().unwrap().last_version, 2);
+    assert_eq!(
+        payloads(&store, "x"),
+        [(1, b"a".to_vec()), (2, b"b".to_vec())]
+    );
 }
