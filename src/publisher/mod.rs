@@ -514,13 +514,7 @@ impl Publisher {
             checkpoint = resume;
             self.db.put_checkpoint(&self.store, name, checkpoint)?;
         }
-        let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
-        let dead_letters = DeadLetters::open(
-            Arc::clone(self.store.storage()),
-            &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
-            options.dead_letters.clone(),
-            evicted,
-        )?;
+        let dead_letters = self.dead_letters_of(name, options.dead_letters.clone())?;
         let shared = Arc::new(Shared {
             name: name.to_string(),
             store: self.store.clone(),
@@ -681,13 +675,28 @@ impl Publisher {
     ) -> Result<DeadLetters, PublishError> {
         check_subscription_name(name)?;
         release_if_finished(&self.running.lock(), name)?;
-        let evicted = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
-        DeadLetters::open(
+        self.dead_letters_of(name, options)
+    }
+
+    /// Opens a subscription's dead letters with its stored evicted count. Their log keeps
+    /// the count too (an eviction is written there before the count is stored here): if
+    /// a crash came between the two, the stored count catches up now.
+    fn dead_letters_of(
+        &self,
+        name: &str,
+        options: DeadLetterOptions,
+    ) -> Result<DeadLetters, PublishError> {
+        let stored = self.db.get(&self.db.evicted, name)?.unwrap_or(0);
+        let dead_letters = DeadLetters::open(
             Arc::clone(self.store.storage()),
             &self.store.dir().join(DEAD_LETTER_DIR_NAME).join(name),
             options,
-            evicted,
-        )
+            stored,
+        )?;
+        if dead_letters.evicted() > stored {
+            self.db.put(&self.db.evicted, name, dead_letters.evicted())?;
+        }
+        Ok(dead_letters)
     }
 
     /// Sets a stopped subscription's checkpoint (the next seq it will deliver).

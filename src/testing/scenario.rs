@@ -1411,6 +1411,12 @@ impl<'c> Sim<'c> {
     /// real events.
     fn check_subscription_durability(&mut self) -> Result<(), String> {
         let open = self.open.as_ref().ok_or("no store open")?;
+        // The dead letters first: opening them brings the stored evicted count up to the
+        // one their log holds (a crash may have come between an eviction and its count).
+        let dead = open
+            .publisher
+            .open_dead_letters(SIM_SUBSCRIPTION, self.sub_options.dead_letters.clone())
+            .map_err(|e| format!("dead letters: {e}"))?;
         let stored = open
             .publisher
             .stored_subscriptions()
@@ -1418,10 +1424,6 @@ impl<'c> Sim<'c> {
         let Some(sub) = stored.iter().find(|s| s.name == SIM_SUBSCRIPTION) else {
             return Ok(()); // never checkpointed yet
         };
-        let dead = open
-            .publisher
-            .open_dead_letters(SIM_SUBSCRIPTION, self.sub_options.dead_letters.clone())
-            .map_err(|e| format!("dead letters: {e}"))?;
         let parked: BTreeSet<u64> = dead.list().iter().map(|d| d.seq).collect();
         for d in dead.list() {
             let m = self
