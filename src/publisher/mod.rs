@@ -694,7 +694,8 @@ impl Publisher {
             stored,
         )?;
         if dead_letters.evicted() > stored {
-            self.db.put(&self.db.evicted, name, dead_letters.evicted())?;
+            self.db
+                .put(&self.db.evicted, name, dead_letters.evicted())?;
         }
         Ok(dead_letters)
     }
