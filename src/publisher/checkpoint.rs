@@ -10,6 +10,11 @@
 //! `next_seq - 2`, `next_seq - 4`, ... (powers of two back): the subscription resumes just
 //! after the newest one that still holds, so it re-delivers at most about twice as many
 //! old events as the log lost, and skips none of the new ones.
+//!
+//! It also holds the dead letters' next id when it was saved: the dead letters parked
+//! after that (ids from there on) are the ones a restart meets again without having
+//! delivered them since, and are not delivered again; older ones are, when a reset (or a
+//! checkpoint set by hand) moves delivery back over them.
 
 use crate::store::Store;
 
@@ -23,6 +28,8 @@ const FINGERPRINT_BYTES: usize = 8 + 16;
 pub(crate) struct StoredCheckpoint {
     /// The next seq to deliver: every seq below is handled.
     pub(crate) next_seq: u64,
+    /// The dead letters' next id when it was saved (`None`: an older build's checkpoint).
+    pub(crate) dead_letters_next: Option<u64>,
     /// (seq, event id) of events below `next_seq`, newest first.
     fingerprints: Vec<(u64, [u8; 16])>,
 }
@@ -30,7 +37,7 @@ pub(crate) struct StoredCheckpoint {
 impl StoredCheckpoint {
     /// The checkpoint at `next_seq`, with the fingerprints of the events `store` holds
     /// below it (an event that cannot be read or decoded is left out).
-    pub(crate) fn of(store: &Store, next_seq: u64) -> StoredCheckpoint {
+    pub(crate) fn of(store: &Store, next_seq: u64, dead_letters_next: u64) -> StoredCheckpoint {
         let mut fingerprints = Vec::new();
         let mut back = 1u64;
         while back <= next_seq && fingerprints.len() < FINGERPRINTS_MAX {
@@ -42,15 +49,17 @@ impl StoredCheckpoint {
         }
         StoredCheckpoint {
             next_seq,
+            dead_letters_next: Some(dead_letters_next),
             fingerprints,
         }
     }
 
-    /// The bytes stored: `next_seq` (u64 BE), then a fingerprint count (u8) and each
-    /// fingerprint's seq (u64 BE) and event id (16 bytes).
+    /// The bytes stored: `next_seq` (u64 BE), the dead letters' next id (u64 BE), then a
+    /// fingerprint count (u8) and each fingerprint's seq (u64 BE) and event id (16 bytes).
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9 + self.fingerprints.len() * FINGERPRINT_BYTES);
+        let mut out = Vec::with_capacity(17 + self.fingerprints.len() * FINGERPRINT_BYTES);
         out.extend_from_slice(&self.next_seq.to_be_bytes());
+        out.extend_from_slice(&self.dead_letters_next.unwrap_or(0).to_be_bytes());
         out.push(self.fingerprints.len() as u8);
         for (seq, id) in &self.fingerprints {
             out.extend_from_slice(&seq.to_be_bytes());
@@ -59,13 +68,17 @@ impl StoredCheckpoint {
         out
     }
 
-    /// Reads stored bytes; 8 bytes alone (an older build's checkpoint) has no
-    /// fingerprints. `None` if malformed.
+    /// Reads stored bytes; 8 bytes alone (an older build's checkpoint) have no
+    /// dead-letter mark and no fingerprints. `None` if malformed.
     pub(crate) fn decode(bytes: &[u8]) -> Option<StoredCheckpoint> {
         let (head, rest) = bytes.split_first_chunk::<8>()?;
         let next_seq = u64::from_be_bytes(*head);
         let mut fingerprints = Vec::new();
-        if let Some((&count, mut rest)) = rest.split_first() {
+        let mut dead_letters_next = None;
+        if !rest.is_empty() {
+            let (mark, rest) = rest.split_first_chunk::<8>()?;
+            dead_letters_next = Some(u64::from_be_bytes(*mark));
+            let (&count, mut rest) = rest.split_first()?;
             if rest.len() != usize::from(count) * FINGERPRINT_BYTES {
                 return None;
             }
@@ -77,6 +90,7 @@ impl StoredCheckpoint {
         }
         Some(StoredCheckpoint {
             next_seq,
+            dead_letters_next,
             fingerprints,
         })
     }
@@ -109,16 +123,24 @@ mod tests {
     fn encoding_round_trips_and_older_checkpoints_read_without_fingerprints() {
         let c = StoredCheckpoint {
             next_seq: 70,
+            dead_letters_next: Some(12),
             fingerprints: vec![(69, [1; 16]), (68, [2; 16]), (6, [3; 16])],
         };
         assert_eq!(StoredCheckpoint::decode(&c.encode()), Some(c));
         let old = StoredCheckpoint::decode(&9u64.to_be_bytes()).unwrap();
-        assert_eq!((old.next_seq, old.fingerprints.len()), (9, 0));
+        assert_eq!(
+            (old.next_seq, old.dead_letters_next, old.fingerprints.len()),
+            (9, None, 0)
+        );
         assert_eq!(StoredCheckpoint::decode(&[0; 7]), None);
-        let mut short = StoredCheckpoint::decode(&9u64.to_be_bytes())
-            .unwrap()
-            .encode();
-        short[8] = 1; // claims a fingerprint it does not hold
+        assert_eq!(StoredCheckpoint::decode(&[0; 12]), None);
+        let mut short = StoredCheckpoint {
+            next_seq: 9,
+            dead_letters_next: Some(0),
+            fingerprints: Vec::new(),
+        }
+        .encode();
+        short[16] = 1; // claims a fingerprint it does not hold
         assert_eq!(StoredCheckpoint::decode(&short), None);
     }
 }

@@ -10,13 +10,15 @@
 //! entries. The live entries are rebuilt from the records at open (`docs/FORMAT.md`).
 //!
 //! Bounded, with a stated eviction policy:
-//! - past `entries_max` live entries, or past half of `size_bytes_max` bytes of live
-//!   entries, the oldest live entries are evicted first (FIFO), counted, logged and
-//!   recorded durably;
-//! - the segments themselves are kept within `size_bytes_max`: when they grow past it
-//!   (updates and resolutions add records too), the oldest segment's live entries are
-//!   carried forward, with their ids and state, and the segment is dropped. Compaction
-//!   never loses a live entry.
+//! - when an event is parked past `entries_max` live entries, or past half of
+//!   `size_bytes_max` bytes of live entries, the oldest live entries are evicted first
+//!   (FIFO), counted, logged and recorded durably. Only parking evicts: a redrive, an
+//!   update or a purge never costs another live entry (whoever opened the dead letters,
+//!   with whatever bounds);
+//! - the segments themselves are kept within `size_bytes_max` after every write: when
+//!   they grow past it (updates and resolutions add records too), the oldest segment's
+//!   live entries are carried forward, with their ids and state, and the segment is
+//!   dropped. Compaction never loses a live entry.
 
 use crate::log::record::RECORD_HEADER_SIZE_BYTES;
 use crate::log::{Durability, Log, LogOptions};
@@ -45,8 +47,9 @@ const EVICTED_IDS_PER_RECORD_MAX: usize = 200;
 pub struct DeadLetterOptions {
     /// Most live dead letters kept; past it the oldest are evicted. Default 100,000.
     pub entries_max: u64,
-    /// Most bytes of dead-letter segments kept. The live dead letters may fill half of it
-    /// (past that the oldest are evicted); the other half is room for the records that
+    /// Most bytes of dead-letter segments kept (compaction after every write keeps them
+    /// there, as long as the live ones fit). The live dead letters may fill half of it
+    /// (past that, parking evicts the oldest); the other half is room for the records that
     /// redrives, purges and resolutions add until compaction reclaims them. At least twice
     /// `segment_size_bytes`. Default 64 MiB.
     pub size_bytes_max: u64,
@@ -317,7 +320,7 @@ impl DeadLetters {
             d.redrive_requested = false;
             self.live_bytes += entry_record_bytes(d);
         }
-        self.enforce_bounds()?;
+        self.compact()?;
         Ok(())
     }
 
@@ -337,7 +340,7 @@ impl DeadLetters {
                 marked.push(id);
             }
         }
-        self.enforce_bounds()?;
+        self.compact()?;
         Ok(marked)
     }
 
@@ -358,7 +361,7 @@ impl DeadLetters {
         if self.entries.contains_key(&id) {
             self.append(&DeadLetterRecord::Resolved { id })?;
             self.remove_entry(id);
-            self.enforce_bounds()?;
+            self.compact()?;
         }
         Ok(())
     }
@@ -386,7 +389,7 @@ impl DeadLetters {
                 self.remove_entry(id);
             }
         }
-        self.enforce_bounds()?;
+        self.compact()?;
         Ok(live.len() as u64)
     }
 
@@ -421,6 +424,11 @@ impl DeadLetters {
     /// One entry.
     pub fn get(&self, id: u64) -> Option<&DeadLetter> {
         self.entries.get(&id)
+    }
+
+    /// The id the next dead letter will get: every entry parked so far has a lower one.
+    pub fn next_id(&self) -> u64 {
+        self.log.next_seq()
     }
 
     /// Live entries.
@@ -526,11 +534,17 @@ impl DeadLetters {
             return Ok(0);
         }
         let evicted_total = self.evicted + gone.len() as u64;
+        // Each record's total counts the ids up to its own: the records may be split over
+        // several writes, and a crash between them keeps an exact count.
+        let mut total = self.evicted;
         let records: Vec<DeadLetterRecord> = gone
             .chunks(EVICTED_IDS_PER_RECORD_MAX)
-            .map(|ids| DeadLetterRecord::Evicted {
-                ids: ids.to_vec(),
-                evicted_total,
+            .map(|ids| {
+                total += ids.len() as u64;
+                DeadLetterRecord::Evicted {
+                    ids: ids.to_vec(),
+                    evicted_total: total,
+                }
             })
             .collect();
         let seqs = self.append_all(&records)?;

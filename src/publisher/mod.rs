@@ -12,7 +12,8 @@
 //!   `checkpoint_interval_ms`, whichever comes first, and when the subscription stops. A
 //!   crash therefore re-delivers at most the events handled since the last checkpoint:
 //!   at most `checkpoint_every_events` events or `checkpoint_interval_ms` of them (and
-//!   the one being handled when the interval ran out).
+//!   the one being handled when the interval ran out; up to 8 when a handler turns slow
+//!   in the middle of a run of fast events).
 //! - An event parked after the last checkpoint is met again after a crash: it stays one
 //!   dead letter and is not delivered again (a redrive does that). After
 //!   [`Subscription::reset_to`] every event is delivered again, parked ones too: one that
@@ -58,6 +59,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// interval) every this many events; a run of ready events delivered under one handler
 /// lock ends there too.
 const CLOCK_EVERY_EVENTS: u64 = 64;
+/// Inside a run of `CLOCK_EVERY_EVENTS`, the clock is looked at every this many events
+/// too: a handler that turns slow in the middle of a run delays the checkpoint by at most
+/// this many of its events.
+const RUN_CLOCK_EVERY_EVENTS: u64 = 8;
 /// A handler taking at least this long an event gets the clock read after every event
 /// (next to its own time, a clock read is noise), so a slow handler's checkpoint is not
 /// late by up to `CLOCK_EVERY_EVENTS` of its events.
@@ -374,8 +379,14 @@ impl Db {
     }
 
     /// Stores (durably) the checkpoint at `next_seq`, fingerprinting `store`'s events.
-    fn put_checkpoint(&self, store: &Store, name: &str, next_seq: u64) -> Result<(), PublishError> {
-        let value = StoredCheckpoint::of(store, next_seq).encode();
+    fn put_checkpoint(
+        &self,
+        store: &Store,
+        name: &str,
+        next_seq: u64,
+        dead_letters_next: u64,
+    ) -> Result<(), PublishError> {
+        let value = StoredCheckpoint::of(store, next_seq, dead_letters_next).encode();
         self.put_bytes(&self.checkpoints, name, &value)
     }
 }
@@ -512,8 +523,23 @@ impl Publisher {
                 "the log lost events below the checkpoint; resuming where it still holds what was handled"
             );
             checkpoint = resume;
-            self.db.put_checkpoint(&self.store, name, checkpoint)?;
+            let mark = stored
+                .as_ref()
+                .and_then(|c| c.dead_letters_next)
+                .unwrap_or(0);
+            self.db
+                .put_checkpoint(&self.store, name, checkpoint, mark)?;
         }
+        // Which dead letters a restart meets again without having delivered them since:
+        // those parked after the checkpoint was saved.
+        let skip = match &stored {
+            None => SkipParked::IdsFrom(0),
+            Some(c) => match c.dead_letters_next {
+                Some(mark) => SkipParked::IdsFrom(mark),
+                // An older build's checkpoint: its crash window is from it on.
+                None => SkipParked::SeqsFrom(c.next_seq),
+            },
+        };
         let dead_letters = self.dead_letters_of(name, options.dead_letters.clone())?;
         let shared = Arc::new(Shared {
             name: name.to_string(),
@@ -548,7 +574,7 @@ impl Publisher {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("eventlog-sub-{name}"))
-                .spawn(move || shared.run(checkpoint))
+                .spawn(move || shared.run(checkpoint, skip))
                 .map_err(|source| PublishError::Thread {
                     name: name.to_string(),
                     source,
@@ -700,23 +726,25 @@ impl Publisher {
         Ok(dead_letters)
     }
 
-    /// Sets a stopped subscription's checkpoint (the next seq it will deliver).
+    /// Sets a stopped subscription's checkpoint (the next seq it will deliver). Like
+    /// [`Subscription::reset_to`], events from there on are delivered again, parked ones
+    /// too.
     ///
     /// # Errors
-    /// [`PublishError::AlreadyRunning`] if it runs (use [`Subscription::reset_to`]).
+    /// [`PublishError::AlreadyRunning`] if it runs (use [`Subscription::reset_to`]);
+    /// [`PublishError::DeadLetters`] if its dead letters cannot be opened (to read their
+    /// next id).
     pub fn set_checkpoint(&self, name: &str, next_seq: u64) -> Result<(), PublishError> {
         check_subscription_name(name)?;
-        if self
-            .running
-            .lock()
-            .get(name)
-            .is_some_and(|s| !s.control.lock().finished)
-        {
-            return Err(PublishError::AlreadyRunning {
-                name: name.to_string(),
-            });
-        }
-        self.db.put_checkpoint(&self.store, name, next_seq)
+        let dead_letters_next = {
+            let running = self.running.lock();
+            release_if_finished(&running, name)?;
+            // Compaction only, with whatever bounds: opening never evicts.
+            self.dead_letters_of(name, DeadLetterOptions::default())?
+                .next_id()
+        };
+        self.db
+            .put_checkpoint(&self.store, name, next_seq, dead_letters_next)
     }
 }
 
@@ -976,8 +1004,34 @@ enum Step {
 struct Run {
     /// End the run after this many events (to look at the clock).
     clock_every: u64,
-    /// Events from this seq on that already have a dead letter are not delivered again.
-    skip_parked_from: Option<u64>,
+    /// When the checkpoint interval runs out: a run looks every
+    /// `RUN_CLOCK_EVERY_EVENTS` events, and ends then.
+    save_due_at: Instant,
+    /// Which events that already have a dead letter are not delivered again.
+    skip_parked: SkipParked,
+}
+
+/// Which parked events a run does not deliver again: those parked after the checkpoint
+/// it started from was saved (a crash lost the checkpoint that would have passed them),
+/// not those a reset moves delivery back over.
+#[derive(Clone, Copy, Debug)]
+enum SkipParked {
+    /// Dead letters with ids from this one on (the checkpoint's dead-letter mark).
+    IdsFrom(u64),
+    /// Dead letters of events from this seq on (a checkpoint without the mark).
+    SeqsFrom(u64),
+    /// None (after a reset).
+    Nothing,
+}
+
+impl SkipParked {
+    fn skips(self, seq: u64, id: u64) -> bool {
+        match self {
+            SkipParked::IdsFrom(from) => id >= from,
+            SkipParked::SeqsFrom(from) => seq >= from,
+            SkipParked::Nothing => false,
+        }
+    }
 }
 
 /// Whether `stored` is the event `entry` parked: the same seq, aggregate and version (an
@@ -1082,7 +1136,7 @@ impl Shared {
         })
     }
 
-    fn run(&self, from: u64) {
+    fn run(&self, from: u64, skip: SkipParked) {
         let mut follower = self.store.follow(from, self.options.filter.clone());
         let mut jitter = Jitter::new(now_us() as u64 ^ (self as *const Shared as u64));
         let mut unsaved = 0u64;
@@ -1090,7 +1144,7 @@ impl Shared {
         let interval = Duration::from_millis(self.options.checkpoint_interval_ms);
         // Events parked by an earlier run after its last checkpoint are met again from
         // here on: they stay parked. After a reset, everything is delivered again.
-        let mut skip_parked_from = Some(from);
+        let mut skip_parked = skip;
         // The first run measures the handler: one event.
         let mut clock_every = 1;
         let mut read_failures = 0u32;
@@ -1101,7 +1155,7 @@ impl Shared {
             if self.control_pending.load(Ordering::Acquire) {
                 let mut c = self.control.lock();
                 if let Some(seq) = c.reset_to.take() {
-                    skip_parked_from = None;
+                    skip_parked = SkipParked::Nothing;
                     follower.seek(seq);
                     self.counters.position.store(seq, Ordering::Release);
                     drop(c);
@@ -1147,7 +1201,8 @@ impl Shared {
                 Some(stored) => {
                     let run = Run {
                         clock_every,
-                        skip_parked_from,
+                        save_due_at: crate::deadline::deadline_after(last_save, interval),
+                        skip_parked,
                     };
                     match self.deliver_ready(stored, &mut follower, &mut jitter, &mut unsaved, run)
                     {
@@ -1251,7 +1306,14 @@ impl Shared {
     }
 
     fn save_checkpoint(&self, next_seq: u64) -> Result<(), PublishError> {
-        self.db.put_checkpoint(&self.store, &self.name, next_seq)?;
+        // Every dead letter so far was parked before this checkpoint (see `SkipParked`).
+        let dead_letters_next = self
+            .dead_letters
+            .lock()
+            .as_ref()
+            .map_or(0, DeadLetters::next_id);
+        self.db
+            .put_checkpoint(&self.store, &self.name, next_seq, dead_letters_next)?;
         self.counters.checkpoint.store(next_seq, Ordering::Release);
         Ok(())
     }
@@ -1337,10 +1399,7 @@ impl Shared {
             // crash): it stays a single dead letter; redrive is how it is delivered again.
             // Only the worker parks, so `parked_any` cannot turn on during a run.
             let parked = self.parked_entry(&stored);
-            let skip = parked.is_some()
-                && run
-                    .skip_parked_from
-                    .is_some_and(|from| stored.seq() >= from);
+            let skip = parked.is_some_and(|id| run.skip_parked.skips(stored.seq(), id));
             if !skip {
                 match self.attempt_with(&mut **handler, &stored, 1) {
                     // Only this thread writes the counters: a load and a store, not a
@@ -1378,7 +1437,11 @@ impl Shared {
             if position > counters.wanted.load(Ordering::Acquire) {
                 self.notify();
             }
+            // A handler that turns slow in the middle of a long run: the clock every
+            // RUN_CLOCK_EVERY_EVENTS events bounds how late its checkpoint is.
             if run_len >= run.clock_every
+                || (run_len.is_multiple_of(RUN_CLOCK_EVERY_EVENTS)
+                    && Instant::now() >= run.save_due_at)
                 || *unsaved >= self.options.checkpoint_every_events
                 || self.control_pending.load(Ordering::Acquire)
             {

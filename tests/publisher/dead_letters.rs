@@ -8,7 +8,7 @@ use eventlog::publisher::{
     Subscription,
 };
 use eventlog::storage::FsStorage;
-use eventlog::store::EventRef;
+use eventlog::store::{EventRef, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,8 +32,8 @@ pub(super) fn failing_at(
 /// Five stored events and subscription "proj" (`attempts` per event), whose handler
 /// parks seq 2 until `fixed` is set; all five handled.
 struct SeqTwoParked {
-    /// Held, not read: the store's directory lives as long as the setup.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    store: Store,
     publisher: Publisher,
     sub: Subscription,
     fixed: Arc<AtomicBool>,
@@ -53,7 +53,8 @@ fn seq_two_parked(attempts: u32) -> SeqTwoParked {
     assert!(sub.wait_until_handled(4, WAIT));
     assert_eq!(seqs(&seen), vec![0, 1, 3, 4]);
     SeqTwoParked {
-        _dir: dir,
+        dir,
+        store,
         publisher,
         sub,
         fixed,
@@ -85,6 +86,93 @@ fn a_replay_after_reset_delivers_parked_events_in_order_and_clears_their_dead_le
     assert_eq!(sub.stats().dead_letters, 0);
 }
 
+/// A replay after a reset that is stopped part way goes on after the restart, parked
+/// events included: the reset's checkpoint marks every dead letter then existing as one
+/// to deliver again.
+#[test]
+fn a_replay_stopped_part_way_still_delivers_the_parked_events_after_a_restart() {
+    let parked = seq_two_parked(1);
+    let block = Arc::new(AtomicBool::new(false));
+    let at_one = Arc::new(AtomicBool::new(false));
+    parked.fixed.store(true, Ordering::SeqCst);
+    parked.sub.stop(WAIT).unwrap();
+    let seen: Seen = Arc::default();
+    let handler = {
+        let (block, at_one, seen) = (block.clone(), at_one.clone(), seen.clone());
+        move |e: &EventRef<'_>, attempt: u32| {
+            if e.seq == 1 && block.load(Ordering::SeqCst) {
+                at_one.store(true, Ordering::SeqCst);
+                let deadline = Instant::now() + WAIT;
+                while block.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            seen.lock().unwrap().push((e.seq, attempt));
+            Ok(())
+        }
+    };
+    block.store(true, Ordering::SeqCst);
+    let sub = parked
+        .publisher
+        .subscribe("proj", fast_retry(1), handler)
+        .unwrap();
+    sub.reset_to(0);
+    wait_for("the replay to reach seq 1", || {
+        at_one.load(Ordering::SeqCst)
+    });
+    // Paused while seq 1 is in the handler: it stops after seq 1, before seq 2.
+    sub.pause();
+    block.store(false, Ordering::SeqCst);
+    wait_for("seq 1 handled", || sub.stats().position == 2);
+    sub.stop(WAIT).unwrap();
+    assert!(!seqs(&seen).contains(&2), "stopped before seq 2");
+    let again = parked
+        .publisher
+        .subscribe("proj", fast_retry(1), recorder(&seen))
+        .unwrap();
+    assert!(again.wait_until_handled(4, WAIT));
+    assert!(
+        seqs(&seen).contains(&2),
+        "seq 2 delivered: {:?}",
+        seqs(&seen)
+    );
+    assert!(again.dead_letters().unwrap().is_empty());
+}
+
+/// Only parking evicts: a redrive request or an update through dead letters opened with
+/// smaller bounds than the subscription's (say by the CLI, with the defaults) costs no
+/// live entry.
+#[test]
+fn only_parking_evicts_whatever_bounds_the_dead_letters_are_opened_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = DeadLetterOptions {
+        entries_max: 200,
+        size_bytes_max: 1 << 20,
+        segment_size_bytes: 64 << 10,
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), roomy.clone(), 0).unwrap();
+    for seq in 0..150 {
+        dl.park(entry(seq)).unwrap();
+    }
+    drop(dl);
+    let tight = DeadLetterOptions {
+        entries_max: 100,
+        ..roomy
+    };
+    let mut dl = DeadLetters::open(Arc::new(FsStorage), dir.path(), tight, 0).unwrap();
+    let last = dl.list()[149].id;
+    dl.request_redrive(&[last]).unwrap();
+    dl.update(last, 9, "again", 3).unwrap();
+    dl.resolve_all(&[dl.list()[0].id]).unwrap();
+    assert_eq!((dl.len(), dl.evicted()), (149, 0));
+    dl.park(entry(150)).unwrap();
+    assert_eq!(
+        (dl.len(), dl.evicted()),
+        (100, 50),
+        "parking applies the bounds"
+    );
+}
+
 /// A replayed parked event that fails again keeps its one dead letter, with the attempts
 /// of the replay added.
 #[test]
@@ -106,16 +194,34 @@ fn a_replayed_parked_event_that_fails_again_updates_its_one_dead_letter() {
     );
 }
 
-/// The checkpoint was left before a parked event (as a crash leaves it): the restarted
-/// subscription meets the event again, and it stays one dead letter, not delivered.
+/// The checkpoint was left before a parked event, as a crash leaves it (the checkpoint
+/// saved at seq 0, when no dead letter existed yet): the restarted subscription meets the
+/// event again, and it stays one dead letter, not delivered.
 #[test]
 fn an_event_parked_after_the_last_checkpoint_stays_one_dead_letter_after_a_restart() {
-    let parked = seq_two_parked(1);
-    parked.sub.stop(WAIT).unwrap();
-    parked.publisher.set_checkpoint("proj", 0).unwrap();
+    let SeqTwoParked {
+        dir,
+        store,
+        publisher,
+        sub,
+        ..
+    } = seq_two_parked(1);
+    sub.stop(WAIT).unwrap();
+    drop((sub, publisher));
+    {
+        // docs/FORMAT.md: next seq 0, dead letters' next id 0, no fingerprints.
+        let db = sled::open(dir.path().join("subscriptions")).unwrap();
+        let value = [0u64.to_be_bytes(), 0u64.to_be_bytes()].concat();
+        let value = [value, vec![0u8]].concat();
+        db.open_tree("checkpoints")
+            .unwrap()
+            .insert("proj", value)
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let publisher = Publisher::open(&store).unwrap();
     let seen: Seen = Arc::default();
-    let sub = parked
-        .publisher
+    let sub = publisher
         .subscribe("proj", fast_retry(1), recorder(&seen))
         .unwrap();
     assert!(sub.wait_until_handled(4, WAIT));
