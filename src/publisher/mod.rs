@@ -36,7 +36,7 @@ use checkpoint::StoredCheckpoint;
 pub use deadletter::{DeadLetter, DeadLetterOptions, DeadLetters};
 pub use retry::RetryPolicy;
 
-use crate::store::{EventRef, Filter, Follower, Store, StoredEvent};
+use crate::store::{EventRef, Filter, Follower, ReadError, Store, StoredEvent};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use retry::Jitter;
 use std::collections::HashMap;
@@ -1034,13 +1034,19 @@ impl SkipParked {
     }
 }
 
-/// Whether `stored` is the event `entry` parked: the same seq, aggregate and version (an
-/// undecodable event was parked as aggregate `""`, version 0).
-fn is_parked_event(entry: &DeadLetter, stored: &StoredEvent) -> bool {
-    match stored.event() {
-        Ok(e) => e.aggregate_id == entry.aggregate_id && e.version == entry.version,
-        Err(_) => entry.aggregate_id.is_empty() && entry.version == 0,
+/// What a dead letter records of its event to tell it from another at the same seq: its
+/// aggregate and version, or `""` and 0 for an event that does not decode.
+fn parked_identity<'a>(event: &'a Result<EventRef<'a>, ReadError>) -> (&'a str, u64) {
+    match event {
+        Ok(e) => (e.aggregate_id, e.version),
+        Err(_) => ("", 0),
     }
+}
+
+/// Whether `stored` is the event `entry` parked (see [`parked_identity`]).
+fn is_parked_event(entry: &DeadLetter, stored: &StoredEvent) -> bool {
+    let event = stored.event();
+    parked_identity(&event) == (entry.aggregate_id.as_str(), entry.version)
 }
 
 impl Shared {
@@ -1092,10 +1098,7 @@ impl Shared {
             return None;
         }
         let event = stored.event();
-        let (aggregate_id, version) = match &event {
-            Ok(e) => (e.aggregate_id, e.version),
-            Err(_) => ("", 0),
-        };
+        let (aggregate_id, version) = parked_identity(&event);
         dl.find_event(stored.seq(), aggregate_id, version)
     }
 
@@ -1529,14 +1532,16 @@ impl Shared {
                 Err(e) => Outcome::Poison(format!("updating its dead letter failed: {e}")),
             };
         }
-        let head = match stored.event() {
-            Ok(e) => (
-                e.aggregate_id.to_string(),
-                e.version,
-                e.event_type.to_string(),
-            ),
-            Err(e) => (String::new(), 0, format!("undecodable: {e}")),
-        };
+        let event = stored.event();
+        let (aggregate_id, version) = parked_identity(&event);
+        let head = (
+            aggregate_id.to_string(),
+            version,
+            match &event {
+                Ok(e) => e.event_type.to_string(),
+                Err(e) => format!("undecodable: {e}"),
+            },
+        );
         let entry = DeadLetter {
             id: 0,
             seq: stored.seq(),
