@@ -55,17 +55,15 @@ pub const DEAD_LETTER_DIR_NAME: &str = "deadletter";
 pub const SUBSCRIPTION_NAME_LEN_MAX: usize = 64;
 /// How long a worker waits for new events before it looks at its controls again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// A run of ready events delivered under one handler lock ends after this many.
+const RUN_EVENTS_MAX: u64 = 64;
 /// While busy with a fast handler, a worker looks at the clock (for the checkpoint
-/// interval) every this many events; a run of ready events delivered under one handler
-/// lock ends there too.
-const CLOCK_EVERY_EVENTS: u64 = 64;
-/// Inside a run of `CLOCK_EVERY_EVENTS`, the clock is looked at every this many events
-/// too: a handler that turns slow in the middle of a run delays the checkpoint by at most
-/// this many of its events.
-const RUN_CLOCK_EVERY_EVENTS: u64 = 8;
+/// interval) every this many events (reading the clock costs more than delivering an
+/// event); a handler that turns slow in the middle of a run delays the checkpoint by at
+/// most this many of its events.
+const CLOCK_EVERY_EVENTS: u64 = 8;
 /// A handler taking at least this long an event gets the clock read after every event
-/// (next to its own time, a clock read is noise), so a slow handler's checkpoint is not
-/// late by up to `CLOCK_EVERY_EVENTS` of its events.
+/// (next to its own time, a clock read is noise).
 const SLOW_EVENT: Duration = Duration::from_micros(50);
 /// Longest wait before a worker reads the store again after a read failed.
 const READ_RETRY_WAIT_MAX: Duration = Duration::from_secs(5);
@@ -1002,10 +1000,9 @@ enum Step {
 /// How a run of ready events is delivered.
 #[derive(Clone, Copy)]
 struct Run {
-    /// End the run after this many events (to look at the clock).
+    /// Look at the clock every this many events.
     clock_every: u64,
-    /// When the checkpoint interval runs out: a run looks every
-    /// `RUN_CLOCK_EVERY_EVENTS` events, and ends then.
+    /// When the checkpoint interval runs out: the run ends then.
     save_due_at: Instant,
     /// Which events that already have a dead letter are not delivered again.
     skip_parked: SkipParked,
@@ -1148,7 +1145,7 @@ impl Shared {
         // Events parked by an earlier run after its last checkpoint are met again from
         // here on: they stay parked. After a reset, everything is delivered again.
         let mut skip_parked = skip;
-        // The first run measures the handler: one event.
+        // The clock after every event until a run has measured the handler.
         let mut clock_every = 1;
         let mut read_failures = 0u32;
         let mut last_clock = Instant::now();
@@ -1233,9 +1230,9 @@ impl Shared {
                     self.notify();
                 }
             }
-            // Once a run: a run of ready events ends every `clock_every` events, which is
-            // CLOCK_EVERY_EVENTS for a fast handler (reading the clock costs more than
-            // delivering an event) and 1 for a slow one.
+            // Once a run (it ended when the checkpoint was due, among others), and how
+            // often the next run looks: every CLOCK_EVERY_EVENTS events for a fast
+            // handler, every event for a slow one.
             let now = Instant::now();
             let handled = unsaved.saturating_sub(unsaved_before);
             if handled > 0 {
@@ -1377,8 +1374,9 @@ impl Shared {
     }
 
     /// Delivers `first` and then the events ready after it, in order, under one lock of the
-    /// handler, until none is ready, a control is pending, the clock is due (every
-    /// `CLOCK_EVERY_EVENTS` handled events) or a checkpoint is due. Each handled event
+    /// handler, until none is ready, a control is pending, `RUN_EVENTS_MAX` were
+    /// delivered, or a checkpoint is due (by count, or by the clock it looks at every
+    /// `run.clock_every` events). Each handled event
     /// moves the published position (and `unsaved`) on at once, as delivering them one
     /// by one did.
     ///
@@ -1440,11 +1438,8 @@ impl Shared {
             if position > counters.wanted.load(Ordering::Acquire) {
                 self.notify();
             }
-            // A handler that turns slow in the middle of a long run: the clock every
-            // RUN_CLOCK_EVERY_EVENTS events bounds how late its checkpoint is.
-            if run_len >= run.clock_every
-                || (run_len.is_multiple_of(RUN_CLOCK_EVERY_EVENTS)
-                    && Instant::now() >= run.save_due_at)
+            if run_len >= RUN_EVENTS_MAX
+                || (run_len.is_multiple_of(run.clock_every) && Instant::now() >= run.save_due_at)
                 || *unsaved >= self.options.checkpoint_every_events
                 || self.control_pending.load(Ordering::Acquire)
             {
